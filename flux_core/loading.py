@@ -294,7 +294,7 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _resolve_dtype(dtype, device) -> torch.dtype:
+def resolve_dtype(dtype, device) -> torch.dtype:
     if dtype is None:
         return default_dtype(device)
     if isinstance(dtype, str):
@@ -326,7 +326,7 @@ def load_flow_model(
 
     if isinstance(preset, str):
         preset = get_preset(preset)
-    dtype = _resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     src = _source(path, "transformer")
     kind = file_kind(src.shapes)
     if kind not in ("flux", "diffusers-flux"):
@@ -367,7 +367,7 @@ def load_autoencoder(
     """
     from .formats import diffusers_to_bfl_ae
 
-    dtype = _resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     src = _source(path, "vae")
     kind = file_kind(src.shapes)
     if kind not in ("ae", "diffusers-ae"):
