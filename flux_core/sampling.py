@@ -1,0 +1,327 @@
+"""Sampling math for Flux: noise, packing and position ids, the time schedule, the Euler loop.
+
+Mirrors `flux/sampling.py` of the official BFL release. Prompts -> images lives elsewhere; this
+file holds only the math a pipeline strings together:
+
+    get_noise -> prepare -> get_schedule -> denoise -> unpack -> (autoencoder decode)
+
+Time convention (rectified flow, used everywhere in this codebase):
+    t = 1 is pure noise, t = 0 is data;  x_t = (1 - t) x0 + t eps;
+    the network predicts the velocity v = eps - x0;  Euler: x <- x + (t_next - t) v.
+
+Letters: B batch, C latent channels, H/W rows/columns of 2x2 latent patches (= pixels / 16),
+N = H*W image tokens, T text tokens. `height`/`width` are always in pixels.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+# One image token covers 16x16 pixels: the autoencoder downsamples by 8, pack() joins 2x2 latents.
+PIXELS_PER_TOKEN = 16
+# Schedule shift endpoints (official `get_lin_function` defaults): mu = 0.5 at 256 image tokens
+# (256x256 px) and mu = 1.15 at 4096 tokens (1024x1024 px).
+BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
+BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+
+# ----------------------------------------------------------------------------- sizes and noise
+
+
+def check_image_size(height: int, width: int) -> None:
+    """Raise ValueError unless both sides are positive multiples of 16 px, naming the nearest valid ones."""
+    for name, value in (("height", height), ("width", width)):
+        if value > 0 and value % PIXELS_PER_TOKEN == 0:
+            continue
+        lower = value // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+        valid = [s for s in (lower, lower + PIXELS_PER_TOKEN) if s >= PIXELS_PER_TOKEN] or [PIXELS_PER_TOKEN]
+        positive = "positive " if value <= 0 else ""
+        raise ValueError(
+            f"{name} {value} is not a {positive}multiple of {PIXELS_PER_TOKEN}; "
+            f"nearest valid: {' or '.join(map(str, valid))}"
+        )
+
+
+def latent_size(height: int, width: int) -> tuple[int, int]:
+    """Latent (rows, cols) for an image in pixels: 2 * ceil(px / 16), as the official code rounds up."""
+    return 2 * math.ceil(height / PIXELS_PER_TOKEN), 2 * math.ceil(width / PIXELS_PER_TOKEN)
+
+
+def get_noise(
+    num_samples: int,
+    height: int,
+    width: int,
+    seed: int | Sequence[int],
+    z_channels: int = 16,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Gaussian latent noise, (B, z_channels, 2*ceil(H/16), 2*ceil(W/16)).
+
+    Drawn on the CPU from a torch.Generator in `dtype` (the official code draws in bf16), then moved
+    to `device`: the same seed gives the same noise, hence the same image, on any device.
+    - int seed: one generator for the whole batch, as the official code does; sample i then depends
+      on the batch size and its position.
+    - list of seeds (one per sample): each sample drawn with its own generator, so a sample does not
+      change with the batch it is drawn in.
+    """
+    if num_samples < 1 or height < 1 or width < 1:
+        raise ValueError(f"num_samples, height and width must be >= 1; got {num_samples}, {height}, {width}")
+    shape = (z_channels, *latent_size(height, width))
+    if isinstance(seed, Integral):
+        g = torch.Generator("cpu").manual_seed(int(seed))
+        noise = torch.randn(num_samples, *shape, generator=g, dtype=dtype)  # (B, C, 2H, 2W)
+    else:
+        seeds = list(seed)
+        if len(seeds) != num_samples:
+            raise ValueError(
+                f"got {len(seeds)} seeds for num_samples={num_samples}; pass one seed per sample"
+            )
+        noise = torch.cat(
+            [
+                torch.randn(1, *shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=dtype)
+                for s in seeds
+            ]
+        )  # (B, C, 2H, 2W)
+    return noise.to(device)
+
+
+# ----------------------------------------------------------------------------- packing and ids
+
+
+def pack(x: Tensor) -> Tensor:
+    """Latents to tokens: each 2x2 latent patch becomes one token of C*4 channels. (B, C, 2H, 2W) -> (B, N, C*4)."""
+    if x.ndim != 4 or x.shape[-2] % 2 or x.shape[-1] % 2:
+        raise ValueError(f"pack expects latents (B, C, h, w) with even h and w; got shape {tuple(x.shape)}")
+    return rearrange(x, "B C (H ph) (W pw) -> B (H W) (C ph pw)", ph=2, pw=2)
+
+
+def unpack(x: Tensor, height: int, width: int) -> Tensor:
+    """Inverse of pack, for an image of height x width pixels. (B, N, C*4) -> (B, C, 2H, 2W)."""
+    rows, cols = (s // 2 for s in latent_size(height, width))
+    if x.ndim != 3 or x.shape[1] != rows * cols:
+        raise ValueError(
+            f"unpack of a {height}x{width} px image expects (B, {rows * cols}, C*4) tokens; got {tuple(x.shape)}"
+        )
+    return rearrange(x, "B (H W) (C ph pw) -> B C (H ph) (W pw)", H=rows, W=cols, ph=2, pw=2)
+
+
+def img_ids(batch: int, height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
+    """Position ids of the image tokens in pack() order: (0, row, col) per token. Returns (B, N, 3) float32.
+
+    RoPE axis 0 is unused by text-to-image (reserved for conditioning images); axes 1, 2 are the grid.
+    """
+    rows, cols = (s // 2 for s in latent_size(height, width))
+    grid = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")  # 2 x (H, W)
+    ids = torch.stack([torch.zeros_like(grid[0]), *grid], dim=-1).to(device, torch.float32)  # (H, W, 3)
+    return repeat(ids, "H W three -> B (H W) three", B=batch)  # (B, N, 3)
+
+
+def txt_ids(batch: int, length: int, device: torch.device | str = "cpu") -> Tensor:
+    """Text tokens all sit at position (0, 0, 0): T5 already encodes their order. Returns (B, T, 3) float32."""
+    return torch.zeros(batch, length, 3, device=device, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the transformer takes besides the time: packed latents, text, pooled vector and their ids."""
+
+    img: Tensor  # (B, N, C*4)
+    img_ids: Tensor  # (B, N, 3)
+    txt: Tensor  # (B, T, context_in_dim)
+    txt_ids: Tensor  # (B, T, 3)
+    vec: Tensor  # (B, vec_in_dim)
+
+
+def prepare(img: Tensor, txt: Tensor, vec: Tensor) -> ModelInputs:
+    """Pack latents (B, C, h, w) and build ids; a batch-1 img, txt or vec is repeated to the batch size.
+
+    Same as the official `prepare`, minus the text encoders: pass their outputs, txt (B, T, C') and
+    vec (B, C''). Everything lands on img's device.
+    """
+    if img.ndim != 4 or txt.ndim != 3 or vec.ndim != 2:
+        raise ValueError(
+            "prepare expects img (B, C, h, w), txt (B, T, C') and vec (B, C''); "
+            f"got {tuple(img.shape)}, {tuple(txt.shape)}, {tuple(vec.shape)}"
+        )
+    sizes = {"img": img.shape[0], "txt": txt.shape[0], "vec": vec.shape[0]}
+    bs = max(sizes.values())
+    if any(n not in (1, bs) for n in sizes.values()):
+        raise ValueError(f"batch sizes must be equal or 1 (then repeated); got {sizes}")
+
+    def to_batch(x: Tensor) -> Tensor:
+        return repeat(x, "1 ... -> B ...", B=bs) if x.shape[0] == 1 and bs > 1 else x
+
+    packed = to_batch(pack(img))  # (B, N, C*4)
+    h, w = img.shape[-2:]
+    return ModelInputs(
+        img=packed,
+        img_ids=img_ids(bs, h * 8, w * 8, device=img.device),  # (B, N, 3); latent px = 8 image px
+        txt=to_batch(txt).to(img.device),  # (B, T, C')
+        txt_ids=txt_ids(bs, txt.shape[1], device=img.device),  # (B, T, 3)
+        vec=to_batch(vec).to(img.device),  # (B, C'')
+    )
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
+    """Shift t towards noise: e^mu / (e^mu + (1/t - 1)^sigma). Fixes t = 0 and t = 1 (t = 0 needs a Tensor)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def get_lin_function(
+    x1: float = BASE_SEQ_LEN, y1: float = BASE_SHIFT, x2: float = MAX_SEQ_LEN, y2: float = MAX_SHIFT
+) -> Callable[[float], float]:
+    """The line through (x1, y1) and (x2, y2): maps image tokens to mu, extrapolated (no clamp) beyond."""
+    m = (y2 - y1) / (x2 - x1)
+    b = y1 - m * x1
+    return lambda x: m * x + b
+
+
+def get_schedule(
+    num_steps: int,
+    image_seq_len: int,
+    base_shift: float = BASE_SHIFT,
+    max_shift: float = MAX_SHIFT,
+    shift: bool = True,
+) -> list[float]:
+    """num_steps + 1 times from 1 to 0. dev: shifted by resolution; schnell: shift=False, plain linspace.
+
+    More tokens carry more redundant signal, so larger images spend more steps at high noise
+    (SD3 paper, section 5.3.2; FLUX uses a linear fit of mu in the token count).
+    """
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1; got {num_steps!r}")
+    timesteps = torch.linspace(1, 0, num_steps + 1)  # float32, as the official code
+    if shift:
+        mu = get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len)
+        timesteps = time_shift(mu, 1.0, timesteps)
+    return timesteps.tolist()
+
+
+# ----------------------------------------------------------------------------- the Euler loop
+
+# callback(step, t, t_next, img, pred), called after each step: step counts from 0, img is the
+# latent after the step (B, N, C*4), pred the (guided) velocity used for it. Tensors are inference
+# tensors: clone them to keep them past the loop.
+StepCallback = Callable[[int, float, float, Tensor, Tensor], None]
+
+
+def _model_dtype(model: Callable, fallback: torch.dtype) -> torch.dtype:
+    """dtype of the first floating parameter (or buffer) of an nn.Module; `fallback` if it has none."""
+    if isinstance(model, nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+    return fallback
+
+
+def _wants_guidance(model: Callable, guidance: float | None) -> bool:
+    """dev models embed the distilled guidance scale; schnell has no guidance_in and ignores it."""
+    params = getattr(model, "params", None)
+    if params is None:
+        return guidance is not None
+    if params.guidance_embed and guidance is None:
+        raise ValueError("this model is guidance-distilled (dev): pass guidance, e.g. guidance=3.5")
+    return bool(params.guidance_embed)
+
+
+def denoise(
+    model: Callable[..., Tensor],
+    img: Tensor,  # (B, N, C*4) packed noise
+    img_ids: Tensor,  # (B, N, 3)
+    txt: Tensor,  # (B, T, C')
+    txt_ids: Tensor,  # (B, T, 3)
+    vec: Tensor,  # (B, C'')
+    timesteps: Sequence[float],
+    guidance: float | None = None,
+    *,
+    neg_txt: Tensor | None = None,  # (B or 1, T, C') negative prompt, true CFG only
+    neg_vec: Tensor | None = None,  # (B or 1, C'')
+    cfg_scale: float = 1.0,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+    parity: bool = False,
+) -> Tensor:
+    """Integrate dx/dt = v from timesteps[0] to timesteps[-1] with Euler steps. Returns (B, N, C*4).
+
+    guidance: the distilled guidance scale of dev models (a per-sample embedding input, one forward
+    per step); ignored by models without guidance_in (schnell).
+    True classifier-free guidance: with neg_txt, neg_vec and cfg_scale != 1, the positive and
+    negative prompts run as one forward of batch 2B and v = v_neg + cfg_scale * (v_pos - v_neg).
+    Precision: by default the latent is kept and updated in float32 and cast to the model dtype only
+    for the model call (t and guidance go in as the model dtype too: the time embedding takes t's
+    dtype); the result is float32. parity=True reproduces the official rounding: t and
+    guidance built in the latent dtype and the update done in the latent's own dtype (bf16 noise
+    from get_noise gives the official bf16 loop); the result keeps that dtype.
+    """
+    if len(timesteps) < 2:
+        raise ValueError(f"timesteps needs at least 2 values (start and end); got {len(timesteps)}")
+    bs = img.shape[0]
+    if img.ndim != 3 or any(x.shape[0] != bs for x in (img_ids, txt, txt_ids, vec)):
+        raise ValueError(
+            "denoise expects img (B, N, C), img_ids (B, N, 3), txt (B, T, C'), txt_ids (B, T, 3), vec (B, C'') "
+            "with one batch size (prepare() builds them); got "
+            + ", ".join(str(tuple(x.shape)) for x in (img, img_ids, txt, txt_ids, vec))
+        )
+    use_cfg = cfg_scale != 1.0
+    if use_cfg:
+        if neg_txt is None or neg_vec is None:
+            raise ValueError(
+                f"cfg_scale={cfg_scale} needs neg_txt and neg_vec (the negative prompt's embeddings)"
+            )
+        if neg_txt.shape[1] != txt.shape[1]:
+            raise ValueError(
+                f"neg_txt has {neg_txt.shape[1]} tokens but txt has {txt.shape[1]}: true CFG runs both prompts "
+                "in one batch, so they need the same length (pad both to the same T5 max_length)"
+            )
+        if neg_txt.shape[0] not in (1, bs) or neg_vec.shape[0] not in (1, bs):
+            raise ValueError(
+                f"neg_txt and neg_vec need batch 1 or {bs}; got {tuple(neg_txt.shape)} and {tuple(neg_vec.shape)}"
+            )
+        # One forward of batch 2B: [positive ; negative].
+        img_ids = torch.cat([img_ids, img_ids])  # (2B, N, 3)
+        txt = torch.cat([txt, neg_txt.expand(bs, -1, -1).to(txt)])  # (2B, T, C')
+        txt_ids = torch.cat([txt_ids, txt_ids])  # (2B, T, 3)
+        vec = torch.cat([vec, neg_vec.expand(bs, -1).to(vec)])  # (2B, C'')
+    n_model = img_ids.shape[0]  # B, or 2B with CFG
+
+    model_dtype = _model_dtype(model, fallback=img.dtype if parity else torch.float32)
+    # The latent the update runs in: float32 by default, the caller's dtype in parity mode.
+    img = img if parity else img.float()
+    t_dtype = img.dtype if parity else model_dtype  # official: torch.full(..., dtype=img.dtype)
+    guidance_vec = None
+    if _wants_guidance(model, guidance):
+        guidance_vec = torch.full((n_model,), guidance, dtype=t_dtype, device=img.device).to(model_dtype)
+    txt, vec = txt.to(model_dtype), vec.to(model_dtype)
+
+    steps = list(zip(timesteps[:-1], timesteps[1:], strict=True))
+    with torch.inference_mode():
+        for step, (t_curr, t_next) in enumerate(tqdm(steps, desc="denoise", disable=not progress)):
+            t_vec = torch.full((n_model,), t_curr, dtype=t_dtype, device=img.device).to(model_dtype)
+            x = img.to(model_dtype)  # (B, N, C)
+            pred = model(
+                img=torch.cat([x, x]) if use_cfg else x,
+                img_ids=img_ids,
+                txt=txt,
+                txt_ids=txt_ids,
+                y=vec,
+                timesteps=t_vec,
+                guidance=guidance_vec,
+            ).to(img.dtype)  # (B or 2B, N, C)
+            if use_cfg:
+                v_pos, v_neg = pred.chunk(2)  # (B, N, C) each
+                pred = v_neg + cfg_scale * (v_pos - v_neg)  # (B, N, C)
+            # Python-float step times a latent-dtype tensor, as in the official loop.
+            img = img + (t_next - t_curr) * pred  # (B, N, C)
+            if callback is not None:
+                callback(step, float(t_curr), float(t_next), img, pred)
+    return img
