@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .layers import Modulation, QKNorm, SelfAttention, _layer_norm, _mlp
 from .math import apply_rope
+from .seam import DoubleBlockSite, Edit, ModVectors, SingleBlockSite
 
 
 def joint_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -41,13 +42,27 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = _layer_norm(hidden_size)
         self.txt_mlp = _mlp(hidden_size, mlp_hidden_dim)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        txt_vec: Tensor | None = None,
+        edit: Edit | None = None,
+        index: int = 0,
+        timesteps: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """txt_vec: modulation vector of the text stream (default `vec`); edit: see seam.py."""
         T = txt.shape[1]
+        txt_vec = vec if txt_vec is None else txt_vec
         img_mod1, img_mod2 = self.img_mod(vec)  # each field (B, 1, C)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)  # each field (B, 1, C)
+        txt_mod1, txt_mod2 = self.txt_mod(txt_vec)  # each field (B, 1, C)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(self.img_norm1(img)))  # (B, H, N, D)
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod1.modulate(self.txt_norm1(txt)))  # (B, H, T, D)
+        img_modulated = img_mod1.modulate(self.img_norm1(img))  # (B, N, C)
+        txt_modulated = txt_mod1.modulate(self.txt_norm1(txt))  # (B, T, C)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img_modulated)  # (B, H, N, D)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_modulated)  # (B, H, T, D)
 
         q = torch.cat((txt_q, img_q), dim=2)  # (B, H, T+N, D)
         k = torch.cat((txt_k, img_k), dim=2)  # (B, H, T+N, D)
@@ -55,10 +70,20 @@ class DoubleStreamBlock(nn.Module):
         q, k = apply_rope(q, k, pe)  # (B, H, T+N, D)
         attn = joint_attention(q, k, v)  # (B, T+N, C)
         txt_attn, img_attn = attn[:, :T], attn[:, T:]  # (B, T, C), (B, N, C)
+        img_attn_out = self.img_attn.proj(img_attn)  # (B, N, C)
+        txt_attn_out = self.txt_attn.proj(txt_attn)  # (B, T, C)
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)  # (B, N, C)
+        # --- the edit seam (seam.py): an edit sees this block's work and may replace the attention outputs
+        if edit is not None:
+            site = DoubleBlockSite(
+                index, self, timesteps, img, txt, ModVectors(vec, txt_vec, vec), img_mod1, txt_mod1,
+                img_modulated, txt_modulated, q, k, v, pe, txt_attn, img_attn, txt_attn_out, img_attn_out,
+            )  # fmt: skip
+            img_attn_out, txt_attn_out = edit.double_block(site)
+
+        img = img + img_mod1.gate * img_attn_out  # (B, N, C)
         img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))  # (B, N, C)
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)  # (B, T, C)
+        txt = txt + txt_mod1.gate * txt_attn_out  # (B, T, C)
         txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt)))  # (B, T, C)
         return img, txt
 
@@ -82,7 +107,17 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        edit: Edit | None = None,
+        index: int = 0,
+        n_txt: int = 0,
+        timesteps: Tensor | None = None,
+    ) -> Tensor:
+        """n_txt (text tokens at the front of x), index and timesteps are only for the edit seam."""
         mod, _ = self.modulation(vec)  # each field (B, 1, C)
         x_mod = mod.modulate(self.pre_norm(x))  # (B, L, C)
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
@@ -90,5 +125,11 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, v)
         q, k = apply_rope(q, k, pe)  # (B, H, L, D)
         attn = joint_attention(q, k, v)  # (B, L, C)
+
+        # --- the edit seam (seam.py)
+        if edit is not None:
+            site = SingleBlockSite(index, self, timesteps, x, n_txt, mod, x_mod, q, k, v, pe, attn, mlp)
+            attn = edit.single_block(site)
+
         output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # (B, L, C)
         return x + mod.gate * output  # (B, L, C)

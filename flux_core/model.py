@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .blocks import DoubleStreamBlock, SingleStreamBlock
 from .layers import EmbedND, LastLayer, MLPEmbedder, timestep_embedding
+from .seam import Edit, ModVectors
 
 # Width of the sinusoidal time / guidance embedding fed to `time_in` and `guidance_in`.
 TIME_EMBED_DIM = 256
@@ -93,6 +94,7 @@ class Flux(nn.Module):
         timesteps: Tensor,  # (B,) t in [0, 1]
         y: Tensor,  # (B, vec_in_dim) pooled CLIP
         guidance: Tensor | None = None,  # (B,) guidance scale, dev models only
+        edit: Edit | None = None,  # an edit or a recorder (seam.py); None is the plain model, bit for bit
     ) -> Tensor:
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C); got {tuple(img.shape)} and {tuple(txt.shape)}")
@@ -100,13 +102,18 @@ class Flux(nn.Module):
         vec = self.conditioning(timesteps, y, guidance)  # (B, C)
         txt = self.txt_in(txt)  # (B, T, C)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # (B, 1, T+N, D/2, 2, 2)
+        if edit is None:
+            vecs = ModVectors(vec, vec, vec)
+        else:
+            vecs = edit.vectors(self, vec, timesteps, y, guidance)  # coarse edits change these
 
-        for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)  # (B, N, C), (B, T, C)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(img, txt, vecs.img, pe, txt_vec=vecs.txt, edit=edit, index=i, timesteps=timesteps)
 
+        T = txt.shape[1]
         x = torch.cat((txt, img), dim=1)  # (B, T+N, C)
-        for block in self.single_blocks:
-            x = block(x, vec=vec, pe=pe)  # (B, T+N, C)
-        img = x[:, txt.shape[1] :, ...]  # (B, N, C)
+        for i, block in enumerate(self.single_blocks):
+            x = block(x, vecs.out, pe, edit=edit, index=i, n_txt=T, timesteps=timesteps)  # (B, T+N, C)
+        img = x[:, T:, ...]  # (B, N, C)
 
-        return self.final_layer(img, vec)  # (B, N, out_channels)
+        return self.final_layer(img, vecs.out)  # (B, N, out_channels)
