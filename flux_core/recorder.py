@@ -57,6 +57,10 @@ class Recorder:
         self.entries: list[Record] = []
         self._forward = -1
 
+    def at_step(self, step: int, t: float, num_steps: int) -> "Recorder":
+        """For `denoise(..., edit=recorder)`: record every step (entries carry `forward` = step)."""
+        return self
+
     def vectors(self, model: nn.Module, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> ModVectors:
         self._forward += 1
         return ModVectors(vec, vec, vec)

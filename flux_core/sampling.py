@@ -250,6 +250,7 @@ def denoise(
     callback: StepCallback | None = None,
     progress: bool = True,
     parity: bool = False,
+    edit=None,
 ) -> Tensor:
     """Integrate dx/dt = v from timesteps[0] to timesteps[-1] with Euler steps. Returns (B, N, C*4).
 
@@ -262,6 +263,8 @@ def denoise(
     dtype); the result is float32. parity=True reproduces the official rounding: t and
     guidance built in the latent dtype and the update done in the latent's own dtype (bf16 noise
     from get_noise gives the official bf16 loop); the result keeps that dtype.
+    edit: an object with `at_step(step, t, num_steps)` returning the edit for that step's forward
+    (flux_core.seam.Edit) or None for a plain step; FluxSpace and the recorder provide one.
     """
     if len(timesteps) < 2:
         raise ValueError(f"timesteps needs at least 2 values (start and end); got {len(timesteps)}")
@@ -308,6 +311,8 @@ def denoise(
         for step, (t_curr, t_next) in enumerate(tqdm(steps, desc="denoise", disable=not progress)):
             t_vec = torch.full((n_model,), t_curr, dtype=t_dtype, device=img.device).to(model_dtype)
             x = img.to(model_dtype)  # (B, N, C)
+            step_edit = edit.at_step(step, float(t_curr), len(steps)) if edit is not None else None
+            extra = {"edit": step_edit} if step_edit is not None else {}
             pred = model(
                 img=torch.cat([x, x]) if use_cfg else x,
                 img_ids=img_ids,
@@ -316,6 +321,7 @@ def denoise(
                 y=vec,
                 timesteps=t_vec,
                 guidance=guidance_vec,
+                **extra,
             ).to(img.dtype)  # (B or 2B, N, C)
             if use_cfg:
                 v_pos, v_neg = pred.chunk(2)  # (B, N, C) each
