@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flux_core.conditioner import TextEncoders, load_text_encoders
 from PIL import Image
 
 from flux_core import Flux, Preset, get_preset
 from flux_core.autoencoder import AutoEncoder
+from flux_core.conditioner import TextEncoders, load_text_encoders
 from flux_core.loading import (
     META_PRESET,
     CheckpointError,

@@ -16,8 +16,8 @@ from fluxspace.edit import (
     EncodedEdit,
     FluxSpaceEditor,
     FluxSpaceStep,
-    concept_mask,
     coarse_pooled,
+    concept_mask,
     orthogonal_component,
     validate,
 )
