@@ -1,18 +1,25 @@
-"""The `fluxspace` command: generate images (and, in later subcommands, edit them).
+"""The `fluxspace` command: generate images, edit them with FluxSpace, sweep edit parameters.
 
 Every argument is checked before any model is loaded, so a typo costs nothing.
 """
 
 import argparse
+import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
 
+import tomllib
+
 from flux_core import PRESETS
 from flux_core.loading import DTYPES
 
-from .images import save_png
+from .edit import COARSE_TARGETS, PROJECTIONS, Concept, EditSpec, validate
+from .editing import edit_image, mask_overlay
+from .images import save_png, side_by_side
 from .pipeline import SampleSettings, generate, load_models, resolve_paths
+from .sweep import SWEEPABLE, parse_values, sweep, vary
 
 
 class CLIError(Exception):
@@ -43,6 +50,25 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_edit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("FluxSpace edit")
+    g.add_argument(
+        "--edit", action="append", default=[], metavar="WORD[:LAMBDA]",
+        help="a concept to add (lambda > 0) or remove (lambda < 0); repeat for several (default lambda 5)",
+    )  # fmt: skip
+    g.add_argument("--edits-file", help="a TOML file with [[concept]] tables and edit settings")
+    g.add_argument("--tau", type=float, default=0.5, help="mask threshold tau_m in [0, 1]; 0 = no mask (default 0.5)")
+    g.add_argument("--mask-words", nargs="+", help="words of the edit prompt that define its mask (default: all)")
+    g.add_argument("--lambda-coarse", type=float, default=0.0, help="coarse (pooled-vector) edit strength")
+    g.add_argument("--coarse-prompt", help="prompt of the coarse edit (default: the edit words)")
+    g.add_argument("--start", default="0", help="first edited step (int) or time t in [0, 1] (float); default 0")
+    g.add_argument("--end", help="first step no longer edited (int) or time t (float); default: the end")
+    g.add_argument("--blocks", help="double blocks that edit, e.g. 0-9 or 0,3,5 (default: all)")
+    g.add_argument("--prior", default="", help="prior prompt phi (default: empty)")
+    g.add_argument("--projection", choices=PROJECTIONS, default="after_proj")
+    g.add_argument("--coarse-target", choices=COARSE_TARGETS, default="txt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxspace", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,7 +77,122 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="out/generate.png", help="output PNG (several images: NAME-K.png)")
     add_model_args(gen)
     add_sampling_args(gen)
+
+    ed = sub.add_parser("edit", help="FluxSpace edit: unedited and edited image from one noise, and masks")
+    ed.add_argument("prompt", help="the base prompt")
+    ed.add_argument("--out-dir", default="out/edit", help="folder for original/edited/side_by_side/mask PNGs")
+    add_edit_args(ed)
+    add_model_args(ed)
+    add_sampling_args(ed)
+
+    sw = sub.add_parser("sweep", help="a labelled grid over one or two edit parameters, from one noise")
+    sw.add_argument("prompt", help="the base prompt")
+    sw.add_argument(
+        "--vary", action="append", required=True, metavar="NAME=V1,V2,...",
+        help=f"parameter and values; once or twice. NAME in {', '.join(SWEEPABLE)}",
+    )  # fmt: skip
+    sw.add_argument("--out", default="out/sweep.png", help="output PNG")
+    add_edit_args(sw)
+    add_model_args(sw)
+    add_sampling_args(sw)
     return parser
+
+
+def parse_time(name: str, text: str | None) -> int | float | None:
+    """'3' -> step 3; '0.75' -> t = 0.75."""
+    if text is None:
+        return None
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise CLIError(f"--{name} must be a step index (e.g. 2) or a time in [0, 1] (e.g. 0.8); got {text!r}") from None
+
+
+def parse_concept(text: str, tau: float, mask_words) -> Concept:
+    """'eyeglasses' or 'eyeglasses:5' or 'red hair:-3'."""
+    word, lam = text, 5.0
+    if ":" in text:
+        word, _, value = text.rpartition(":")
+        try:
+            lam = float(value)
+        except ValueError:
+            raise CLIError(f"--edit {text!r}: the part after ':' must be a number (lambda_fine)") from None
+    return Concept(prompt=word.strip(), lambda_fine=lam, tau_m=tau, mask_words=tuple(mask_words) if mask_words else None)
+
+
+def parse_blocks(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise CLIError(f"--blocks: {part!r} is not an index or a range like 0-9")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        out += range(a, b + 1)
+    return tuple(out)
+
+
+EDIT_FILE_KEYS = {"lambda_coarse", "coarse_prompt", "start", "end", "blocks", "prior_prompt", "projection", "coarse_target"}
+CONCEPT_KEYS = {"prompt", "lambda_fine", "tau_m", "mask_words"}
+
+
+def spec_from(args) -> EditSpec:
+    """The edit from --edit flags and/or --edits-file (the file's settings win over the flags' defaults)."""
+    concepts = [parse_concept(e, args.tau, args.mask_words) for e in args.edit]
+    settings = dict(
+        lambda_coarse=args.lambda_coarse, coarse_prompt=args.coarse_prompt, start=parse_time("start", args.start),
+        end=parse_time("end", args.end), blocks=parse_blocks(args.blocks), prior_prompt=args.prior,
+        projection=args.projection, coarse_target=args.coarse_target,
+    )  # fmt: skip
+    if args.edits_file:
+        try:
+            data = tomllib.loads(Path(args.edits_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise CLIError(f"--edits-file {args.edits_file}: {e}") from None
+        unknown = set(data) - EDIT_FILE_KEYS - {"concept"}
+        if unknown:
+            raise CLIError(f"--edits-file: unknown keys {sorted(unknown)}; valid: {sorted(EDIT_FILE_KEYS | {'concept'})}")
+        for i, c in enumerate(data.get("concept", [])):
+            bad = set(c) - CONCEPT_KEYS
+            if bad or "prompt" not in c:
+                raise CLIError(f"--edits-file: [[concept]] {i} needs 'prompt' and may have {sorted(CONCEPT_KEYS)}")
+            concepts.append(Concept(c["prompt"], c.get("lambda_fine", 5.0), c.get("tau_m", args.tau),
+                                    tuple(c["mask_words"]) if "mask_words" in c else None))  # fmt: skip
+        settings.update({k: tuple(v) if k == "blocks" else v for k, v in data.items() if k != "concept"})
+    if not concepts and not settings["coarse_prompt"]:
+        raise CLIError("give at least one --edit WORD[:LAMBDA] (or [[concept]] in --edits-file, or --coarse-prompt)")
+    return EditSpec(concepts=tuple(concepts), **settings)
+
+
+def check_spec(spec: EditSpec, settings: SampleSettings, args) -> None:
+    """Validate the edit against the number of steps; the block range is checked once the model is known."""
+    steps = settings.steps if settings.steps is not None else _preset_steps(args)
+    try:
+        validate(spec, num_steps=steps, num_double_blocks=10**9)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _preset_steps(args) -> int:
+    return PRESETS[args.preset].default_steps if args.preset else 10**9
+
+
+def edit_params(result, models) -> dict:
+    s = result.settings
+    return {
+        "command": "edit", "prompt": result.prompt, "seed": result.seed, "width": s.width, "height": s.height,
+        "steps": s.steps, "guidance": s.guidance, "cfg_scale": s.cfg_scale, "negative_prompt": s.negative_prompt,
+        "parity": s.parity, "preset": models.preset.name, "model": str(models.paths.transformer),
+        "edit": dataclasses.asdict(result.spec),
+    }  # fmt: skip
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower() or "concept"
 
 
 def seeds_for(args) -> list[int]:
@@ -141,7 +282,69 @@ def run_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": run_generate}
+def load_for(args):
+    model = require_model(args)
+    t0 = time.perf_counter()
+    models = load_models(
+        model, preset=args.preset, ae=args.ae, text_encoders=args.text_encoders, device=args.device, dtype=args.dtype
+    )
+    print(f"loaded {models.preset.name}-shaped model from {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return models
+
+
+def run_edit(args) -> int:
+    settings = settings_from(args)
+    spec = spec_from(args)
+    check_spec(spec, settings, args)
+    if len(args.seed) != 1:
+        raise CLIError("edit takes one --seed")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out-dir {out} exists and is not a folder")
+    models = load_for(args)
+    result = edit_image(models, args.prompt, spec, seed=args.seed[0], settings=settings, progress=not args.quiet)
+    params = edit_params(result, models)
+    written = [
+        save_png(result.original, out / "original.png", {**params, "image": "original"}),
+        save_png(result.edited, out / "edited.png", {**params, "image": "edited"}),
+        save_png(side_by_side([result.original, result.edited]), out / "side_by_side.png", {**params, "image": "side_by_side"}),
+    ]
+    for concept, mask in zip(spec.concepts, result.masks, strict=True):
+        overlay = mask_overlay(result.original, mask)
+        written.append(save_png(overlay, out / f"mask-{slug(concept.prompt)}.png", {**params, "image": f"mask {concept.prompt}"}))
+    for path in written:
+        print(path)
+    return 0
+
+
+def run_sweep(args) -> int:
+    settings = settings_from(args)
+    spec = spec_from(args)
+    axes = []
+    for item in args.vary:
+        name, sep, values = item.partition("=")
+        if not sep:
+            raise CLIError(f"--vary {item!r}: write NAME=V1,V2,... with NAME in {', '.join(SWEEPABLE)}")
+        try:
+            axes.append((name.strip(), parse_values(name.strip(), values)))
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if len(axes) > 2:
+        raise CLIError(f"--vary at most twice; got {len(axes)}")
+    for name, values in axes:
+        for v in values:
+            check_spec(vary(spec, name, v), settings, args)
+    if len(args.seed) != 1:
+        raise CLIError("sweep takes one --seed")
+    (out,) = output_paths(args.out, 1)
+    models = load_for(args)
+    grid, results = sweep(models, args.prompt, spec, axes, seed=args.seed[0], settings=settings, progress=not args.quiet)
+    params = {**edit_params(results[0][0], models), "command": "sweep", "vary": {n: v for n, v in axes}}
+    print(save_png(grid, out, params))
+    return 0
+
+
+COMMANDS = {"generate": run_generate, "edit": run_edit, "sweep": run_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,8 +181,9 @@ def validate(spec: EditSpec, num_steps: int, num_double_blocks: int) -> None:
     if spec.blocks is not None:
         bad = [b for b in spec.blocks if not isinstance(b, int) or not 0 <= b < num_double_blocks]
         if bad or not spec.blocks:
+            shown = str(bad[:5])[:-1] + (", ...]" if len(bad) > 5 else "]")
             raise ValueError(
-                f"double block indices {list(bad) or '[]'} out of range; this model has double blocks 0..{num_double_blocks - 1}"
+                f"double block indices {shown} out of range; this model has double blocks 0..{num_double_blocks - 1}"
             )
     if spec.projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {spec.projection!r}; valid: {', '.join(PROJECTIONS)}")

@@ -1,0 +1,87 @@
+"""Ablation grids: one prompt, one noise, one or two edit parameters varied over values.
+
+Like the paper's ablation figures (lambda_fine, lambda_coarse, tau_m, start), as one labelled image.
+"""
+
+from dataclasses import replace
+
+from PIL import Image, ImageDraw
+
+from .edit import EditSpec
+from .editing import EditResult, edit_image
+from .pipeline import FluxModels, SampleSettings
+
+SWEEPABLE = ("lambda_fine", "lambda_coarse", "tau_m", "start")
+SHORT = {"lambda_fine": "fine", "lambda_coarse": "coarse", "tau_m": "tau", "start": "start"}
+LABEL_HEIGHT = 14
+
+
+def vary(spec: EditSpec, name: str, value) -> EditSpec:
+    """The edit with one parameter set; lambda_fine and tau_m apply to every concept."""
+    if name in ("lambda_fine", "tau_m"):
+        return replace(spec, concepts=tuple(replace(c, **{name: value}) for c in spec.concepts))
+    if name in ("lambda_coarse", "start"):
+        return replace(spec, **{name: value})
+    raise ValueError(f"cannot sweep {name!r}; valid: {', '.join(SWEEPABLE)}")
+
+
+def parse_values(name: str, text: str) -> list:
+    """'0,2.5,5' -> [0.0, 2.5, 5.0]; start values stay ints when written as ints (step indices)."""
+    if name not in SWEEPABLE:
+        raise ValueError(f"cannot sweep {name!r}; valid: {', '.join(SWEEPABLE)}")
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            values.append(int(part) if name == "start" and part.lstrip("-").isdigit() else float(part))
+        except ValueError:
+            raise ValueError(f"--vary {name}: {part!r} is not a number") from None
+    if not values:
+        raise ValueError(f"--vary {name}: no values")
+    return values
+
+
+def sweep(
+    models: FluxModels,
+    prompt: str,
+    spec: EditSpec,
+    axes: list[tuple[str, list]],
+    seed: int = 0,
+    settings: SampleSettings | None = None,
+    progress: bool = False,
+) -> tuple[Image.Image, list[list[EditResult]]]:
+    """Columns vary the first parameter, rows the second (if any). Returns the grid and the results."""
+    if not 1 <= len(axes) <= 2:
+        raise ValueError(f"sweep one or two parameters; got {len(axes)}")
+    cols_name, cols = axes[0]
+    rows_name, rows = axes[1] if len(axes) == 2 else (None, [None])
+    results = []
+    for r in rows:
+        row = []
+        for c in cols:
+            cell = vary(spec, cols_name, c)
+            if rows_name is not None:
+                cell = vary(cell, rows_name, r)
+            row.append(edit_image(models, prompt, cell, seed, settings, progress=progress))
+        results.append(row)
+    col_labels = [f"{SHORT[cols_name]}={c}" for c in cols]
+    row_labels = [f"{SHORT[rows_name]}={r}" if rows_name else "unedited" for r in rows]
+    original = results[0][0].original
+    return grid_image(original, [[x.edited for x in row] for row in results], col_labels, row_labels), results
+
+
+def grid_image(
+    original: Image.Image, cells: list[list[Image.Image]], col_labels: list[str], row_labels: list[str], gap: int = 4
+) -> Image.Image:
+    """Each row: the unedited image (labelled with the row's value), then its cells (labelled with the column's)."""
+    w, h = original.size
+    n_rows, n_cols = len(cells), len(cells[0]) + 1
+    out = Image.new("RGB", (n_cols * (w + gap) - gap, n_rows * (h + LABEL_HEIGHT + gap) - gap), "white")
+    draw = ImageDraw.Draw(out)
+    for i, row in enumerate(cells):
+        y = i * (h + LABEL_HEIGHT + gap)
+        for j, (image, label) in enumerate(zip([original, *row], [row_labels[i], *col_labels], strict=True)):
+            x = j * (w + gap)
+            draw.text((x + 1, y + 1), label, fill="black")
+            out.paste(image, (x, y + LABEL_HEIGHT))
+    return out
