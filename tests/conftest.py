@@ -4,3 +4,14 @@ import torch
 
 # Two cores on CI: keep torch from oversubscribing them and keep results reproducible.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny checkpoint set in the official layout, as `flux-weights random --preset tiny` writes it."""
+    from weights_tools.random_weights import write_random_checkpoint
+
+    return write_random_checkpoint("tiny", tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32")
