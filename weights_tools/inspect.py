@@ -1,0 +1,291 @@
+"""What a weight file holds: keys, shapes, dtypes, layout, variant and the inferred model shape.
+
+Reads only the safetensors headers (flux_core.loading.read_header), never the tensors, so a 24 GB
+file is inspected in milliseconds. A diffusers folder (transformer/ and vae/, sharded or not) is
+inspected component by component; diffusers keys are converted on meta tensors to infer params.
+"""
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from flux_core.formats import BFL_PREFIX, CONVERTERS, ConversionError, detect_format
+from flux_core.loading import (
+    CheckpointError,
+    ae_params_from_shapes,
+    detect_variant,
+    flux_params_from_shapes,
+    read_header,
+)
+from flux_core.presets import PRESETS
+
+# safetensors dtype names -> torch dtypes (the names in a file's header).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# diffusers component subfolders for our two model kinds.
+COMPONENT_FOLDERS = {"transformer": "transformer", "ae": "vae"}
+
+
+@dataclass
+class WeightSet:
+    """The tensors of one model: one file or the shards of one diffusers component folder.
+
+    `shapes`/`dtypes` are keyed by module key (the `model.diffusion_model.` prefix removed);
+    `where` maps each module key to (file, key in that file).
+    """
+
+    path: Path
+    files: list[Path]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    where: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    prefixed: bool = False
+
+    @property
+    def format(self) -> tuple[str, str] | None:
+        return detect_format(self.shapes)
+
+    def meta_tensors(self, keys=None) -> dict[str, torch.Tensor]:
+        """Shape-and-dtype-only tensors (no memory), to run the converters on."""
+        keys = self.shapes if keys is None else keys
+        return {
+            k: torch.empty(self.shapes[k], dtype=torch_dtype(self.dtypes[k]), device="meta") for k in keys
+        }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"unsupported tensor dtype {name!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+    return SAFETENSORS_DTYPES[name]
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    """The .safetensors files of one folder: the shards an index json names, else every file."""
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{index[0]} is not a valid safetensors index (needs a weight_map): {e}"
+            ) from None
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def component_folders(path: Path) -> dict[str, Path]:
+    """For a diffusers pipeline folder: {'transformer': path/transformer, 'ae': path/vae} as present."""
+    return {model: path / sub for model, sub in COMPONENT_FOLDERS.items() if _shard_files(path / sub)}
+
+
+def open_weights(path: str | os.PathLike, model: str | None = None) -> WeightSet:
+    """Read the headers of a .safetensors file, a folder of shards, or one component of a pipeline folder.
+
+    model ('transformer' or 'ae') picks the component of a diffusers pipeline folder; it is needed
+    only when the folder holds both.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = _shard_files(path)
+        if not files:
+            components = component_folders(path)
+            if model is not None:
+                if model not in components:
+                    raise CheckpointError(
+                        f"{path} has no {COMPONENT_FOLDERS[model]}/ folder with .safetensors files"
+                    )
+                components = {model: components[model]}
+            if not components:
+                raise CheckpointError(
+                    f"{path} holds no .safetensors file, and no transformer/ or vae/ folder that does"
+                )
+            if len(components) > 1:
+                raise CheckpointError(
+                    f"{path} holds both transformer/ and vae/: choose one with --model transformer or --model ae"
+                )
+            (folder,) = components.values()
+            files = _shard_files(folder)
+    else:
+        raise CheckpointError(f"no such weight file or folder: {path}")
+    ws = WeightSet(path=path, files=files)
+    for file in files:
+        shapes, dtypes, metadata = read_header(file)
+        ws.metadata.update(metadata)
+        for file_key, shape in shapes.items():
+            key = file_key
+            if key.startswith(BFL_PREFIX):
+                key = key[len(BFL_PREFIX) :]
+                ws.prefixed = True
+            if key in ws.shapes:
+                raise CheckpointError(f"{path}: key {key!r} appears twice (in {ws.where[key][0]} and {file})")
+            ws.shapes[key], ws.dtypes[key], ws.where[key] = shape, dtypes[file_key], (file, file_key)
+    return ws
+
+
+def bfl_shapes(ws: WeightSet) -> dict[str, tuple[int, ...]]:
+    """Shapes under official key names, converting diffusers keys on meta tensors. Raises ConversionError."""
+    fmt = ws.format
+    if fmt is None or fmt[0] == "bfl":
+        return dict(ws.shapes)
+    converted = CONVERTERS[(fmt[1], "bfl")](ws.meta_tensors())
+    return {k: tuple(v.shape) for k, v in converted.items()}
+
+
+def num_params(shapes) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+# Numbered containers whose index is a block number (collapsed when grouping keys); other numbers
+# (img_mlp.0, adaLN_modulation.1, to_out.0) are part of a layer's name and kept.
+_CONTAINERS = r"(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|down|up|block|down_blocks|up_blocks|resnets|layers|layer)"
+_INDEX = re.compile(_CONTAINERS + r"\.(\d+)(?=\.)")
+
+
+def group_keys(shapes: dict, dtypes: dict) -> list[dict]:
+    """Collapse block indices: double_blocks.{0..18}.img_attn.qkv.weight x19 (9216, 3072) BF16."""
+    groups: dict[str, dict] = {}
+    for key in sorted(shapes, key=_natural):
+        indices = [int(m.group(2)) for m in _INDEX.finditer(key)]
+        pattern = _INDEX.sub(lambda m: m.group(1) + ".*", key)
+        g = groups.setdefault(
+            pattern, {"indices": [set() for _ in indices], "shapes": Counter(), "dtypes": Counter()}
+        )
+        for slot, i in zip(g["indices"], indices, strict=True):
+            slot.add(i)
+        g["shapes"][tuple(shapes[key])] += 1
+        g["dtypes"][dtypes[key]] += 1
+    out = []
+    for pattern, g in groups.items():
+        name = pattern
+        for slot in g["indices"]:
+            lo, hi = min(slot), max(slot)
+            span = f"{{{lo}..{hi}}}" if hi > lo else str(lo)
+            name = name.replace("*", span, 1)
+        out.append(
+            {
+                "keys": name,
+                "count": sum(g["shapes"].values()),
+                "shape": list(next(iter(g["shapes"]))) if len(g["shapes"]) == 1 else None,
+                "shapes": len(g["shapes"]),
+                "dtype": "/".join(sorted(g["dtypes"])),
+            }
+        )
+    return out
+
+
+def _natural(key: str):
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def inspect_weights(ws: WeightSet, with_keys: bool = False) -> dict:
+    """Everything `flux-weights inspect` reports, as a JSON-ready dict."""
+    fmt = ws.format
+    report = {
+        "path": str(ws.path),
+        "files": [str(f) for f in ws.files],
+        "size_bytes": sum(f.stat().st_size for f in ws.files),
+        "num_tensors": len(ws.shapes),
+        "num_params": num_params(ws.shapes),
+        "dtypes": dict(sorted(Counter(ws.dtypes.values()).items())),
+        "layout": fmt[0] if fmt else "unknown",
+        "model": fmt[1] if fmt else "unknown",
+        "key_prefix": BFL_PREFIX if ws.prefixed else None,
+        "variant": "unknown",
+        "params": None,
+        "matching_presets": [],
+        "problem": None,
+        "metadata": ws.metadata,
+        "groups": group_keys(ws.shapes, ws.dtypes),
+    }
+    if fmt is not None:
+        try:
+            shapes = bfl_shapes(ws)
+            if fmt[1] == "transformer":
+                params = flux_params_from_shapes(shapes, ws.metadata)
+                report["variant"] = detect_variant(shapes)
+                report["matching_presets"] = sorted(n for n, p in PRESETS.items() if p.params == params)
+            else:
+                params = ae_params_from_shapes(shapes, ws.metadata)
+                report["variant"] = "ae"
+                report["matching_presets"] = sorted(n for n, p in PRESETS.items() if p.ae_params == params)
+            report["params"] = {"class": type(params).__name__, **asdict(params)}
+        except (ConversionError, CheckpointError, KeyError, ValueError) as e:
+            report["problem"] = f"cannot infer the model's params: {e}"
+    if with_keys:
+        report["keys"] = {
+            k: {"shape": list(ws.shapes[k]), "dtype": ws.dtypes[k]} for k in sorted(ws.shapes, key=_natural)
+        }
+    return report
+
+
+def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | None = None) -> list[dict]:
+    """One report per model: a file or shard folder gives one, a diffusers pipeline folder one per component."""
+    path = Path(path)
+    if path.is_dir() and not _shard_files(path) and model is None:
+        components = component_folders(path)
+        if components:
+            return [inspect_weights(open_weights(path, m), with_keys) for m in components]
+    return [inspect_weights(open_weights(path, model), with_keys)]
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def format_report(report: dict) -> str:
+    """The human-readable form of one `inspect_weights` report."""
+    layout = {"bfl": "official (BFL)", "diffusers": "diffusers", "unknown": "unknown"}[report["layout"]]
+    lines = [
+        f"path      {report['path']} ({len(report['files'])} file(s), {_human_bytes(report['size_bytes'])})",
+        f"layout    {layout} {report['model']}"
+        + (f", keys prefixed {report['key_prefix']!r}" if report["key_prefix"] else ""),
+        f"variant   {report['variant']}",
+        f"tensors   {report['num_tensors']}, {report['num_params']:,} parameters, dtypes "
+        + ", ".join(f"{d} x{n}" for d, n in report["dtypes"].items()),
+    ]
+    if report["params"]:
+        params = {k: v for k, v in report["params"].items() if k != "class"}
+        lines.append(
+            f"params    {report['params']['class']}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+        )
+        lines.append("presets   " + (", ".join(report["matching_presets"]) or "none match exactly"))
+    if report["problem"]:
+        lines.append(f"problem   {report['problem']}")
+    if report["metadata"]:
+        lines.append("metadata  " + ", ".join(f"{k}={v}" for k, v in sorted(report["metadata"].items())))
+    if "keys" in report:
+        lines.append("keys:")
+        lines += [f"  {k}  {tuple(v['shape'])}  {v['dtype']}" for k, v in report["keys"].items()]
+    else:
+        lines.append(f"keys      {len(report['groups'])} groups (--keys lists every key):")
+        for g in report["groups"]:
+            shape = str(tuple(g["shape"])) if g["shape"] is not None else f"{g['shapes']} shapes"
+            count = [f"x{g['count']}"] if g["count"] > 1 else []
+            lines.append("  " + "  ".join([g["keys"], *count, shape, g["dtype"]]))
+    return "\n".join(lines)

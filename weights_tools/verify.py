@@ -1,0 +1,118 @@
+"""Check a weight file against a preset: missing, unexpected and mis-shaped keys.
+
+The expected keys are the state dict of the preset's model built on the meta device (no memory),
+so the check is exactly what `load_state_dict(strict=True)` would demand. Files with the
+`model.diffusion_model.` prefix and diffusers-layout files are accepted (the latter are converted
+on meta tensors first; keys are then reported under their official names).
+
+Also here: the committed inventories of the official files (weights_tools/inventory/*.json).
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+
+from flux_core.autoencoder import AutoEncoder
+from flux_core.formats import ConversionError
+from flux_core.loading import CheckpointError
+from flux_core.model import Flux
+from flux_core.presets import get_preset
+
+from .inspect import bfl_shapes, open_weights
+
+INVENTORIES = ("flux1-dev", "flux1-schnell", "ae")
+SHOW = 10  # keys listed per kind of problem
+
+
+def load_inventory(name: str) -> dict:
+    """The committed inventory of an official file: {'tensors': {key: shape}, 'dtype': ..., ...}."""
+    if name not in INVENTORIES:
+        raise ValueError(f"unknown inventory {name!r}; valid: {', '.join(INVENTORIES)}")
+    text = resources.files("weights_tools").joinpath("inventory", f"{name}.json").read_text()
+    return json.loads(text)
+
+
+@dataclass
+class VerifyResult:
+    path: str
+    preset: str
+    model: str  # "transformer" or "ae"
+    layout: str  # "bfl" or "diffusers"
+    num_tensors: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    misshaped: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, found, expected
+    problem: str | None = None  # a diffusers file that does not even convert
+    hint: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.misshaped or self.problem)
+
+    def format(self) -> str:
+        what = f"{self.path} ({self.layout} {self.model}, {self.num_tensors} tensors)"
+        if self.ok:
+            return f"OK: {what} matches preset {self.preset!r}"
+        lines = [f"FAIL: {what} does not match preset {self.preset!r}"]
+        if self.problem:
+            lines.append(f"  {self.problem}")
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                more = f" (first {SHOW})" if len(keys) > SHOW else ""
+                lines.append(f"  {len(keys)} {label}{more}: " + ", ".join(keys[:SHOW]))
+        if self.misshaped:
+            more = f" (first {SHOW})" if len(self.misshaped) > SHOW else ""
+            lines.append(f"  {len(self.misshaped)} mis-shaped{more}:")
+            lines += [
+                f"    {k}: file {found} != expected {expected}"
+                for k, found, expected in self.misshaped[:SHOW]
+            ]
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+def expected_shapes(preset: str, model: str) -> dict[str, tuple[int, ...]]:
+    p = get_preset(preset)
+    with torch.device("meta"):
+        module = Flux(p.params) if model == "transformer" else AutoEncoder(p.ae_params)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) -> VerifyResult:
+    """Compare a file's keys and shapes with the preset's transformer or autoencoder (detected from the keys)."""
+    get_preset(preset)  # an unknown name fails here, listing the valid ones
+    ws = open_weights(path, model)
+    fmt = ws.format
+    if fmt is None:
+        raise CheckpointError(
+            f"{path} holds neither a Flux transformer nor a Flux autoencoder (official or diffusers keys)"
+        )
+    layout, found_model = fmt
+    if model is not None and model != found_model:
+        raise CheckpointError(
+            f"{path} holds {'an autoencoder' if found_model == 'ae' else 'a Flux transformer'}, not a {model}"
+        )
+    result = VerifyResult(str(path), preset, found_model, layout, len(ws.shapes))
+    try:
+        found = bfl_shapes(ws)
+    except ConversionError as e:
+        result.problem = str(e)
+        return result
+    expected = expected_shapes(preset, found_model)
+    result.missing = sorted(expected.keys() - found.keys())
+    result.unexpected = sorted(found.keys() - expected.keys())
+    result.misshaped = sorted(
+        (k, found[k], expected[k])
+        for k in expected.keys() & found.keys()
+        if tuple(found[k]) != tuple(expected[k])
+    )
+    guidance = {k for k in expected.keys() ^ found.keys() if k.startswith("guidance_in.")}
+    if guidance and guidance == set(result.missing):
+        result.hint = "the file has no guidance_in.*: it is a schnell-type model, the preset is dev-type"
+    elif guidance and guidance == set(result.unexpected):
+        result.hint = "the file has guidance_in.*: it is a dev-type model, the preset is schnell-type"
+    return result
