@@ -139,7 +139,10 @@ def _source(path: str | os.PathLike, component: str) -> _Source:
     """Resolve a file or a diffusers folder for `component` ("transformer" or "vae")."""
     path = Path(path)
     if path.is_file():
-        return _Source([path], layout="bfl")
+        src = _Source([path], layout="bfl")
+        if file_kind(src.shapes).startswith("diffusers-"):
+            src.layout = "diffusers"  # a single diffusers-layout file, e.g. from `flux-weights convert`
+        return src
     if path.is_dir():
         sub = path / component
         folder = sub if sub.is_dir() else path

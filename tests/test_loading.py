@@ -150,3 +150,13 @@ def test_loading_copies_nothing_twice(tiny_checkpoint, tmp_path):
     model = load_flow_model(path, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_single_diffusers_layout_file_loads(tiny_checkpoint, tmp_path):
+    path = tmp_path / "diffusers-transformer.safetensors"
+    save_file(bfl_to_diffusers_transformer(load_file(tiny_checkpoint.transformer)), path)
+    model = load_flow_model(path, preset="tiny")
+    assert torch.equal(model.img_in.weight, load_file(tiny_checkpoint.transformer)["img_in.weight"])
+    ae_path = tmp_path / "diffusers-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in bfl_to_diffusers_ae(load_file(tiny_checkpoint.ae)).items()}, ae_path)
+    assert load_autoencoder(ae_path).params.ch == get_preset("tiny").ae_params.ch
