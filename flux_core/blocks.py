@@ -7,19 +7,12 @@ Letters: B batch, L tokens (T text, N image), C channels, H heads, D head dim.
 """
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from .layers import Modulation, QKNorm, SelfAttention, _layer_norm, _mlp
-from .math import apply_rope
+from .math import apply_rope, joint_attention
 from .seam import DoubleBlockSite, Edit, ModVectors, SingleBlockSite
-
-
-def joint_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Scaled dot-product attention of already rotated q, k. (B, H, L, D) -> (B, L, H*D)."""
-    x = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
-    return rearrange(x, "B H L D -> B L (H D)")  # (B, L, C)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -68,16 +61,16 @@ class DoubleStreamBlock(nn.Module):
         k = torch.cat((txt_k, img_k), dim=2)  # (B, H, T+N, D)
         v = torch.cat((txt_v, img_v), dim=2)  # (B, H, T+N, D)
         q, k = apply_rope(q, k, pe)  # (B, H, T+N, D)
-        attn = joint_attention(q, k, v)  # (B, T+N, C)
-        txt_attn, img_attn = attn[:, :T], attn[:, T:]  # (B, T, C), (B, N, C)
-        img_attn_out = self.img_attn.proj(img_attn)  # (B, N, C)
-        txt_attn_out = self.txt_attn.proj(txt_attn)  # (B, T, C)
 
-        # --- the edit seam (seam.py): an edit sees this block's work and may replace the attention outputs
-        if edit is not None:
+        # --- the edit seam (seam.py): with an edit, the edit returns this block's attention outputs
+        if edit is None:
+            attn = joint_attention(q, k, v)  # (B, T+N, C)
+            img_attn_out = self.img_attn.proj(attn[:, T:])  # (B, N, C)
+            txt_attn_out = self.txt_attn.proj(attn[:, :T])  # (B, T, C)
+        else:
             site = DoubleBlockSite(
                 index, self, timesteps, img, txt, ModVectors(vec, txt_vec, vec), img_mod1, txt_mod1,
-                img_modulated, txt_modulated, q, k, v, pe, txt_attn, img_attn, txt_attn_out, img_attn_out,
+                img_modulated, txt_modulated, q, k, v, pe,
             )  # fmt: skip
             img_attn_out, txt_attn_out = edit.double_block(site)
 
@@ -124,12 +117,12 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)  # (B, H, L, D)
         q, k = self.norm(q, k, v)
         q, k = apply_rope(q, k, pe)  # (B, H, L, D)
-        attn = joint_attention(q, k, v)  # (B, L, C)
 
-        # --- the edit seam (seam.py)
-        if edit is not None:
-            site = SingleBlockSite(index, self, timesteps, x, n_txt, mod, x_mod, q, k, v, pe, attn, mlp)
-            attn = edit.single_block(site)
+        # --- the edit seam (seam.py): with an edit, the edit returns this block's attention output
+        if edit is None:
+            attn = joint_attention(q, k, v)  # (B, L, C)
+        else:
+            attn = edit.single_block(SingleBlockSite(index, self, timesteps, x, n_txt, mod, x_mod, q, k, v, pe, mlp))
 
         output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # (B, L, C)
         return x + mod.gate * output  # (B, L, C)

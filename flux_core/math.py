@@ -42,11 +42,16 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tenso
     return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
 
 
+def joint_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Scaled dot-product attention of already rotated q, k. (B, H, L, D) -> (B, L, H*D)."""
+    x = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
+    return rearrange(x, "B H L D -> B L (H D)")  # (B, L, H*D)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """Joint attention over all tokens with RoPE on q and k.
+    """Joint attention over all tokens with RoPE on q and k (flux/math.py `attention`).
 
     q, k, v: (B, H, L, D); pe: (B, 1, L, D/2, 2, 2). Returns (B, L, H*D).
     """
     q, k = apply_rope(q, k, pe)  # (B, H, L, D)
-    x = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
-    return rearrange(x, "B H L D -> B L (H D)")  # (B, L, H*D)
+    return joint_attention(q, k, v)  # (B, L, H*D)

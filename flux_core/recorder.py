@@ -65,22 +65,32 @@ class Recorder:
         self._forward += 1
         return ModVectors(vec, vec, vec)
 
-    def _record(self, kind: str, site, fields) -> None:
+    def _record(self, kind: str, site, fields, computed: dict) -> None:
         if self.blocks is not None and (kind, site.index) not in self.blocks:
             return
-        tensors = {name: getattr(site, name).detach().to(self.device, copy=True) for name in self.keep if name in fields}
+        tensors = {}
+        for name in self.keep:
+            if name in fields:
+                value = computed[name]() if name in computed else getattr(site, name)
+                tensors[name] = value.detach().to(self.device, copy=True)
         if self.attention_maps:
             tensors["attention_map"] = attention_map(site.q, site.k).to(self.device)
         t = site.timesteps.detach().cpu().clone() if site.timesteps is not None else torch.empty(0)
         self.entries.append(Record(kind, site.index, self._forward, t, site.n_txt, tensors))
 
     def double_block(self, site: DoubleBlockSite) -> tuple[Tensor, Tensor]:
-        self._record("double", site, DOUBLE_FIELDS)
-        return site.img_attn_out, site.txt_attn_out
+        computed = {
+            "txt_attn": lambda: site.attention()[0],
+            "img_attn": lambda: site.attention()[1],
+            "img_attn_out": lambda: site.outputs()[0],
+            "txt_attn_out": lambda: site.outputs()[1],
+        }
+        self._record("double", site, DOUBLE_FIELDS, computed)
+        return site.outputs()
 
     def single_block(self, site: SingleBlockSite) -> Tensor:
-        self._record("single", site, SINGLE_FIELDS)
-        return site.attn
+        self._record("single", site, SINGLE_FIELDS, {"attn": site.attention})
+        return site.attention()
 
     def select(self, kind: str | None = None, forward: int | None = None) -> list[Record]:
         """Entries of one block kind and/or one forward call, in block order."""

@@ -6,20 +6,23 @@ bit for bit.
 
 Two call points:
   1. `Flux.forward` asks `edit.vectors(...)` once for the modulation vectors (coarse edits change
-     the pooled text vector, see FluxSpace section 3.3).
+     the pooled text vector, FluxSpace section 3.3).
   2. Every block calls `edit.double_block(site)` / `edit.single_block(site)` at its one marked
-     point, after attention and before the gated residual add, with everything it computed.
+     point, where q, k and v (normed, rotated) are ready, and uses the attention outputs the edit
+     returns. `site.attention()` / `site.outputs()` compute the plain ones on request (and only
+     once), so an edit that computes attention its own way never pays for the plain path.
 Sites hold views of the block's tensors: an edit that wants to keep one must clone it.
 
 Letters: B batch, T text tokens, N image tokens, L = T + N, C channels, H heads, D head dim.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from torch import Tensor, nn
 
 from .layers import ModulationOut
+from .math import joint_attention
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class DoubleBlockSite:
 
     index: int
     block: nn.Module  # the DoubleStreamBlock: its weights, for edits that run extra streams
-    timesteps: Tensor  # (B,) t in [0, 1]
+    timesteps: Tensor | None  # (B,) t in [0, 1]
     img: Tensor  # (B, N, C) block input
     txt: Tensor  # (B, T, C) block input
     vecs: ModVectors
@@ -49,14 +52,29 @@ class DoubleBlockSite:
     k: Tensor  # (B, H, L, D)
     v: Tensor  # (B, H, L, D)
     pe: Tensor  # (B, 1, L, D/2, 2, 2)
-    txt_attn: Tensor  # (B, T, C) attention output before the output projection
-    img_attn: Tensor  # (B, N, C)
-    txt_attn_out: Tensor  # (B, T, C) after `txt_attn.proj`
-    img_attn_out: Tensor  # (B, N, C) after `img_attn.proj`
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_txt(self) -> int:
         return self.txt.shape[1]
+
+    def attention(self) -> tuple[Tensor, Tensor]:
+        """The plain joint attention before the output projections: (txt_attn (B, T, C), img_attn (B, N, C))."""
+        if "attention" not in self._cache:
+            attn = joint_attention(self.q, self.k, self.v)  # (B, L, C)
+            self._cache["attention"] = (attn[:, : self.n_txt], attn[:, self.n_txt :])
+        return self._cache["attention"]
+
+    def outputs(self) -> tuple[Tensor, Tensor]:
+        """The plain attention outputs after the projections: (img_attn_out (B, N, C), txt_attn_out (B, T, C))."""
+        if "outputs" not in self._cache:
+            txt_attn, img_attn = self.attention()
+            self._cache["outputs"] = (self.block.img_attn.proj(img_attn), self.block.txt_attn.proj(txt_attn))
+        return self._cache["outputs"]
+
+    def with_outputs(self, img_attn_out: Tensor, txt_attn_out: Tensor) -> "DoubleBlockSite":
+        """The same site reporting other outputs (what an earlier edit returned), for chaining."""
+        return replace(self, _cache={**self._cache, "outputs": (img_attn_out, txt_attn_out)})
 
 
 @dataclass(frozen=True)
@@ -65,7 +83,7 @@ class SingleBlockSite:
 
     index: int
     block: nn.Module
-    timesteps: Tensor  # (B,)
+    timesteps: Tensor | None  # (B,)
     x: Tensor  # (B, L, C) block input, [txt ; img]
     n_txt: int
     mod: ModulationOut
@@ -74,12 +92,21 @@ class SingleBlockSite:
     k: Tensor
     v: Tensor
     pe: Tensor
-    attn: Tensor  # (B, L, C) attention output, before `linear2`
     mlp: Tensor  # (B, L, mlp_hidden) MLP branch before its activation
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def attention(self) -> Tensor:
+        """The plain attention output (B, L, C), before `linear2`."""
+        if "attention" not in self._cache:
+            self._cache["attention"] = joint_attention(self.q, self.k, self.v)
+        return self._cache["attention"]
+
+    def with_attention(self, attn: Tensor) -> "SingleBlockSite":
+        return replace(self, _cache={**self._cache, "attention": attn})
 
 
 class Edit(Protocol):
-    """What `Flux.forward` needs of an edit. A do-nothing edit returns its inputs unchanged."""
+    """What `Flux.forward` needs of an edit. A do-nothing edit returns `site.outputs()` / `site.attention()`."""
 
     def vectors(self, model: nn.Module, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> ModVectors:
         """Called once per forward, before the blocks; may start per-forward state."""

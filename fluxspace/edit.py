@@ -23,12 +23,13 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
-from flux_core.math import apply_rope
+from flux_core.math import apply_rope, joint_attention
 from flux_core.seam import DoubleBlockSite, ModVectors, SingleBlockSite
+
+from .attention import attention_with_lse, merge_attention
 
 # Floor of the projections' denominators (the paper leaves it unstated). A floor rather than an added
 # eps keeps the projection exact: an edit branch equal to the prior gives Delta = 0 exactly.
@@ -60,15 +61,22 @@ def coarse_pooled(c_pool: Tensor, c_edit_pool: Tensor, lambda_coarse: float, eps
     return (1 - lambda_coarse) * c + lambda_coarse * ce_orth  # (B, C')
 
 
-def keyword_attention(img_q: Tensor, txt_k: Tensor, positions: list[int]) -> Tensor:
+def keyword_attention(img_q: Tensor, txt_k: Tensor, positions: list[int], lse: Tensor | None = None) -> Tensor:
     """How much each image token attends to the keyword: (B, N) in float32.
 
     img_q (B, H, N, D) base image queries, txt_k (B, H, T, D) the edit branch's text keys, both after
     RoPE; softmax over the text keys only, mean over heads, mean over the keyword's sub-tokens.
+    lse (B, H, N): the log-sum-exp over those text keys, when the caller has it already; then only
+    the keyword's columns of the logits are computed.
     """
-    logits = torch.einsum("bhnd,bhtd->bhnt", img_q.float(), txt_k.float()) / math.sqrt(img_q.shape[-1])
-    probs = logits.softmax(dim=-1).mean(dim=1)  # (B, N, T)
-    return probs[..., positions].mean(dim=-1)  # (B, N)
+    scale = 1 / math.sqrt(img_q.shape[-1])
+    if lse is None:
+        logits = torch.einsum("bhnd,bhtd->bhnt", img_q.float(), txt_k.float()) * scale  # (B, H, N, T)
+        probs = logits.softmax(dim=-1)[..., positions]  # (B, H, N, P)
+    else:
+        logits = torch.einsum("bhnd,bhpd->bhnp", img_q.float(), txt_k[:, :, positions].float()) * scale
+        probs = (logits - lse[..., None]).exp()  # (B, H, N, P)
+    return probs.mean(dim=1).mean(dim=-1)  # (B, N)
 
 
 def concept_mask(attn: Tensor, tau_m: float) -> Tensor:
@@ -256,7 +264,12 @@ class FluxSpaceEditor:
 
 
 class FluxSpaceStep:
-    """The FluxSpace edit for one model forward (one sampling step). Implements flux_core.seam.Edit."""
+    """The FluxSpace edit for one model forward (one sampling step). Implements flux_core.seam.Edit.
+
+    In each double block, J = 1 + K conditions share the block's image q, k, v: the base text (row 0)
+    and the K branches (prior, then the concepts). The image-image attention is computed once; each
+    condition adds its own image-text part, merged exactly through log-sum-exp (attention.py).
+    """
 
     def __init__(self, spec: EditSpec, encoded: EncodedEdit, masks: MaskLog | None = None):
         self.spec = spec
@@ -264,7 +277,7 @@ class FluxSpaceStep:
         self.mask_log = masks
         self.streams: Tensor | None = None  # (B*K, T, C) the branches' text streams
         self.branch_vec: Tensor | None = None  # (B*K, C) their modulation vector
-        self.edit_blocks: set[int] | None = None
+        self.edit_blocks: set[int] = set()
         self.last_block = -1
 
     # -- seam call 1: the modulation vectors, and the start of the branches' text streams
@@ -280,69 +293,79 @@ class FluxSpaceStep:
             "global": ModVectors(img=vec_edit, txt=vec_edit, out=vec_edit),
         }[spec.coarse_target]
         if spec.has_fine:
-            n_double = len(model.double_blocks)
-            self.edit_blocks = set(spec.blocks) if spec.blocks is not None else set(range(n_double))
+            self.edit_blocks = set(spec.blocks) if spec.blocks is not None else set(range(len(model.double_blocks)))
             self.last_block = max(self.edit_blocks)
             B, K = vec.shape[0], enc.branch_txt.shape[0]
             txt = model.txt_in(enc.branch_txt.to(device=vec.device, dtype=vec.dtype))  # (K, T, C)
             self.streams = repeat(txt, "K T C -> (B K) T C", B=B)
-            # Every branch's text stream is modulated like the base text stream (with the coarse vector).
-            self.branch_vec = repeat(vecs.txt, "B C -> (B K) C", K=K)
+            # As the unofficial code: the prior's text stream is modulated by the plain vec, the edit
+            # branches' by the text-stream vector (which carries the coarse edit).
+            branch_vecs = torch.stack([vec] + [vecs.txt] * (K - 1), dim=1)  # (B, K, C)
+            self.branch_vec = rearrange(branch_vecs, "B K C -> (B K) C")
         return vecs
 
     # -- seam call 2: the fine edit inside a double block
     def double_block(self, site: DoubleBlockSite) -> tuple[Tensor, Tensor]:
         if self.streams is None or site.index > self.last_block:
-            return site.img_attn_out, site.txt_attn_out
+            return site.outputs()  # past the last edited block nothing else is needed
         blk, T, K = site.block, site.n_txt, self.encoded.branch_txt.shape[0]
+        J = 1 + K  # conditions: base, prior, concepts
         s = self.streams  # (B*K, T', C)
         if s.shape[1] != T:
             raise ValueError(f"edit prompts have {s.shape[1]} T5 tokens but the base prompt has {T}; encode both alike")
         mod1, mod2 = blk.txt_mod(self.branch_vec)  # each field (B*K, 1, C)
         q_s, k_s, v_s = blk.txt_attn.qkv_heads(mod1.modulate(blk.txt_norm1(s)))  # (B*K, H, T, D)
-        pe_txt = repeat(site.pe[:, :, :T], "B one T d i j -> (B K) one T d i j", K=K)
-        q_s, k_s = apply_rope(q_s, k_s, pe_txt)  # (B*K, H, T, D)
+        q_s, k_s = apply_rope(q_s, k_s, repeat(site.pe[:, :, :T], "B one T d i j -> (B K) one T d i j", K=K))
 
-        # The base image q, k, v are shared by every branch: only the text part differs.
-        img_q, img_k, img_v = (repeat(x[:, :, T:], "B H N D -> (B K) H N D", K=K) for x in (site.q, site.k, site.v))
-        attn = F.scaled_dot_product_attention(
-            torch.cat((q_s, img_q), dim=2), torch.cat((k_s, img_k), dim=2), torch.cat((v_s, img_v), dim=2)
-        )  # (B*K, H, T+N, D)
-        attn = rearrange(attn, "BK H L D -> BK L (H D)")  # (B*K, T+N, C)
-        txt_attn, img_attn = attn[:, :T], attn[:, T:]  # (B*K, T, C), (B*K, N, C)
+        def with_base(base: Tensor, branch: Tensor) -> Tensor:  # -> (B*J, H, T, D), base first per sample
+            branch = rearrange(branch, "(B K) H T D -> B K H T D", K=K)
+            return rearrange(torch.cat((base[:, None], branch), dim=1), "B J H T D -> (B J) H T D")
+
+        txt_q = with_base(site.q[:, :, :T], q_s)  # (B*J, H, T, D)
+        txt_k = with_base(site.k[:, :, :T], k_s)
+        txt_v = with_base(site.v[:, :, :T], v_s)
+        img_q, img_k, img_v = site.q[:, :, T:], site.k[:, :, T:], site.v[:, :, T:]  # (B, H, N, D), shared
+
+        # Image queries: the image-image part once, the image-text part per condition, merged exactly.
+        o_ii, lse_ii = attention_with_lse(img_q, img_k, img_v)  # (B, H, N, D), (B, H, N)
+        img_q_j = repeat(img_q, "B H N D -> (B J) H N D", J=J)
+        o_it, lse_it = attention_with_lse(img_q_j, txt_k, txt_v)  # (B*J, H, N, D), (B*J, H, N)
+        shared = (repeat(o_ii, "B H N D -> (B J) H N D", J=J), repeat(lse_ii, "B H N -> (B J) H N", J=J))
+        img_attn = merge_attention([shared, (o_it, lse_it)]).to(site.q.dtype)  # (B*J, H, N, D)
+        img_attn = rearrange(img_attn, "(B J) H N D -> B J N (H D)", J=J)  # (B, J, N, C)
+        # Text queries of every condition: over their own text and the shared image tokens (T x (T+N), cheap).
+        kv = [torch.cat((t, repeat(i, "B H N D -> (B J) H N D", J=J)), dim=2) for t, i in ((txt_k, img_k), (txt_v, img_v))]
+        txt_attn = rearrange(joint_attention(txt_q, *kv), "(B J) T C -> B J T C", J=J)  # (B, J, T, C)
 
         # Carry the branches' text streams through this block, as the base text stream is.
-        s = s + mod1.gate * blk.txt_attn.proj(txt_attn)  # (B*K, T, C)
+        s = s + mod1.gate * blk.txt_attn.proj(rearrange(txt_attn[:, 1:], "B K T C -> (B K) T C"))  # (B*K, T, C)
         self.streams = s + mod2.gate * blk.txt_mlp(mod2.modulate(blk.txt_norm2(s)))  # (B*K, T, C)
+        txt_attn_out = blk.txt_attn.proj(txt_attn[:, 0])  # (B, T, C)
 
         if site.index not in self.edit_blocks:
-            return site.img_attn_out, site.txt_attn_out
+            return blk.img_attn.proj(img_attn[:, 0]), txt_attn_out
         after = self.spec.projection == "after_proj"
-        a_branch = blk.img_attn.proj(img_attn) if after else img_attn  # (B*K, N, C)
-        a_branch = rearrange(a_branch, "(B K) N C -> B K N C", K=K)
-        a_base = site.img_attn_out if after else site.img_attn  # (B, N, C)
-        delta = orthogonal_component(a_branch[:, 1:], a_branch[:, :1])  # (B, K-1, N, C) float32
+        a = blk.img_attn.proj(img_attn) if after else img_attn  # (B, J, N, C): base, prior, concepts
+        delta = orthogonal_component(a[:, 2:], a[:, 1:2])  # (B, K-1, N, C) float32
 
+        lse_it = rearrange(lse_it, "(B J) H N -> B J H N", J=J)
         k_edit = rearrange(k_s, "(B K) H T D -> B K H T D", K=K)
-        masks = []
-        a_hat = a_base.float()  # (B, N, C)
+        masks, a_hat = [], a[:, 0].float()  # (B, N, C)
         for j, concept in enumerate(self.spec.concepts):
             if concept.tau_m > 0:
-                m = keyword_attention(site.q[:, :, T:], k_edit[:, 1 + j], self.encoded.positions[j])  # (B, N)
+                m = keyword_attention(img_q, k_edit[:, 1 + j], self.encoded.positions[j], lse_it[:, 2 + j])  # (B, N)
                 mask = concept_mask(m, concept.tau_m)  # (B, N)
             else:
-                mask = torch.ones(a_base.shape[:2], device=a_base.device)  # (B, N)
+                mask = torch.ones(a_hat.shape[:2], device=a_hat.device)  # (B, N)
             masks.append(mask)
             a_hat = a_hat + concept.lambda_fine * mask[..., None] * delta[:, j]  # (B, N, C)
         if self.mask_log is not None:
             self.mask_log.add(masks)
-        a_hat = a_hat.to(a_base.dtype)
-        if not after:
-            a_hat = blk.img_attn.proj(a_hat)  # (B, N, C)
-        return a_hat, site.txt_attn_out
+        a_hat = a_hat.to(a.dtype)
+        return (a_hat if after else blk.img_attn.proj(a_hat)), txt_attn_out
 
     def single_block(self, site: SingleBlockSite) -> Tensor:
-        return site.attn  # FluxSpace leaves the single-stream blocks alone
+        return site.attention()  # FluxSpace leaves the single-stream blocks alone
 
 
 def with_scale(spec: EditSpec, lambda_fine: float | None = None, lambda_coarse: float | None = None) -> EditSpec:

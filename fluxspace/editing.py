@@ -8,7 +8,7 @@ The steps before the edit switches on are the same in both runs, so the edited r
 plain run's latent at that step instead of computing them again.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,11 +65,10 @@ class _Recorded:
         return self.edit.vectors(model, vec, timesteps, y, guidance)
 
     def double_block(self, site):
-        img_out, txt_out = self.edit.double_block(site)
-        return self.recorder.double_block(replace(site, img_attn_out=img_out, txt_attn_out=txt_out))
+        return self.recorder.double_block(site.with_outputs(*self.edit.double_block(site)))
 
     def single_block(self, site):
-        return self.recorder.single_block(replace(site, attn=self.edit.single_block(site)))
+        return self.recorder.single_block(site.with_attention(self.edit.single_block(site)))
 
 
 def edit_image(

@@ -67,7 +67,7 @@ class Spy:
 
     def double_block(self, site):
         out = self.inner.double_block(site)
-        self.outputs[site.index] = (out[0].clone(), site.img_attn_out.clone())
+        self.outputs[site.index] = (out[0].clone(), site.outputs()[0].clone())
         self.img_in[site.index] = site.img.clone()
         return out
 
@@ -222,7 +222,9 @@ def test_edit_prompt_equal_to_non_empty_prior_changes_nothing():
     enc = encoded(model, prior=prior)
     enc.branch_txt[1] = prior  # the concept's prompt embeds exactly like the prior
     spec = EditSpec(concepts=(Concept("same", lambda_fine=7.0, tau_m=0.0),), prior_prompt="a face")
-    assert torch.equal(sample(model), sample(model, FluxSpaceEditor(spec, enc)))
+    # Delta is exactly zero; the base attention of an edited step is computed by the shared-key
+    # merge (attention.py), equal to the plain kernel up to float32 rounding.
+    torch.testing.assert_close(sample(model), sample(model, FluxSpaceEditor(spec, enc)), rtol=1e-5, atol=1e-5)
 
 
 def test_active_edit_changes_the_image_and_logs_masks():
@@ -268,8 +270,11 @@ def test_projection_before_output_projection_differs_but_is_linear():
 def test_edit_blocks_subset_only_touches_those_blocks():
     model = tiny_model(depth=3)
     got = run_step(model, EditSpec(concepts=(Concept("x", 3.0, 0.0),), blocks=(1,)), encoded(model))[1]
-    assert torch.equal(got[0][0], got[0][1]) and torch.equal(got[2][0], got[2][1])
-    assert not torch.equal(got[1][0], got[1][1])
+    # Block 0 still carries the branch streams (merged attention: equal to plain up to rounding);
+    # block 2 is past the last edited block and runs the plain path.
+    torch.testing.assert_close(got[0][0], got[0][1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2][0], got[2][1])
+    assert (got[1][0] - got[1][1]).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -71,12 +71,11 @@ class ZeroImageAttention:
         return ModVectors(vec, vec, vec)
 
     def double_block(self, site):
-        if site.index == 0:
-            return torch.zeros_like(site.img_attn_out), site.txt_attn_out
-        return site.img_attn_out, site.txt_attn_out
+        img_out, txt_out = site.outputs()
+        return (torch.zeros_like(img_out) if site.index == 0 else img_out), txt_out
 
     def single_block(self, site):
-        return site.attn
+        return site.attention()
 
 
 def test_an_edit_changes_what_it_returns():
