@@ -18,8 +18,9 @@ from PIL import Image
 from flux_core.recorder import Recorder
 from flux_core.sampling import denoise, get_noise, get_schedule, prepare, unpack
 
-from .edit import EditSpec, FluxSpaceEditor, encode_edit, validate
+from .edit import EditSpec, encode_edit, validate
 from .pipeline import FluxModels, SampleSettings, decode
+from .step import FluxSpaceEditor
 
 MASK_COLOUR = (255, 40, 40)
 

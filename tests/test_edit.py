@@ -10,17 +10,9 @@ from hypothesis import strategies as st
 
 from flux_core import Flux, Recorder, get_preset
 from flux_core.sampling import denoise, get_schedule, img_ids, txt_ids
-from fluxspace.edit import (
-    Concept,
-    EditSpec,
-    EncodedEdit,
-    FluxSpaceEditor,
-    FluxSpaceStep,
-    coarse_pooled,
-    concept_mask,
-    orthogonal_component,
-    validate,
-)
+from fluxspace.edit import Concept, EditSpec, EncodedEdit, validate
+from fluxspace.projection import coarse_pooled, concept_mask, orthogonal_component
+from fluxspace.step import FluxSpaceEditor, FluxSpaceStep
 
 B, h, w, T = 2, 3, 4, 6  # 12 image tokens, 6 text tokens
 

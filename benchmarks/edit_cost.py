@@ -1,0 +1,146 @@
+"""Per-step cost of FluxSpace editing against a plain step, side by side in one run.
+
+Rows (one transformer forward each, same random weights and inputs):
+  plain          the model alone
+  fluxspace      one fine concept (tau_m 0.5) + coarse, our shared execution (fluxspace/edit.py)
+  fine-only      one fine concept, no coarse
+  coarse-only    lambda_coarse only: no extra text streams at all
+  two-concepts   two fine concepts in one pass
+  naive-batch3   the naive way: base, prior and edit prompts as a batch-3 full forward
+
+Rounds interleave the rows (plain, fluxspace, ..., plain, fluxspace, ...) so that a slow spell of
+the machine hits every row alike; the table gives each row's median and its ratio to plain.
+
+    python benchmarks/edit_cost.py --hidden 1024 --heads 8 --depth 2 --depth-single 4 \
+        --height 512 --width 512 --txt-len 128          # CPU, mid-size: T/N = 1/8 like dev at 1024^2
+    python benchmarks/edit_cost.py --preset flux-dev --height 1024 --width 1024 --device cuda
+"""
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward import RESULTS, machine_info, random_official_state_dict, time_calls, write_json  # noqa: E402
+
+from flux_core import Flux, get_preset  # noqa: E402
+from flux_core.sampling import img_ids, txt_ids  # noqa: E402
+from fluxspace.edit import Concept, EditSpec, EncodedEdit  # noqa: E402
+from fluxspace.step import FluxSpaceStep  # noqa: E402
+
+ROWS = ("plain", "fluxspace", "fine-only", "coarse-only", "two-concepts", "naive-batch3")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="flux-dev")
+    p.add_argument("--hidden", type=int, help="override the width (CPU runs)")
+    p.add_argument("--heads", type=int, help="override the head count (head dim must stay 128 unless --axes)")
+    p.add_argument("--depth", type=int)
+    p.add_argument("--depth-single", type=int)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--txt-len", type=int, help="T5 tokens (default: the preset's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bf16 on cuda, float32 on cpu")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    preset = get_preset(args.preset)
+    params = preset.params
+    overrides = {k: v for k, v in (("hidden_size", args.hidden), ("num_heads", args.heads), ("depth", args.depth),
+                                   ("depth_single_blocks", args.depth_single)) if v is not None}  # fmt: skip
+    params = dataclasses.replace(params, **overrides)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    )
+    T = args.txt_len or preset.t5_max_length
+    N = (args.height // 16) * (args.width // 16)
+
+    with torch.device("meta"):
+        model = Flux(params)
+    model.load_state_dict(random_official_state_dict(params, 0, args.device, dtype), strict=True, assign=True)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(args.device, dtype)
+
+    inp = dict(
+        img=rand(1, N, params.in_channels), img_ids=img_ids(1, args.height, args.width, args.device),
+        txt=rand(1, T, params.context_in_dim), txt_ids=txt_ids(1, T, args.device),
+        timesteps=torch.full((1,), 0.7, device=args.device, dtype=dtype), y=rand(1, params.vec_in_dim),
+        guidance=torch.full((1,), 3.5, device=args.device, dtype=dtype) if params.guidance_embed else None,
+    )  # fmt: skip
+    inp3 = {k: (v.repeat(3, *[1] * (v.ndim - 1)) if v is not None else None) for k, v in inp.items()}
+    pos = [[1, 2]]
+    enc1 = EncodedEdit(rand(2, T, params.context_in_dim), rand(1, params.vec_in_dim), pos)
+    enc2 = EncodedEdit(rand(3, T, params.context_in_dim), rand(1, params.vec_in_dim), pos * 2)
+    specs = {
+        "fluxspace": (EditSpec(concepts=(Concept("a", 5.0, 0.5),), lambda_coarse=0.5), enc1),
+        "fine-only": (EditSpec(concepts=(Concept("a", 5.0, 0.5),)), enc1),
+        "coarse-only": (EditSpec(concepts=(Concept("a", 0.0),), lambda_coarse=0.5), enc1),
+        "two-concepts": (EditSpec(concepts=(Concept("a", 5.0, 0.5), Concept("b", 3.0, 0.5))), enc2),
+    }
+    calls = {"plain": lambda: model(**inp), "naive-batch3": lambda: model(**inp3)}
+    for name, (spec, enc) in specs.items():
+        calls[name] = lambda spec=spec, enc=enc: model(**inp, edit=FluxSpaceStep(spec, enc))
+
+    times = {name: [] for name in ROWS}
+    with torch.inference_mode():
+        for name in ROWS:
+            time_calls(calls[name], args.device, args.warmup)
+        for _ in range(args.rounds):
+            for name in ROWS:
+                times[name] += time_calls(calls[name], args.device, 1)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    rows = [
+        {
+            "row": n,
+            "median_ms": medians[n],
+            "ratio_to_plain": medians[n] / medians["plain"],
+            "times_ms": times[n],
+        }
+        for n in ROWS
+    ]
+    print(f"\nFluxSpace step cost: {args.preset} hidden {params.hidden_size}, {params.depth} double + "
+          f"{params.depth_single_blocks} single blocks, {N} image + {T} text tokens, {args.device} {dtype}\n")  # fmt: skip
+    print("| step | median ms | x plain |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['median_ms']:.1f} | {r['ratio_to_plain']:.3f} |")
+    out = (
+        args.out
+        or RESULTS
+        / f"edit_cost-{args.device}-{args.preset}-h{params.hidden_size}-d{params.depth}s{params.depth_single_blocks}-{args.height}x{args.width}-t{T}.json"
+    )
+    data = {
+        "settings": {
+            **vars(args),
+            "out": str(out),
+            "params": dataclasses.asdict(params),
+            "image_tokens": N,
+            "text_tokens": T,
+        },
+        "machine": machine_info(args.device),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+    write_json(out, data)
+    print(f"\nsaved {out}")
+    return data
+
+
+if __name__ == "__main__":
+    main()

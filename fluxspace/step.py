@@ -1,0 +1,164 @@
+"""The FluxSpace edit inside the model, one sampling step at a time (flux_core.seam.Edit).
+
+The prior and edit branches reuse the BASE image tokens (their q, k, v) and differ only in their text
+streams, which are carried through the double blocks with the block's own weights (section 3 of the
+paper; the unofficial implementation does the same). So a step costs one plain forward plus, in the
+double blocks only, the branches' text streams and their attention.
+
+Letters: B batch, K branches (prior + concepts), J = 1 + K conditions (base first), T text tokens,
+N image tokens, C channels, H heads, D head dim.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor
+
+from flux_core.math import apply_rope, joint_attention
+from flux_core.seam import DoubleBlockSite, ModVectors, SingleBlockSite
+
+from .attention import attention_with_lse, merge_attention
+from .edit import EditSpec, EncodedEdit
+from .projection import coarse_pooled, concept_mask, keyword_attention, orthogonal_component
+
+
+@dataclass
+class MaskLog:
+    """Running sums of each concept's mask over the blocks and steps where it was applied."""
+
+    sums: list[Tensor] = field(default_factory=list)  # per concept (B, N) float32
+    count: int = 0
+
+    def add(self, masks: list[Tensor]) -> None:
+        if not self.sums:
+            self.sums = [m.detach().float().clone() for m in masks]
+        else:
+            for s, m in zip(self.sums, masks, strict=True):
+                s.add_(m.float())
+        self.count += 1
+
+    def mean(self) -> list[Tensor]:
+        """Per concept, the fraction of applications in which each image token was inside the mask."""
+        return [s / max(self.count, 1) for s in self.sums]
+
+
+class FluxSpaceEditor:
+    """Hands the sampler a per-step edit while the edit is on, and None otherwise (plain steps)."""
+
+    def __init__(self, spec: EditSpec, encoded: EncodedEdit):
+        self.spec = spec
+        self.encoded = encoded
+        self.masks = MaskLog()
+
+    def at_step(self, step: int, t: float, num_steps: int):
+        if not self.spec.is_active(step, t):
+            return None  # the model runs exactly as without an edit
+        return FluxSpaceStep(self.spec, self.encoded, self.masks)
+
+
+class FluxSpaceStep:
+    """The FluxSpace edit for one model forward (one sampling step). Implements flux_core.seam.Edit.
+
+    In each double block, J = 1 + K conditions share the block's image q, k, v: the base text (row 0)
+    and the K branches (prior, then the concepts). The image-image attention is computed once; each
+    condition adds its own image-text part, merged exactly through log-sum-exp (attention.py).
+    """
+
+    def __init__(self, spec: EditSpec, encoded: EncodedEdit, masks: MaskLog | None = None):
+        self.spec = spec
+        self.encoded = encoded
+        self.mask_log = masks
+        self.streams: Tensor | None = None  # (B*K, T, C) the branches' text streams
+        self.branch_vec: Tensor | None = None  # (B*K, C) their modulation vector
+        self.edit_blocks: set[int] = set()
+        self.last_block = -1
+
+    # -- seam call 1: the modulation vectors, and the start of the branches' text streams
+    def vectors(self, model, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> ModVectors:
+        spec, enc = self.spec, self.encoded
+        vec_edit = vec
+        if spec.has_coarse:
+            c_hat = coarse_pooled(y, enc.coarse_pool.to(y.device).expand_as(y), spec.lambda_coarse)  # (B, C')
+            vec_edit = model.conditioning(timesteps, c_hat.to(y.dtype), guidance)  # (B, C)
+        vecs = {
+            "txt": ModVectors(img=vec, txt=vec_edit, out=vec),
+            "both": ModVectors(img=vec_edit, txt=vec_edit, out=vec),
+            "global": ModVectors(img=vec_edit, txt=vec_edit, out=vec_edit),
+        }[spec.coarse_target]
+        if spec.has_fine:
+            self.edit_blocks = set(spec.blocks) if spec.blocks is not None else set(range(len(model.double_blocks)))
+            self.last_block = max(self.edit_blocks)
+            B, K = vec.shape[0], enc.branch_txt.shape[0]
+            txt = model.txt_in(enc.branch_txt.to(device=vec.device, dtype=vec.dtype))  # (K, T, C)
+            self.streams = repeat(txt, "K T C -> (B K) T C", B=B)
+            # As the unofficial code: the prior's text stream is modulated by the plain vec, the edit
+            # branches' by the text-stream vector (which carries the coarse edit).
+            branch_vecs = torch.stack([vec] + [vecs.txt] * (K - 1), dim=1)  # (B, K, C)
+            self.branch_vec = rearrange(branch_vecs, "B K C -> (B K) C")
+        return vecs
+
+    # -- seam call 2: the fine edit inside a double block
+    def double_block(self, site: DoubleBlockSite) -> tuple[Tensor, Tensor]:
+        if self.streams is None or site.index > self.last_block:
+            return site.outputs()  # past the last edited block nothing else is needed
+        blk, T, K = site.block, site.n_txt, self.encoded.branch_txt.shape[0]
+        J = 1 + K  # conditions: base, prior, concepts
+        s = self.streams  # (B*K, T', C)
+        if s.shape[1] != T:
+            raise ValueError(f"edit prompts have {s.shape[1]} T5 tokens but the base prompt has {T}; encode both alike")
+        mod1, mod2 = blk.txt_mod(self.branch_vec)  # each field (B*K, 1, C)
+        q_s, k_s, v_s = blk.txt_attn.qkv_heads(mod1.modulate(blk.txt_norm1(s)))  # (B*K, H, T, D)
+        q_s, k_s = apply_rope(q_s, k_s, repeat(site.pe[:, :, :T], "B one T d i j -> (B K) one T d i j", K=K))
+
+        def with_base(base: Tensor, branch: Tensor) -> Tensor:  # -> (B*J, H, T, D), base first per sample
+            branch = rearrange(branch, "(B K) H T D -> B K H T D", K=K)
+            return rearrange(torch.cat((base[:, None], branch), dim=1), "B J H T D -> (B J) H T D")
+
+        txt_q = with_base(site.q[:, :, :T], q_s)  # (B*J, H, T, D)
+        txt_k = with_base(site.k[:, :, :T], k_s)
+        txt_v = with_base(site.v[:, :, :T], v_s)
+        img_q, img_k, img_v = site.q[:, :, T:], site.k[:, :, T:], site.v[:, :, T:]  # (B, H, N, D), shared
+
+        # Image queries: the image-image part once, the image-text part per condition, merged exactly.
+        o_ii, lse_ii = attention_with_lse(img_q, img_k, img_v)  # (B, H, N, D), (B, H, N)
+        img_q_j = repeat(img_q, "B H N D -> (B J) H N D", J=J)
+        o_it, lse_it = attention_with_lse(img_q_j, txt_k, txt_v)  # (B*J, H, N, D), (B*J, H, N)
+        shared = (repeat(o_ii, "B H N D -> (B J) H N D", J=J), repeat(lse_ii, "B H N -> (B J) H N", J=J))
+        img_attn = merge_attention([shared, (o_it, lse_it)]).to(site.q.dtype)  # (B*J, H, N, D)
+        img_attn = rearrange(img_attn, "(B J) H N D -> B J N (H D)", J=J)  # (B, J, N, C)
+        # Text queries of every condition: over their own text and the shared image tokens (T x (T+N), cheap).
+        kv = [torch.cat((t, repeat(i, "B H N D -> (B J) H N D", J=J)), dim=2) for t, i in ((txt_k, img_k), (txt_v, img_v))]
+        txt_attn = rearrange(joint_attention(txt_q, *kv), "(B J) T C -> B J T C", J=J)  # (B, J, T, C)
+
+        # Carry the branches' text streams through this block, as the base text stream is.
+        s = s + mod1.gate * blk.txt_attn.proj(rearrange(txt_attn[:, 1:], "B K T C -> (B K) T C"))  # (B*K, T, C)
+        self.streams = s + mod2.gate * blk.txt_mlp(mod2.modulate(blk.txt_norm2(s)))  # (B*K, T, C)
+        txt_attn_out = blk.txt_attn.proj(txt_attn[:, 0])  # (B, T, C)
+
+        if site.index not in self.edit_blocks:
+            return blk.img_attn.proj(img_attn[:, 0]), txt_attn_out
+        after = self.spec.projection == "after_proj"
+        a = blk.img_attn.proj(img_attn) if after else img_attn  # (B, J, N, C): base, prior, concepts
+        delta = orthogonal_component(a[:, 2:], a[:, 1:2])  # (B, K-1, N, C) float32
+
+        lse_it = rearrange(lse_it, "(B J) H N -> B J H N", J=J)
+        k_edit = rearrange(k_s, "(B K) H T D -> B K H T D", K=K)
+        masks, a_hat = [], a[:, 0].float()  # (B, N, C)
+        for j, concept in enumerate(self.spec.concepts):
+            if concept.tau_m > 0:
+                m = keyword_attention(img_q, k_edit[:, 1 + j], self.encoded.positions[j], lse_it[:, 2 + j])  # (B, N)
+                mask = concept_mask(m, concept.tau_m)  # (B, N)
+            else:
+                mask = torch.ones(a_hat.shape[:2], device=a_hat.device)  # (B, N)
+            masks.append(mask)
+            a_hat = a_hat + concept.lambda_fine * mask[..., None] * delta[:, j]  # (B, N, C)
+        if self.mask_log is not None:
+            self.mask_log.add(masks)
+        a_hat = a_hat.to(a.dtype)
+        return (a_hat if after else blk.img_attn.proj(a_hat)), txt_attn_out
+
+    def single_block(self, site: SingleBlockSite) -> Tensor:
+        return site.attention()  # FluxSpace leaves the single-stream blocks alone
+
+
