@@ -59,6 +59,11 @@ class EditSpec:
     prior_prompt: str = ""
     projection: str = "after_proj"  # project after the output projection (unofficial) or before it
     coarse_target: str = "txt"  # txt: text-stream modulation of the double blocks (unofficial); both; global
+    # Reproduce the unofficial implementation (docs/fluxspace_reference_notes.md): its arithmetic in
+    # the model dtype, full attention per branch, one concept, lambda_fine > 0 only, and its keyword
+    # lookup, which keeps a single T5 token (the one holding the first occurrence, in the edit prompt,
+    # of the keyword's last character).
+    reference: bool = False
 
     @property
     def has_fine(self) -> bool:
@@ -133,6 +138,8 @@ def validate(spec: EditSpec, num_steps: int, num_double_blocks: int) -> None:
             )
     if spec.projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {spec.projection!r}; valid: {', '.join(PROJECTIONS)}")
+    if spec.reference and len(spec.concepts) != 1:
+        raise ValueError(f"reference mode reproduces the unofficial code, which takes exactly one concept; got {len(spec.concepts)}")
     if spec.coarse_target not in COARSE_TARGETS:
         raise ValueError(f"unknown coarse_target {spec.coarse_target!r}; valid: {', '.join(COARSE_TARGETS)}")
 
@@ -158,9 +165,25 @@ def encode_edit(spec: EditSpec, text) -> EncodedEdit:
     positions = []
     for c in spec.concepts:
         words = c.mask_words or (c.prompt,)
-        pos = sorted({p for w in words for p in text.word_token_positions(c.prompt, w)})
-        positions.append(pos)
+        if spec.reference:
+            positions.append(reference_token_position(text.t5_tokenizer, c.prompt, words[0]))
+        else:
+            positions.append(sorted({p for w in words for p in text.word_token_positions(c.prompt, w)}))
     return EncodedEdit(branch_txt, coarse_pool, positions)
+
+
+def reference_token_position(tokenizer, edit_prompt: str, keyword: str) -> list[int]:
+    """The unofficial code's keyword lookup, bug included (notes, section 4).
+
+    It loops over the CHARACTERS of the keyword and keeps only the last one's result: the T5 tokens
+    overlapping the first occurrence, in the edit prompt, of the keyword's last character.
+    """
+    ch = keyword[-1]
+    if ch not in edit_prompt:
+        raise ValueError(f"reference lookup: character {ch!r} of {keyword!r} does not occur in the edit prompt {edit_prompt!r}")
+    start = edit_prompt.index(ch)
+    offsets = tokenizer(edit_prompt, return_offsets_mapping=True)["offset_mapping"]
+    return [i for i, (a, b) in enumerate(offsets) if b > start and a < start + 1]
 
 
 def with_scale(spec: EditSpec, lambda_fine: float | None = None, lambda_coarse: float | None = None) -> EditSpec:

@@ -20,7 +20,16 @@ from flux_core.seam import DoubleBlockSite, ModVectors, SingleBlockSite
 
 from .attention import attention_with_lse, merge_attention
 from .edit import EditSpec, EncodedEdit
-from .projection import coarse_pooled, concept_mask, keyword_attention, orthogonal_component
+from .projection import (
+    coarse_pooled,
+    coarse_pooled_reference,
+    concept_mask,
+    concept_mask_reference,
+    keyword_attention,
+    keyword_attention_reference,
+    orthogonal_component,
+    orthogonal_component_reference,
+)
 
 
 @dataclass
@@ -79,7 +88,9 @@ class FluxSpaceStep:
         spec, enc = self.spec, self.encoded
         vec_edit = vec
         if spec.has_coarse:
-            c_hat = coarse_pooled(y, enc.coarse_pool.to(y.device).expand_as(y), spec.lambda_coarse)  # (B, C')
+            c_edit = enc.coarse_pool.to(y.device).expand_as(y)  # (B, C')
+            coarse = coarse_pooled_reference if spec.reference else coarse_pooled
+            c_hat = coarse(y, c_edit, spec.lambda_coarse)  # (B, C')
             vec_edit = model.conditioning(timesteps, c_hat.to(y.dtype), guidance)  # (B, C)
         vecs = {
             "txt": ModVectors(img=vec, txt=vec_edit, out=vec),
@@ -103,13 +114,49 @@ class FluxSpaceStep:
         if self.streams is None or site.index > self.last_block:
             return site.outputs()  # past the last edited block nothing else is needed
         blk, T, K = site.block, site.n_txt, self.encoded.branch_txt.shape[0]
-        J = 1 + K  # conditions: base, prior, concepts
         s = self.streams  # (B*K, T', C)
         if s.shape[1] != T:
             raise ValueError(f"edit prompts have {s.shape[1]} T5 tokens but the base prompt has {T}; encode both alike")
         mod1, mod2 = blk.txt_mod(self.branch_vec)  # each field (B*K, 1, C)
         q_s, k_s, v_s = blk.txt_attn.qkv_heads(mod1.modulate(blk.txt_norm1(s)))  # (B*K, H, T, D)
         q_s, k_s = apply_rope(q_s, k_s, repeat(site.pe[:, :, :T], "B one T d i j -> (B K) one T d i j", K=K))
+
+        attend = self._reference_attention if self.spec.reference else self._shared_attention
+        img_attn, txt_attn, lse_it = attend(site, q_s, k_s, v_s)  # (B, J, N, C), (B, J, T, C), (B, J, H, N) | None
+
+        # Carry the branches' text streams through this block, as the base text stream is.
+        s = s + mod1.gate * blk.txt_attn.proj(rearrange(txt_attn[:, 1:], "B K T C -> (B K) T C"))  # (B*K, T, C)
+        self.streams = s + mod2.gate * blk.txt_mlp(mod2.modulate(blk.txt_norm2(s)))  # (B*K, T, C)
+        txt_attn_out = blk.txt_attn.proj(txt_attn[:, 0])  # (B, T, C)
+        if site.index not in self.edit_blocks:
+            return blk.img_attn.proj(img_attn[:, 0]), txt_attn_out
+
+        after = self.spec.projection == "after_proj"
+        a = blk.img_attn.proj(img_attn) if after else img_attn  # (B, J, N, C): base, prior, concepts
+        k_edit = rearrange(k_s, "(B K) H T D -> B K H T D", K=K)
+        img_q = site.q[:, :, T:]  # (B, H, N, D) base image queries
+        if self.spec.reference:
+            a_hat = self._reference_combine(a, img_q, k_edit)
+        else:
+            delta = orthogonal_component(a[:, 2:], a[:, 1:2])  # (B, K-1, N, C) float32
+            masks, a_hat = [], a[:, 0].float()  # (B, N, C)
+            for j, concept in enumerate(self.spec.concepts):
+                if concept.tau_m > 0:
+                    m = keyword_attention(img_q, k_edit[:, 1 + j], self.encoded.positions[j], lse_it[:, 2 + j])  # (B, N)
+                    mask = concept_mask(m, concept.tau_m)  # (B, N)
+                else:
+                    mask = torch.ones(a_hat.shape[:2], device=a_hat.device)  # (B, N)
+                masks.append(mask)
+                a_hat = a_hat + concept.lambda_fine * mask[..., None] * delta[:, j]  # (B, N, C)
+            if self.mask_log is not None:
+                self.mask_log.add(masks)
+            a_hat = a_hat.to(a.dtype)
+        return (a_hat if after else blk.img_attn.proj(a_hat)), txt_attn_out
+
+    def _shared_attention(self, site: DoubleBlockSite, q_s: Tensor, k_s: Tensor, v_s: Tensor):
+        """All J conditions' attention with the image-image part computed once (exact log-sum-exp merge)."""
+        T, K = site.n_txt, q_s.shape[0] // site.q.shape[0]
+        J = 1 + K
 
         def with_base(base: Tensor, branch: Tensor) -> Tensor:  # -> (B*J, H, T, D), base first per sample
             branch = rearrange(branch, "(B K) H T D -> B K H T D", K=K)
@@ -130,33 +177,30 @@ class FluxSpaceStep:
         # Text queries of every condition: over their own text and the shared image tokens (T x (T+N), cheap).
         kv = [torch.cat((t, repeat(i, "B H N D -> (B J) H N D", J=J)), dim=2) for t, i in ((txt_k, img_k), (txt_v, img_v))]
         txt_attn = rearrange(joint_attention(txt_q, *kv), "(B J) T C -> B J T C", J=J)  # (B, J, T, C)
+        return img_attn, txt_attn, rearrange(lse_it, "(B J) H N -> B J H N", J=J)
 
-        # Carry the branches' text streams through this block, as the base text stream is.
-        s = s + mod1.gate * blk.txt_attn.proj(rearrange(txt_attn[:, 1:], "B K T C -> (B K) T C"))  # (B*K, T, C)
-        self.streams = s + mod2.gate * blk.txt_mlp(mod2.modulate(blk.txt_norm2(s)))  # (B*K, T, C)
-        txt_attn_out = blk.txt_attn.proj(txt_attn[:, 0])  # (B, T, C)
+    def _reference_attention(self, site: DoubleBlockSite, q_s: Tensor, k_s: Tensor, v_s: Tensor):
+        """As the unofficial code: the base from the plain kernel, each branch a full joint attention."""
+        T, K = site.n_txt, q_s.shape[0] // site.q.shape[0]
+        img = [repeat(x[:, :, T:], "B H N D -> (B K) H N D", K=K) for x in (site.q, site.k, site.v)]
+        branch = joint_attention(*(torch.cat((t, i), dim=2) for t, i in zip((q_s, k_s, v_s), img, strict=True)))
+        branch = rearrange(branch, "(B K) L C -> B K L C", K=K)  # (B, K, T+N, C)
+        base_txt, base_img = site.attention()  # (B, T, C), (B, N, C)
+        img_attn = torch.cat((base_img[:, None], branch[:, :, T:]), dim=1)  # (B, J, N, C)
+        txt_attn = torch.cat((base_txt[:, None], branch[:, :, :T]), dim=1)  # (B, J, T, C)
+        return img_attn, txt_attn, None
 
-        if site.index not in self.edit_blocks:
-            return blk.img_attn.proj(img_attn[:, 0]), txt_attn_out
-        after = self.spec.projection == "after_proj"
-        a = blk.img_attn.proj(img_attn) if after else img_attn  # (B, J, N, C): base, prior, concepts
-        delta = orthogonal_component(a[:, 2:], a[:, 1:2])  # (B, K-1, N, C) float32
-
-        lse_it = rearrange(lse_it, "(B J) H N -> B J H N", J=J)
-        k_edit = rearrange(k_s, "(B K) H T D -> B K H T D", K=K)
-        masks, a_hat = [], a[:, 0].float()  # (B, N, C)
-        for j, concept in enumerate(self.spec.concepts):
-            if concept.tau_m > 0:
-                m = keyword_attention(img_q, k_edit[:, 1 + j], self.encoded.positions[j], lse_it[:, 2 + j])  # (B, N)
-                mask = concept_mask(m, concept.tau_m)  # (B, N)
-            else:
-                mask = torch.ones(a_hat.shape[:2], device=a_hat.device)  # (B, N)
-            masks.append(mask)
-            a_hat = a_hat + concept.lambda_fine * mask[..., None] * delta[:, j]  # (B, N, C)
+    def _reference_combine(self, a: Tensor, img_q: Tensor, k_edit: Tensor) -> Tensor:
+        """A_hat with the unofficial code's arithmetic: model dtype, eps added, one concept, lambda > 0 only."""
+        (concept,) = self.spec.concepts
+        if concept.lambda_fine <= 0:  # the unofficial code skips the fine edit then
+            return a[:, 0]
+        delta = orthogonal_component_reference(a[:, 2], a[:, 1])  # (B, N, C)
+        m = keyword_attention_reference(img_q, k_edit[:, 1], self.encoded.positions[0])  # (B, N)
+        mask = concept_mask_reference(m, concept.tau_m)[..., None]  # (B, N, 1) bool
         if self.mask_log is not None:
-            self.mask_log.add(masks)
-        a_hat = a_hat.to(a.dtype)
-        return (a_hat if after else blk.img_attn.proj(a_hat)), txt_attn_out
+            self.mask_log.add([mask[..., 0].float()])
+        return a[:, 0] + concept.lambda_fine * (mask * delta)
 
     def single_block(self, site: SingleBlockSite) -> Tensor:
         return site.attention()  # FluxSpace leaves the single-stream blocks alone

@@ -212,3 +212,17 @@ def test_missing_folder_is_named(tmp_path):
         f"text-encoder folder {tmp_path / 'nowhere'} does not exist; expected a folder with "
         "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ as in the official FLUX.1 repositories"
     )
+
+
+def test_reference_lookup_keeps_one_token_where_ours_keeps_all(encoders):
+    from fluxspace.edit import reference_token_position
+
+    tok = encoders.t5_tokenizer
+    word = "portrait"
+    pieces = encoders.word_token_positions(word, word)
+    assert len(pieces) >= 3  # the tiny tokenizer splits it ("▁", "port", "rai", "t")
+    # The unofficial lookup: last character 't', first found at index 3 -> only the piece covering it.
+    offsets = tok(word, return_offsets_mapping=True)["offset_mapping"]
+    covering = [i for i, (a, b) in enumerate(offsets) if a <= 3 < b]
+    assert reference_token_position(tok, word, word) == covering
+    assert len(covering) == 1 and covering[0] in pieces

@@ -294,3 +294,28 @@ def test_edit_blocks_subset_only_touches_those_blocks():
 def test_bad_edits_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):
         validate(spec, num_steps=10, num_double_blocks=19)
+
+
+# ---------------------------------------------------------------------------------------------- reference mode
+
+
+def test_reference_mode_matches_ours_where_they_agree():
+    # Float32, no mask, one concept: the unofficial arithmetic (full attention per branch, eps added)
+    # and ours (shared image attention, floor) compute the same edit.
+    model = tiny_model()
+    enc = encoded(model)
+    ours = run_step(model, EditSpec(concepts=(Concept("x", 3.0, 0.0),), lambda_coarse=0.4), enc)[0]
+    ref = run_step(model, EditSpec(concepts=(Concept("x", 3.0, 0.0),), lambda_coarse=0.4, reference=True), enc)[0]
+    torch.testing.assert_close(ref, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_mode_skips_negative_lambda():
+    model = tiny_model(depth=1)
+    out = run_step(model, EditSpec(concepts=(Concept("x", -3.0, 0.0),), reference=True), encoded(model))[1]
+    torch.testing.assert_close(out[0][0], out[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_mode_takes_one_concept():
+    spec = EditSpec(concepts=(Concept("a"), Concept("b")), reference=True)
+    with pytest.raises(ValueError, match="reference mode reproduces the unofficial code, which takes exactly one concept; got 2"):
+        validate(spec, num_steps=10, num_double_blocks=19)
