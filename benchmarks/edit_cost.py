@@ -6,6 +6,7 @@ Rows (one transformer forward each, same random weights and inputs):
   fine-only      one fine concept, no coarse
   coarse-only    lambda_coarse only: no extra text streams at all
   two-concepts   two fine concepts in one pass
+  reference      fine + coarse executed as the unofficial code does (a full joint attention per branch)
   naive-batch3   the naive way: base, prior and edit prompts as a batch-3 full forward
 
 Rounds interleave the rows (plain, fluxspace, ..., plain, fluxspace, ...) so that a slow spell of
@@ -33,7 +34,7 @@ from flux_core.sampling import img_ids, txt_ids  # noqa: E402
 from fluxspace.edit import Concept, EditSpec, EncodedEdit  # noqa: E402
 from fluxspace.step import FluxSpaceStep  # noqa: E402
 
-ROWS = ("plain", "fluxspace", "fine-only", "coarse-only", "two-concepts", "naive-batch3")
+ROWS = ("plain", "fluxspace", "fine-only", "coarse-only", "two-concepts", "reference", "naive-batch3")
 
 
 def parse_args(argv=None):
@@ -93,6 +94,7 @@ def main(argv=None) -> dict:
         "fine-only": (EditSpec(concepts=(Concept("a", 5.0, 0.5),)), enc1),
         "coarse-only": (EditSpec(concepts=(Concept("a", 0.0),), lambda_coarse=0.5), enc1),
         "two-concepts": (EditSpec(concepts=(Concept("a", 5.0, 0.5), Concept("b", 3.0, 0.5))), enc2),
+        "reference": (EditSpec(concepts=(Concept("a", 5.0, 0.5),), lambda_coarse=0.5, reference=True), enc1),
     }
     calls = {"plain": lambda: model(**inp), "naive-batch3": lambda: model(**inp3)}
     for name, (spec, enc) in specs.items():

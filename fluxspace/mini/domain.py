@@ -1,0 +1,530 @@
+"""The flux-mini domain: cartoon faces drawn from an attribute set and a seed, with known regions.
+
+Every image is `render(attrs, seed)`: the attributes fix what is drawn, the seed only fixes nuisance
+(face position and size within a couple of pixels, eye spacing and size, hair and hat cut, colour shades,
+shirt colour, blush). The layout is fixed, so each local attribute is drawn inside a known region and
+flipping it changes no pixel outside `region(family, size)`; that is the ground truth of the edit
+benchmark. Shapes are drawn at SUPERSAMPLE x the size with PIL and reduced with LANCZOS (anti-aliasing).
+
+Coordinates are fractions of the image side (x right, y down), so the geometry does not depend on size.
+Layers, back to front: background, hair (back), shirt, neck, ears, face, blush, hair (fringe), eyes,
+brows, nose, beard, mouth, eyewear, hat. An accessory is only ever drawn over what is below it.
+"""
+
+import hashlib
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------
+# Attributes
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    # identity: who is drawn
+    "skin": ("light", "medium", "tan", "dark"),
+    "hair": ("black", "brown", "blond", "red"),
+    "face": ("round", "oval", "square"),
+    "background": ("blue", "green", "pink", "grey"),
+    # local: editable, each drawn inside its own fixed region
+    "eyewear": ("none", "eyeglasses", "sunglasses"),
+    "hat": ("none", "hat"),
+    "mouth": ("smile", "frown", "neutral"),
+    "beard": ("none", "beard"),
+    # global: changes every pixel
+    "style": ("flat", "sketch"),
+}
+KIND: dict[str, str] = {
+    "skin": "identity", "hair": "identity", "face": "identity", "background": "identity",
+    "eyewear": "local", "hat": "local", "mouth": "local", "beard": "local",
+    "style": "global",
+}  # fmt: skip
+LOCAL_FAMILIES = tuple(f for f in FAMILIES if KIND[f] == "local")
+N_COMBINATIONS = int(np.prod([len(v) for v in FAMILIES.values()]))
+HELD_OUT_PER_MILLE = 100  # ~10% of combinations never appear in training (see is_held_out)
+SPLITS = ("all", "train", "held_out")
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """One point of the domain: a value for every family in FAMILIES."""
+
+    skin: str
+    hair: str
+    face: str
+    background: str
+    eyewear: str
+    hat: str
+    mouth: str
+    beard: str
+    style: str
+
+    def __post_init__(self):
+        for name, valid in FAMILIES.items():
+            value = getattr(self, name)
+            if value not in valid:
+                raise ValueError(f"{name}={value!r} is not a valid value; valid: {', '.join(valid)}")
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    def with_(self, family: str, value: str) -> "Attributes":
+        """A copy with one family changed (the edit benchmark's ground-truth pair)."""
+        _check_family(family)
+        return replace(self, **{family: value})
+
+
+assert tuple(f.name for f in fields(Attributes)) == tuple(FAMILIES), "Attributes fields must match FAMILIES"
+
+
+def _check_family(family: str, kinds: tuple[str, ...] = ("identity", "local", "global")) -> None:
+    valid = [f for f in FAMILIES if KIND[f] in kinds]
+    if family not in valid:
+        raise ValueError(f"unknown family {family!r} here; valid: {', '.join(valid)}")
+
+
+def all_combinations() -> Iterator[Attributes]:
+    """Every attribute set, N_COMBINATIONS of them, in a fixed order."""
+    for values in itertools.product(*FAMILIES.values()):
+        yield Attributes(*values)
+
+
+def is_held_out(attrs: Attributes) -> bool:
+    """True for the ~10% of combinations kept out of training (prompt adherence is measured on them).
+
+    A hash of the combination, not Python's hash(), so the split is the same in every process and version.
+    """
+    key = ";".join(f"{k}={v}" for k, v in attrs.as_dict().items()).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 1000 < HELD_OUT_PER_MILLE
+
+
+def sample_attributes(rng: np.random.Generator, split: str = "all") -> Attributes:
+    """Uniform over each family's values (independently), restricted to a split by rejection."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    while True:
+        attrs = Attributes(*(values[rng.integers(len(values))] for values in FAMILIES.values()))
+        if split == "all" or is_held_out(attrs) == (split == "held_out"):
+            return attrs
+
+
+# ----------------------------------------------------------------------------------------------
+# Colours (RGB). Named values are far apart; the seed shifts brightness by at most SHADE_JITTER.
+
+SKIN = {"light": (247, 218, 195), "medium": (226, 178, 136), "tan": (186, 130, 86), "dark": (110, 72, 48)}
+HAIR = {"black": (34, 30, 32), "brown": (112, 66, 36), "blond": (234, 192, 96), "red": (196, 74, 34)}
+BACKGROUND = {"blue": (122, 172, 236), "green": (140, 208, 140), "pink": (246, 168, 200), "grey": (172, 172, 178)}
+SHIRTS = ((70, 92, 160), (200, 72, 72), (232, 232, 232), (92, 92, 98), (238, 190, 72), (60, 142, 122))
+HATS = ((36, 56, 132), (102, 46, 132), (36, 106, 66), (26, 110, 122))
+HAT_BAND = (238, 228, 200)
+EYE_WHITE, PUPIL, MOUTH, TEETH = (252, 252, 252), (30, 26, 30), (48, 10, 20), (250, 250, 246)
+FRAME, LENS, BLUSH = (36, 32, 34), (24, 24, 30), (240, 120, 130)
+LIGHT_FRAME = (236, 230, 214)  # eyeglasses on tan and dark skin: dark frames would vanish there
+PAPER, INK = (250, 248, 242), (36, 36, 46)  # the sketch style: ink outlines on paper
+SKETCH_WASH = 0.45  # sketch fills are this much of the flat colour over paper, so identity stays readable
+HATCH_WASH, HATCH_PERIOD, HATCH_WIDTH = 0.25, 0.032, 0.012  # sketch hair and beard: coloured strokes
+SHADE_JITTER = 10
+
+# ----------------------------------------------------------------------------------------------
+# Layout. FACE_SHAPES: half-width, half-height, superellipse exponent (2 = ellipse, larger = squarer).
+
+SUPERSAMPLE = 4
+LANCZOS_REACH = 3  # a change at one supersampled pixel moves output pixels at most 3 away (Lanczos a=3)
+REGION_MARGIN = LANCZOS_REACH + 1  # pixels added around every region, one for safety
+FACE_CENTRE = (0.5, 0.54)
+FACE_SHAPES = {"round": (0.25, 0.27, 2.0), "oval": (0.22, 0.30, 2.0), "square": (0.24, 0.28, 3.4)}
+SHIFT = 0.012  # face centre jitter, each axis (1.5 px at 128)
+SCALE = 0.03  # face size jitter
+EYE_GAP = (0.095, 0.11)  # half the distance between the eyes, before scaling
+OUTLINE = 0.012  # sketch outline width
+STROKE = 0.026  # mouth line width
+
+
+@dataclass(frozen=True)
+class Nuisance:
+    """What the seed decides. Geometry first (these bound the regions), then looks."""
+
+    dx: float = 0.0
+    dy: float = 0.0
+    scale: float = 1.0
+    eye_gap: float = 0.1
+    eye_size: float = 1.0
+    look: float = 0.0  # pupils' horizontal offset
+    brow_tilt: float = 0.0
+    hair_cut: int = 0  # 0 short, 1 long, 2 bob
+    fringe: int = 0  # 0 straight, 1 swept left, 2 swept right, 3 spiky
+    hat_kind: int = 0  # 0 brimmed, 1 beanie
+    hat_colour: int = 0
+    shirt: int = 0
+    blush: bool = False
+    skin_shade: int = 0
+    hair_shade: int = 0
+    background_shade: int = 0
+
+
+def _unit(seed: int, name: str) -> float:
+    """A uniform number in [0, 1) from (seed, name): each nuisance has its own stream, so adding one
+    never shifts the others, and renders do not depend on numpy's generator versions."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def nuisance(seed: int) -> Nuisance:
+    def u(name, lo=-1.0, hi=1.0):
+        return lo + (hi - lo) * _unit(seed, name)
+
+    def pick(name, n):
+        return int(_unit(seed, name) * n)
+
+    return Nuisance(
+        dx=u("dx") * SHIFT, dy=u("dy") * SHIFT, scale=1 + u("scale") * SCALE, eye_gap=u("eye_gap", *EYE_GAP),
+        eye_size=u("eye_size", 0.9, 1.1), look=u("look") * 0.008, brow_tilt=u("brow_tilt") * 0.012,
+        hair_cut=pick("hair_cut", 3), fringe=pick("fringe", 4), hat_kind=pick("hat_kind", 2),
+        hat_colour=pick("hat_colour", len(HATS)), shirt=pick("shirt", len(SHIRTS)), blush=u("blush") > 0,
+        skin_shade=round(u("skin_shade") * SHADE_JITTER), hair_shade=round(u("hair_shade") * SHADE_JITTER),
+        background_shade=round(u("background_shade") * SHADE_JITTER),
+    )  # fmt: skip
+
+
+def _extreme_nuisances() -> Iterator[Nuisance]:
+    """The corners (and centre) of the geometric nuisance box, with every cut: what a region must hold."""
+    for dx, dy, scale, eye_gap in itertools.product((-SHIFT, SHIFT), (-SHIFT, SHIFT), (1 - SCALE, 1 + SCALE), EYE_GAP):
+        for hat_kind in (0, 1):
+            yield Nuisance(dx=dx, dy=dy, scale=scale, eye_gap=eye_gap, hat_kind=hat_kind)
+    yield Nuisance(eye_gap=sum(EYE_GAP) / 2, hat_kind=0)
+    yield Nuisance(eye_gap=sum(EYE_GAP) / 2, hat_kind=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing
+
+
+class _Pen:
+    """Draws shapes in fraction coordinates on a supersampled canvas, in one of the two styles.
+
+    kind="area": flat colour without outline / sketch: a pale wash of the colour with an ink outline.
+    kind="solid": the colour / ink (pupils, dark lenses, the open mouth).
+    kind="tint": the colour / its wash, no outline (shading details).
+    kind="hatch": the colour / diagonal strokes of the colour over a light wash, ink outline (hair, beard).
+    mask=True draws everything in 255 on an "L" canvas: the footprint used to build the regions.
+    """
+
+    def __init__(self, size: int, style: str, mask: bool = False):
+        self.px = size * SUPERSAMPLE
+        self.style, self.mask = style, mask
+        self.image = Image.new("L" if mask else "RGB", (self.px, self.px), 0)
+        self.draw = ImageDraw.Draw(self.image)
+
+    def _colour(self, rgb, kind):
+        if self.mask:
+            return 255
+        if self.style == "flat":
+            return tuple(rgb)
+        if kind == "solid":
+            return INK
+        return tuple(round(p + SKETCH_WASH * (c - p)) for c, p in zip(rgb, PAPER, strict=True))
+
+    def _outline(self, kind):
+        if self.style == "sketch" and kind == "area":
+            return (255 if self.mask else INK), max(1, round(OUTLINE * self.px))
+        return None, 0
+
+    def polygon(self, points, rgb, kind="area"):
+        outline, width = self._outline("area" if kind == "hatch" else kind)
+        xy = [(x * self.px, y * self.px) for x, y in points]
+        if kind == "hatch" and self.style == "sketch" and not self.mask:
+            # Coloured-pencil hatching over a light wash, clipped to the shape, then the ink outline.
+            shape = Image.new("L", self.image.size, 0)
+            ImageDraw.Draw(shape).polygon(xy, fill=255)
+            self.draw.polygon(xy, fill=_mix(PAPER, rgb, HATCH_WASH))
+            hatch = (np.asarray(shape) > 0) & _hatching(self.px)
+            self.image.paste(tuple(rgb), mask=Image.fromarray(hatch.astype(np.uint8) * 255))
+            self.draw.polygon(xy, outline=outline, width=width)
+            return
+        self.draw.polygon(xy, fill=self._colour(rgb, kind), outline=outline, width=width)
+
+    def ellipse(self, cx, cy, rx, ry, rgb, kind="area"):
+        outline, width = self._outline(kind)
+        box = [(cx - rx) * self.px, (cy - ry) * self.px, (cx + rx) * self.px, (cy + ry) * self.px]
+        self.draw.ellipse(box, fill=self._colour(rgb, kind), outline=outline, width=width)
+
+    def stroke(self, points, rgb, width, kind="solid"):
+        """A polyline with round joints and caps."""
+        colour, w = self._colour(rgb, kind), max(1, round(width * self.px))
+        xy = [(x * self.px, y * self.px) for x, y in points]
+        self.draw.line(xy, fill=colour, width=w, joint="curve")
+        for x, y in (xy[0], xy[-1]):
+            self.draw.ellipse([x - w / 2, y - w / 2, x + w / 2, y + w / 2], fill=colour)
+
+
+@lru_cache(maxsize=8)
+def _hatching(px: int) -> np.ndarray:
+    """(px, px) bool diagonal stripes, HATCH_PERIOD apart and HATCH_WIDTH wide (fractions of the side)."""
+    y, x = np.mgrid[0:px, 0:px]
+    return (x + y) % max(2, round(HATCH_PERIOD * px)) < max(1, round(HATCH_WIDTH * px))
+
+
+def _superellipse(cx, cy, rx, ry, n, count=96, start=np.pi / 2):
+    """Outline points, counter-clockwise on screen from `start` (pi/2 = the bottom point)."""
+    t = start + np.linspace(0, 2 * np.pi, count, endpoint=False)
+    c, s = np.cos(t), np.sin(t)
+    x = cx + rx * np.sign(c) * np.abs(c) ** (2 / n)
+    y = cy + ry * np.sign(s) * np.abs(s) ** (2 / n)
+    return list(zip(x.tolist(), y.tolist(), strict=True))
+
+
+def _above(points, level):
+    """The contiguous run of outline points (started at the bottom) above `level(x)`."""
+    return [(x, y) for x, y in points if y <= level(x)]
+
+
+def _shade(rgb, delta):
+    return tuple(int(np.clip(c + delta, 0, 255)) for c in rgb)
+
+
+def _mix(a, b, t):
+    return tuple(round(x + t * (y - x)) for x, y in zip(a, b, strict=True))
+
+
+@dataclass(frozen=True)
+class _Head:
+    """Where the face is for one (face shape, nuisance): every part is placed relative to it."""
+
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+    n: float
+    s: float  # scale for the features
+
+    @property
+    def top(self):
+        return self.cy - self.ry
+
+    @property
+    def eye_y(self):
+        return self.cy - 0.035 * self.s
+
+    @property
+    def mouth_y(self):
+        return self.cy + 0.15 * self.s
+
+
+def _head(face: str, nu: Nuisance) -> _Head:
+    rx, ry, n = FACE_SHAPES[face]
+    return _Head(FACE_CENTRE[0] + nu.dx, FACE_CENTRE[1] + nu.dy, rx * nu.scale, ry * nu.scale, n, nu.scale)
+
+
+def _draw_hair_back(pen, h, nu, colour):
+    outline = _superellipse(h.cx, h.cy - 0.02, h.rx + 0.05, h.ry + 0.045, h.n)
+    cut = {0: h.cy + 0.02, 1: h.cy, 2: h.cy + 0.14}[nu.hair_cut]
+    points = _above(outline, lambda x: cut)
+    if nu.hair_cut == 1:  # long: straight down to the shoulders
+        points += [(points[-1][0], h.cy + 0.3), (points[0][0], h.cy + 0.3)]
+    pen.polygon(points, colour, "hatch")
+
+
+def _draw_body(pen, h, nu, skin):
+    shirt = _superellipse(h.cx, 1.06, 0.36, 0.2, 2.5)
+    pen.polygon(shirt, SHIRTS[nu.shirt])
+    w = 0.075 * h.s
+    pen.polygon([(h.cx - w, h.cy), (h.cx + w, h.cy), (h.cx + w, 0.9), (h.cx - w, 0.9)], _shade(skin, -18))
+    for side in (-1, 1):
+        pen.ellipse(h.cx + side * h.rx, h.cy, 0.04 * h.s, 0.06 * h.s, _shade(skin, -8))
+
+
+def _draw_fringe(pen, h, nu, colour):
+    base = h.top + 0.08
+    level = {
+        0: lambda x: base,
+        1: lambda x: base + 0.2 * (h.cx - x),
+        2: lambda x: base - 0.2 * (h.cx - x),
+        3: lambda x: base - 0.01 + 0.03 * abs(np.sin((x - h.cx) * 40)),
+    }[nu.fringe]
+    outline = _superellipse(h.cx, h.cy - 0.02, h.rx + 0.05, h.ry + 0.045, h.n, count=180)
+    top = _above(outline, level)
+    xs = np.linspace(top[-1][0], top[0][0], 61)  # right end back to the left end along the fringe
+    pen.polygon(top + [(x, level(x)) for x in xs.tolist()], colour, "hatch")
+
+
+def _draw_features(pen, h, nu, skin, hair):
+    for side in (-1, 1):
+        ex = h.cx + side * nu.eye_gap * h.s
+        pen.ellipse(ex, h.eye_y, 0.042 * h.s * nu.eye_size, 0.036 * h.s * nu.eye_size, EYE_WHITE)
+        px = ex + nu.look
+        pen.ellipse(px, h.eye_y, 0.021 * h.s, 0.021 * h.s, PUPIL, "solid")
+        pen.ellipse(px + 0.007, h.eye_y - 0.007, 0.006, 0.006, EYE_WHITE, "tint")
+        by = h.eye_y - 0.065 * h.s
+        brow = [(ex - 0.04 * h.s, by + nu.brow_tilt * side * 0.5), (ex + 0.04 * h.s, by - nu.brow_tilt * side * 0.5)]
+        pen.stroke(brow, _shade(hair, -30), 0.017)
+    nose_y = h.cy + 0.045 * h.s
+    pen.stroke([(h.cx - 0.02 * h.s, nose_y), (h.cx, nose_y + 0.012), (h.cx + 0.02 * h.s, nose_y)], _shade(skin, -50), 0.012)
+
+
+def _draw_beard(pen, h, colour):
+    top = h.cy + 0.06 * h.s
+    # The face outline a little outside the face, below `top`: from the right, round the chin, to the left.
+    outer = [p for p in _superellipse(h.cx, h.cy, h.rx + 0.018, h.ry + 0.018, h.n, 120, start=0.0) if p[1] >= top]
+    outer = sorted((p for p in outer if p[0] >= h.cx), key=lambda p: p[1]) + sorted(
+        (p for p in outer if p[0] < h.cx), key=lambda p: -p[1]
+    )
+    # A U-shaped notch round the mouth, so the mouth stays visible on any beard.
+    hx, hy, hrx, hry = h.cx, h.mouth_y - 0.005, 0.11 * h.s, 0.068 * h.s
+    t = np.linspace(np.pi, 0, 25)
+    notch = [(hx - hrx, top)] + list(zip((hx + hrx * np.cos(t)).tolist(), (hy + hry * np.sin(t)).tolist(), strict=True))
+    pen.polygon(outer + [(outer[-1][0], top)] + notch + [(hx + hrx, top), (outer[0][0], top)], colour, "hatch")
+    pen.polygon(
+        [(h.cx - 0.09 * h.s, hy - 0.04 * h.s), (h.cx + 0.09 * h.s, hy - 0.04 * h.s),
+         (h.cx + 0.06 * h.s, hy - 0.065 * h.s), (h.cx - 0.06 * h.s, hy - 0.065 * h.s)], colour, "hatch",
+    )  # fmt: skip  (moustache)
+
+
+def _draw_mouth(pen, h, mouth):
+    my, w = h.mouth_y, 0.085 * h.s
+    if mouth == "smile":  # an open D: flat top, round bottom, a row of teeth
+        top, depth = my - 0.018 * h.s, 0.06 * h.s
+        t = np.linspace(0, np.pi, 25)
+        pen.polygon(list(zip((h.cx + w * np.cos(t)).tolist(), (top + depth * np.sin(t)).tolist(), strict=True)), MOUTH, "solid")
+        teeth = 0.016 * h.s
+        inset = w * (1 - np.sqrt(1 - (teeth / depth) ** 2))
+        pen.polygon([(h.cx - w, top), (h.cx + w, top), (h.cx + w - inset, top + teeth), (h.cx - w + inset, top + teeth)], TEETH, "tint")
+    elif mouth == "frown":  # an arch
+        t = np.linspace(np.pi, 2 * np.pi, 25)
+        pen.stroke(list(zip((h.cx + w * np.cos(t)).tolist(), (my + 0.025 * h.s + 0.045 * h.s * np.sin(t)).tolist(), strict=True)), MOUTH, STROKE)
+    else:
+        pen.stroke([(h.cx - 0.85 * w, my), (h.cx + 0.85 * w, my)], MOUTH, STROKE)
+
+
+def _draw_eyewear(pen, h, nu, eyewear, skin):
+    sun = eyewear == "sunglasses"
+    frame_colour = LIGHT_FRAME if skin in ("tan", "dark") and not sun else FRAME
+    y, frame = h.eye_y, (0.02 if sun else 0.015)
+    half_w, half_h = (0.075, 0.056) if sun else (0.064, 0.064)
+    inner = nu.eye_gap * h.s - half_w
+    for side in (-1, 1):
+        ex = h.cx + side * nu.eye_gap * h.s
+        pen.stroke([(ex + side * half_w, y - 0.01), (h.cx + side * h.rx * 0.985, y - 0.012)], frame_colour, frame * 0.8)
+        box = [(ex - half_w, y - half_h), (ex + half_w, y + half_h)]
+        r, f = round(0.03 * pen.px), max(1, round(frame * pen.px))
+        xy = [(x * pen.px, yy * pen.px) for x, yy in box]
+        if sun:
+            pen.draw.rounded_rectangle(xy, r, fill=pen._colour(LENS, "solid"), outline=pen._colour(FRAME, "solid"), width=f)
+            pen.stroke([(ex - 0.035, y - 0.02), (ex - 0.015, y - 0.035)], EYE_WHITE, 0.01, "tint")
+        else:
+            pen.draw.ellipse(xy, outline=pen._colour(frame_colour, "solid"), width=f)
+    pen.stroke([(h.cx - inner, y - 0.012), (h.cx, y - 0.022), (h.cx + inner, y - 0.012)], frame_colour, frame)
+
+
+def _draw_hat(pen, h, nu):
+    colour = HATS[nu.hat_colour]
+    brim = h.top + 0.035 * h.s
+    if nu.hat_kind == 0:  # brimmed: crown, band, brim
+        cw = h.rx * 0.8
+        pen.polygon(_above(_superellipse(h.cx, brim, cw, 0.2, 4.0), lambda x: brim), colour)
+        pen.polygon([(h.cx - cw, brim - 0.05), (h.cx + cw, brim - 0.05), (h.cx + cw, brim - 0.015), (h.cx - cw, brim - 0.015)], HAT_BAND)
+        pen.ellipse(h.cx, brim, h.rx + 0.1, 0.03, _shade(colour, 25))
+    else:  # beanie: dome, turned-up cuff, pom-pom
+        pen.ellipse(h.cx, brim - 0.2, 0.035, 0.035, HAT_BAND)
+        pen.polygon(_above(_superellipse(h.cx, brim, h.rx + 0.03, 0.19, 2.2), lambda x: brim), colour)
+        cuff = [(h.cx - h.rx - 0.035, brim - 0.035), (h.cx + h.rx + 0.035, brim - 0.035),
+                (h.cx + h.rx + 0.035, brim + 0.03), (h.cx - h.rx - 0.035, brim + 0.03)]  # fmt: skip
+        pen.polygon(cuff, _shade(colour, 30))
+
+
+def _draw_local(pen, family: str, value: str, h: _Head, nu: Nuisance, attrs: Attributes):
+    """One local attribute's layer. The region builder calls this alone to take its footprint."""
+    hair = _shade(HAIR[attrs.hair], nu.hair_shade)
+    if family == "beard" and value == "beard":
+        _draw_beard(pen, h, _shade(hair, -12))
+    elif family == "mouth":
+        _draw_mouth(pen, h, value)
+    elif family == "eyewear" and value != "none":
+        _draw_eyewear(pen, h, nu, value, attrs.skin)
+    elif family == "hat" and value == "hat":
+        _draw_hat(pen, h, nu)
+
+
+def _draw(pen: _Pen, attrs: Attributes, nu: Nuisance) -> None:
+    h = _head(attrs.face, nu)
+    skin = _shade(SKIN[attrs.skin], nu.skin_shade)
+    hair = _shade(HAIR[attrs.hair], nu.hair_shade)
+    background = _shade(BACKGROUND[attrs.background], nu.background_shade)
+    pen.draw.rectangle([0, 0, pen.px, pen.px], fill=pen._colour(background, "tint"))
+    _draw_hair_back(pen, h, nu, hair)
+    _draw_body(pen, h, nu, skin)
+    pen.polygon(_superellipse(h.cx, h.cy, h.rx, h.ry, h.n), skin)
+    if nu.blush:
+        for side in (-1, 1):
+            pen.ellipse(h.cx + side * 0.13 * h.s, h.cy + 0.06 * h.s, 0.035, 0.025, _mix(skin, BLUSH, 0.35), "tint")
+    _draw_fringe(pen, h, nu, hair)
+    _draw_features(pen, h, nu, skin, hair)
+    for family in ("beard", "mouth", "eyewear", "hat"):
+        _draw_local(pen, family, getattr(attrs, family), h, nu, attrs)
+
+
+def _check_size(size) -> None:
+    if not isinstance(size, int | np.integer) or size < 32:
+        raise ValueError(f"size must be an integer >= 32 (pixels a side), got {size!r}")
+
+
+def render(attrs: Attributes, seed: int, size: int = 128) -> Image.Image:
+    """The face for `attrs` with the nuisance of `seed`, as a size x size RGB image. Deterministic."""
+    if not isinstance(attrs, Attributes):
+        raise TypeError(f"attrs must be an Attributes, got {type(attrs).__name__}")
+    _check_size(size)
+    pen = _Pen(size, attrs.style)
+    _draw(pen, attrs, nuisance(int(seed)))
+    return pen.image.resize((size, size), Image.LANCZOS)
+
+
+def render_batch(attrs: Sequence[Attributes], seeds: Sequence[int], size: int = 128) -> np.ndarray:
+    """(B, H, W, 3) uint8 renders."""
+    if len(attrs) != len(seeds):
+        raise ValueError(f"got {len(attrs)} attribute sets but {len(seeds)} seeds; give one seed per image")
+    return np.stack([np.asarray(render(a, s, size)) for a, s in zip(attrs, seeds, strict=True)])
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], the model's image range."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected (B, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
+    x = torch.from_numpy(rearrange(images, "b h w c -> b c h w").astype(np.float32))  # (B, 3, H, W)
+    return x / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Regions
+
+
+@lru_cache(maxsize=32)
+def _region(family: str, size: int) -> np.ndarray:
+    # Every pixel the layer can touch: its footprint over all values, both styles, every face shape and the
+    # corners of the nuisance box, pooled to output pixels and grown by the LANCZOS reach (plus one).
+    # The jitter moves a shape by less than the margin, so the corners stand for the whole box.
+    attrs = Attributes("light", "black", "round", "blue", "none", "none", "smile", "none", "flat")
+    footprint = np.zeros((size * SUPERSAMPLE,) * 2, dtype=bool)
+    for style, face, nu in itertools.product(FAMILIES["style"], FACE_SHAPES, _extreme_nuisances()):
+        for value in FAMILIES[family]:
+            pen = _Pen(size, style, mask=True)
+            _draw_local(pen, family, value, _head(face, nu), nu, attrs)
+            footprint |= np.asarray(pen.image) > 0
+    pooled = rearrange(footprint, "(h a) (w b) -> h w (a b)", a=SUPERSAMPLE, b=SUPERSAMPLE).any(-1)
+    grown = np.zeros_like(pooled)
+    padded = np.pad(pooled, REGION_MARGIN)
+    for dy in range(2 * REGION_MARGIN + 1):  # square dilation: LANCZOS is separable, its reach a square
+        for dx in range(2 * REGION_MARGIN + 1):
+            grown |= padded[dy : dy + size, dx : dx + size]
+    return grown
+
+
+def region(family: str, size: int = 128) -> np.ndarray:
+    """(size, size) bool: True where the local attribute `family` can change pixels, for any seed and any
+    other attributes. Pixels outside it are identical whichever value the family takes."""
+    _check_family(family, kinds=("local",))
+    _check_size(size)
+    return _region(family, int(size)).copy()
