@@ -118,7 +118,7 @@ def sample_attributes(rng: np.random.Generator, split: str = "all") -> Attribute
 
 SKIN = {"light": (247, 218, 195), "medium": (226, 178, 136), "tan": (186, 130, 86), "dark": (110, 72, 48)}
 HAIR = {"black": (34, 30, 32), "brown": (112, 66, 36), "blond": (234, 192, 96), "red": (196, 74, 34)}
-BACKGROUND = {"blue": (122, 172, 236), "green": (140, 208, 140), "pink": (246, 168, 200), "grey": (172, 172, 178)}
+BACKGROUND = {"blue": (122, 172, 236), "green": (140, 208, 140), "pink": (246, 168, 200), "grey": (172, 172, 178)}  # fmt: skip
 SHIRTS = ((70, 92, 160), (200, 72, 72), (232, 232, 232), (92, 92, 98), (238, 190, 72), (60, 142, 122))
 HATS = ((36, 56, 132), (102, 46, 132), (36, 106, 66), (26, 110, 122))
 HAT_BAND = (238, 228, 200)
@@ -191,13 +191,19 @@ def nuisance(seed: int) -> Nuisance:
     )  # fmt: skip
 
 
-def _extreme_nuisances() -> Iterator[Nuisance]:
-    """The corners (and centre) of the geometric nuisance box, with every cut: what a region must hold."""
-    for dx, dy, scale, eye_gap in itertools.product((-SHIFT, SHIFT), (-SHIFT, SHIFT), (1 - SCALE, 1 + SCALE), EYE_GAP):
-        for hat_kind in (0, 1):
-            yield Nuisance(dx=dx, dy=dy, scale=scale, eye_gap=eye_gap, hat_kind=hat_kind)
-    yield Nuisance(eye_gap=sum(EYE_GAP) / 2, hat_kind=0)
-    yield Nuisance(eye_gap=sum(EYE_GAP) / 2, hat_kind=1)
+GRID = 5  # steps of scale and eye gap at which a region takes its layer's footprint
+LEVER = 0.6  # a change ds of scale moves no local layer's point more than LEVER * ds (the chin: ~0.31 * ds)
+# How far a layer may lie from its footprint at the nearest grid point (fraction of the side).
+GRID_SLACK = LEVER * SCALE / (GRID - 1) + (EYE_GAP[1] - EYE_GAP[0]) * (1 + SCALE) / (2 * (GRID - 1))
+
+
+def _footprint_nuisances(family: str) -> Iterator[Nuisance]:
+    """A grid over the nuisance that changes a local layer's shape, at the centre (see _region)."""
+    gaps = np.linspace(*EYE_GAP, GRID) if family == "eyewear" else [sum(EYE_GAP) / 2]
+    for scale, eye_gap, hat_kind in itertools.product(
+        np.linspace(1 - SCALE, 1 + SCALE, GRID), gaps, (0, 1) if family == "hat" else (0,)
+    ):
+        yield Nuisance(scale=float(scale), eye_gap=float(eye_gap), hat_kind=hat_kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,6 +259,15 @@ class _Pen:
         box = [(cx - rx) * self.px, (cy - ry) * self.px, (cx + rx) * self.px, (cy + ry) * self.px]
         self.draw.ellipse(box, fill=self._colour(rgb, kind), outline=outline, width=width)
 
+    def frame(self, x0, y0, x1, y1, radius, rgb, width, lens=None):
+        """A rounded-rectangle frame (a circle when radius is half the side), `lens` filling it."""
+        fill = None if lens is None else self._colour(lens, "solid")
+        box = [x0 * self.px, y0 * self.px, x1 * self.px, y1 * self.px]
+        w = max(1, round(width * self.px))
+        self.draw.rounded_rectangle(
+            box, radius * self.px, fill=fill, outline=self._colour(rgb, "solid"), width=w
+        )
+
     def stroke(self, points, rgb, width, kind="solid"):
         """A polyline with round joints and caps."""
         colour, w = self._colour(rgb, kind), max(1, round(width * self.px))
@@ -276,6 +291,16 @@ def _superellipse(cx, cy, rx, ry, n, count=96, start=np.pi / 2):
     x = cx + rx * np.sign(c) * np.abs(c) ** (2 / n)
     y = cy + ry * np.sign(s) * np.abs(s) ** (2 / n)
     return list(zip(x.tolist(), y.tolist(), strict=True))
+
+
+def _arc(cx, cy, rx, ry, t0, t1, count=25):
+    """Points of an elliptic arc from angle t0 to t1 (y down: pi/2 is the bottom)."""
+    t = np.linspace(t0, t1, count)
+    return list(zip((cx + rx * np.cos(t)).tolist(), (cy + ry * np.sin(t)).tolist(), strict=True))
+
+
+def _box(x0, y0, x1, y1):
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
 
 
 def _above(points, level):
@@ -333,7 +358,7 @@ def _draw_body(pen, h, nu, skin):
     shirt = _superellipse(h.cx, 1.06, 0.36, 0.2, 2.5)
     pen.polygon(shirt, SHIRTS[nu.shirt])
     w = 0.075 * h.s
-    pen.polygon([(h.cx - w, h.cy), (h.cx + w, h.cy), (h.cx + w, 0.9), (h.cx - w, 0.9)], _shade(skin, -18))
+    pen.polygon(_box(h.cx - w, h.cy, h.cx + w, 0.9), _shade(skin, -18))  # neck
     for side in (-1, 1):
         pen.ellipse(h.cx + side * h.rx, h.cy, 0.04 * h.s, 0.06 * h.s, _shade(skin, -8))
 
@@ -359,65 +384,57 @@ def _draw_features(pen, h, nu, skin, hair):
         px = ex + nu.look
         pen.ellipse(px, h.eye_y, 0.021 * h.s, 0.021 * h.s, PUPIL, "solid")
         pen.ellipse(px + 0.007, h.eye_y - 0.007, 0.006, 0.006, EYE_WHITE, "tint")
-        by = h.eye_y - 0.065 * h.s
-        brow = [(ex - 0.04 * h.s, by + nu.brow_tilt * side * 0.5), (ex + 0.04 * h.s, by - nu.brow_tilt * side * 0.5)]
-        pen.stroke(brow, _shade(hair, -30), 0.017)
-    nose_y = h.cy + 0.045 * h.s
-    pen.stroke([(h.cx - 0.02 * h.s, nose_y), (h.cx, nose_y + 0.012), (h.cx + 0.02 * h.s, nose_y)], _shade(skin, -50), 0.012)
+        by, tilt = h.eye_y - 0.065 * h.s, nu.brow_tilt * side * 0.5
+        pen.stroke([(ex - 0.04 * h.s, by + tilt), (ex + 0.04 * h.s, by - tilt)], _shade(hair, -30), 0.017)
+    y, w = h.cy + 0.045 * h.s, 0.02 * h.s
+    pen.stroke([(h.cx - w, y), (h.cx, y + 0.012), (h.cx + w, y)], _shade(skin, -50), 0.012)  # nose
 
 
 def _draw_beard(pen, h, colour):
     top = h.cy + 0.06 * h.s
     # The face outline a little outside the face, below `top`: from the right, round the chin, to the left.
-    outer = [p for p in _superellipse(h.cx, h.cy, h.rx + 0.018, h.ry + 0.018, h.n, 120, start=0.0) if p[1] >= top]
-    outer = sorted((p for p in outer if p[0] >= h.cx), key=lambda p: p[1]) + sorted(
-        (p for p in outer if p[0] < h.cx), key=lambda p: -p[1]
-    )
+    outer = _superellipse(h.cx, h.cy, h.rx + 0.018, h.ry + 0.018, h.n, 120, start=0.0)
+    right = sorted((p for p in outer if p[1] >= top and p[0] >= h.cx), key=lambda p: p[1])
+    left = sorted((p for p in outer if p[1] >= top and p[0] < h.cx), key=lambda p: -p[1])
     # A U-shaped notch round the mouth, so the mouth stays visible on any beard.
-    hx, hy, hrx, hry = h.cx, h.mouth_y - 0.005, 0.11 * h.s, 0.068 * h.s
-    t = np.linspace(np.pi, 0, 25)
-    notch = [(hx - hrx, top)] + list(zip((hx + hrx * np.cos(t)).tolist(), (hy + hry * np.sin(t)).tolist(), strict=True))
-    pen.polygon(outer + [(outer[-1][0], top)] + notch + [(hx + hrx, top), (outer[0][0], top)], colour, "hatch")
-    pen.polygon(
-        [(h.cx - 0.09 * h.s, hy - 0.04 * h.s), (h.cx + 0.09 * h.s, hy - 0.04 * h.s),
-         (h.cx + 0.06 * h.s, hy - 0.065 * h.s), (h.cx - 0.06 * h.s, hy - 0.065 * h.s)], colour, "hatch",
-    )  # fmt: skip  (moustache)
+    hy, hrx, hry = h.mouth_y - 0.005, 0.11 * h.s, 0.068 * h.s
+    notch = [(h.cx - hrx, top)] + _arc(h.cx, hy, hrx, hry, np.pi, 0) + [(h.cx + hrx, top)]
+    pen.polygon(right + left + [(left[-1][0], top)] + notch + [(right[0][0], top)], colour, "hatch")
+    moustache = [(h.cx - 0.09 * h.s, hy - 0.04 * h.s), (h.cx + 0.09 * h.s, hy - 0.04 * h.s)]
+    moustache += [(h.cx + 0.06 * h.s, hy - 0.065 * h.s), (h.cx - 0.06 * h.s, hy - 0.065 * h.s)]
+    pen.polygon(moustache, colour, "hatch")
 
 
 def _draw_mouth(pen, h, mouth):
     my, w = h.mouth_y, 0.085 * h.s
     if mouth == "smile":  # an open D: flat top, round bottom, a row of teeth
-        top, depth = my - 0.018 * h.s, 0.06 * h.s
-        t = np.linspace(0, np.pi, 25)
-        pen.polygon(list(zip((h.cx + w * np.cos(t)).tolist(), (top + depth * np.sin(t)).tolist(), strict=True)), MOUTH, "solid")
-        teeth = 0.016 * h.s
-        inset = w * (1 - np.sqrt(1 - (teeth / depth) ** 2))
-        pen.polygon([(h.cx - w, top), (h.cx + w, top), (h.cx + w - inset, top + teeth), (h.cx - w + inset, top + teeth)], TEETH, "tint")
+        top, depth, teeth = my - 0.018 * h.s, 0.06 * h.s, 0.016 * h.s
+        pen.polygon(_arc(h.cx, top, w, depth, 0, np.pi), MOUTH, "solid")
+        inset = w * (1 - np.sqrt(1 - (teeth / depth) ** 2))  # where the teeth's lower edge meets the arc
+        pen.polygon([(h.cx - w, top), (h.cx + w, top), (h.cx + w - inset, top + teeth), (h.cx - w + inset, top + teeth)], TEETH, "tint")  # fmt: skip
     elif mouth == "frown":  # an arch
-        t = np.linspace(np.pi, 2 * np.pi, 25)
-        pen.stroke(list(zip((h.cx + w * np.cos(t)).tolist(), (my + 0.025 * h.s + 0.045 * h.s * np.sin(t)).tolist(), strict=True)), MOUTH, STROKE)
-    else:
+        pen.stroke(_arc(h.cx, my + 0.025 * h.s, w, 0.045 * h.s, np.pi, 2 * np.pi), MOUTH, STROKE)
+    else:  # neutral: a straight line
         pen.stroke([(h.cx - 0.85 * w, my), (h.cx + 0.85 * w, my)], MOUTH, STROKE)
 
 
 def _draw_eyewear(pen, h, nu, eyewear, skin):
     sun = eyewear == "sunglasses"
-    frame_colour = LIGHT_FRAME if skin in ("tan", "dark") and not sun else FRAME
-    y, frame = h.eye_y, (0.02 if sun else 0.015)
+    colour = FRAME if sun or skin in ("light", "medium") else LIGHT_FRAME
+    y, width = h.eye_y, (0.02 if sun else 0.015)
     half_w, half_h = (0.075, 0.056) if sun else (0.064, 0.064)
-    inner = nu.eye_gap * h.s - half_w
     for side in (-1, 1):
         ex = h.cx + side * nu.eye_gap * h.s
-        pen.stroke([(ex + side * half_w, y - 0.01), (h.cx + side * h.rx * 0.985, y - 0.012)], frame_colour, frame * 0.8)
-        box = [(ex - half_w, y - half_h), (ex + half_w, y + half_h)]
-        r, f = round(0.03 * pen.px), max(1, round(frame * pen.px))
-        xy = [(x * pen.px, yy * pen.px) for x, yy in box]
+        temple = [(ex + side * half_w, y - 0.01), (h.cx + side * h.rx * 0.985, y - 0.012)]  # to the ear
+        pen.stroke(temple, colour, width * 0.8)
+        radius = 0.03 if sun else half_w
+        pen.frame(
+            ex - half_w, y - half_h, ex + half_w, y + half_h, radius, colour, width, LENS if sun else None
+        )
         if sun:
-            pen.draw.rounded_rectangle(xy, r, fill=pen._colour(LENS, "solid"), outline=pen._colour(FRAME, "solid"), width=f)
-            pen.stroke([(ex - 0.035, y - 0.02), (ex - 0.015, y - 0.035)], EYE_WHITE, 0.01, "tint")
-        else:
-            pen.draw.ellipse(xy, outline=pen._colour(frame_colour, "solid"), width=f)
-    pen.stroke([(h.cx - inner, y - 0.012), (h.cx, y - 0.022), (h.cx + inner, y - 0.012)], frame_colour, frame)
+            pen.stroke([(ex - 0.035, y - 0.02), (ex - 0.015, y - 0.035)], EYE_WHITE, 0.01, "tint")  # glint
+    inner = nu.eye_gap * h.s - half_w
+    pen.stroke([(h.cx - inner, y - 0.012), (h.cx, y - 0.022), (h.cx + inner, y - 0.012)], colour, width)
 
 
 def _draw_hat(pen, h, nu):
@@ -426,14 +443,14 @@ def _draw_hat(pen, h, nu):
     if nu.hat_kind == 0:  # brimmed: crown, band, brim
         cw = h.rx * 0.8
         pen.polygon(_above(_superellipse(h.cx, brim, cw, 0.2, 4.0), lambda x: brim), colour)
-        pen.polygon([(h.cx - cw, brim - 0.05), (h.cx + cw, brim - 0.05), (h.cx + cw, brim - 0.015), (h.cx - cw, brim - 0.015)], HAT_BAND)
+        pen.polygon(_box(h.cx - cw, brim - 0.05, h.cx + cw, brim - 0.015), HAT_BAND)
         pen.ellipse(h.cx, brim, h.rx + 0.1, 0.03, _shade(colour, 25))
-    else:  # beanie: dome, turned-up cuff, pom-pom
+    else:  # beanie: pom-pom, dome, turned-up cuff
         pen.ellipse(h.cx, brim - 0.2, 0.035, 0.035, HAT_BAND)
         pen.polygon(_above(_superellipse(h.cx, brim, h.rx + 0.03, 0.19, 2.2), lambda x: brim), colour)
-        cuff = [(h.cx - h.rx - 0.035, brim - 0.035), (h.cx + h.rx + 0.035, brim - 0.035),
-                (h.cx + h.rx + 0.035, brim + 0.03), (h.cx - h.rx - 0.035, brim + 0.03)]  # fmt: skip
-        pen.polygon(cuff, _shade(colour, 30))
+        pen.polygon(
+            _box(h.cx - h.rx - 0.035, brim - 0.035, h.cx + h.rx + 0.035, brim + 0.03), _shade(colour, 30)
+        )
 
 
 def _draw_local(pen, family: str, value: str, h: _Head, nu: Nuisance, attrs: Attributes):
@@ -460,7 +477,8 @@ def _draw(pen: _Pen, attrs: Attributes, nu: Nuisance) -> None:
     pen.polygon(_superellipse(h.cx, h.cy, h.rx, h.ry, h.n), skin)
     if nu.blush:
         for side in (-1, 1):
-            pen.ellipse(h.cx + side * 0.13 * h.s, h.cy + 0.06 * h.s, 0.035, 0.025, _mix(skin, BLUSH, 0.35), "tint")
+            x, y = h.cx + side * 0.13 * h.s, h.cy + 0.06 * h.s
+            pen.ellipse(x, y, 0.035, 0.025, _mix(skin, BLUSH, 0.35), "tint")
     _draw_fringe(pen, h, nu, hair)
     _draw_features(pen, h, nu, skin, hair)
     for family in ("beard", "mouth", "eyewear", "hat"):
@@ -501,25 +519,37 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 # Regions
 
 
+def _grow(mask: np.ndarray, r: int) -> np.ndarray:
+    """Square dilation by r pixels (a Chebyshev ball: LANCZOS is separable, so its reach is a square)."""
+    out = np.zeros_like(mask)
+    padded = np.pad(mask, r)
+    h, w = mask.shape
+    for axis_shift in range(2 * r + 1):  # rows, then columns: a square is a product of two segments
+        out |= padded[axis_shift : axis_shift + h, r : r + w]
+    rows, out = out, np.zeros_like(mask)
+    padded = np.pad(rows, r)
+    for axis_shift in range(2 * r + 1):
+        out |= padded[r : r + h, axis_shift : axis_shift + w]
+    return out
+
+
 @lru_cache(maxsize=32)
 def _region(family: str, size: int) -> np.ndarray:
-    # Every pixel the layer can touch: its footprint over all values, both styles, every face shape and the
-    # corners of the nuisance box, pooled to output pixels and grown by the LANCZOS reach (plus one).
-    # The jitter moves a shape by less than the margin, so the corners stand for the whole box.
+    # Every pixel the layer can touch: its footprint over all its values, both styles, every face shape and
+    # the grid of scale, eye gap and hat kind, with the face at the centre. Every part is placed relative
+    # to the face centre, so the centre jitter is a pure shift: grow the supersampled footprint by it, by
+    # the grid's slack and by one pixel of rasterisation; pool to output pixels; grow by the LANCZOS reach
+    # and a pixel of safety.
     attrs = Attributes("light", "black", "round", "blue", "none", "none", "smile", "none", "flat")
     footprint = np.zeros((size * SUPERSAMPLE,) * 2, dtype=bool)
-    for style, face, nu in itertools.product(FAMILIES["style"], FACE_SHAPES, _extreme_nuisances()):
+    for style, face, nu in itertools.product(FAMILIES["style"], FACE_SHAPES, _footprint_nuisances(family)):
         for value in FAMILIES[family]:
             pen = _Pen(size, style, mask=True)
             _draw_local(pen, family, value, _head(face, nu), nu, attrs)
             footprint |= np.asarray(pen.image) > 0
+    footprint = _grow(footprint, int(np.ceil((SHIFT + GRID_SLACK) * size * SUPERSAMPLE)) + 1)
     pooled = rearrange(footprint, "(h a) (w b) -> h w (a b)", a=SUPERSAMPLE, b=SUPERSAMPLE).any(-1)
-    grown = np.zeros_like(pooled)
-    padded = np.pad(pooled, REGION_MARGIN)
-    for dy in range(2 * REGION_MARGIN + 1):  # square dilation: LANCZOS is separable, its reach a square
-        for dx in range(2 * REGION_MARGIN + 1):
-            grown |= padded[dy : dy + size, dx : dx + size]
-    return grown
+    return _grow(pooled, REGION_MARGIN)
 
 
 def region(family: str, size: int = 128) -> np.ndarray:
@@ -528,3 +558,36 @@ def region(family: str, size: int = 128) -> np.ndarray:
     _check_family(family, kinds=("local",))
     _check_size(size)
     return _region(family, int(size)).copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# The contact sheet in docs/mini_domain.md
+
+
+def sample_sheet(seed: int = 0, size: int = 128) -> Image.Image:
+    """Four rows of random faces; two faces with each local attribute toggled in turn and then the sketch
+    style; the four regions (red) over a face. Columns of 8, 2-pixel gaps."""
+    rng = np.random.default_rng(seed)
+    tiles = [render(sample_attributes(rng), int(rng.integers(2**31)), size) for _ in range(32)]
+    for base, face_seed in (
+        (Attributes("medium", "brown", "oval", "blue", "none", "none", "neutral", "none", "flat"), 3),
+        (Attributes("dark", "black", "square", "green", "none", "none", "neutral", "none", "flat"), 11),
+    ):
+        toggles = [("eyewear", "eyeglasses"), ("eyewear", "sunglasses"), ("hat", "hat"), ("mouth", "smile")]
+        toggles += [("mouth", "frown"), ("beard", "beard"), ("style", "sketch")]
+        tiles += [render(base, face_seed, size)] + [
+            render(base.with_(f, v), face_seed, size) for f, v in toggles
+        ]
+    face = render(
+        Attributes("light", "red", "round", "grey", "none", "none", "smile", "none", "flat"), 5, size
+    )
+    for family in LOCAL_FAMILIES:
+        tint = np.asarray(face).astype(np.float32)
+        tint[region(family, size)] = 0.5 * tint[region(family, size)] + 0.5 * np.array([230, 30, 30])
+        tiles.append(Image.fromarray(tint.round().astype(np.uint8)))
+    gap, cols = 2, 8
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * (size + gap) - gap, rows * (size + gap) - gap), "white")
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % cols) * (size + gap), (i // cols) * (size + gap)))
+    return sheet
