@@ -1,0 +1,117 @@
+"""Smoke tests of the benchmark scripts at toy size: they run, agree with diffusers, and write the JSON
+a reader of benchmarks/results/ relies on. No timing assertions: CI machines are shared."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    """benchmarks/ is a folder of scripts, not a package: import one by path."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+forward = load_script("forward")
+load_memory = load_script("load_memory")
+
+TINY_FORWARD = ["--preset", "tiny", "--height", "32", "--width", "48", "--txt-len", "5", "--device", "cpu"]
+TINY_FORWARD += ["--warmup", "0", "--iters", "1"]
+
+
+def test_forward_runs_both_models_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "forward.json"
+    forward.main([*TINY_FORWARD, "--no-compile", "--out", str(out)])
+    data = json.loads(out.read_text())
+
+    s = data["settings"]
+    assert (s["preset"], s["image_tokens"], s["txt_tokens"], s["batch"], s["dtype"]) == (
+        "tiny",
+        6,
+        5,
+        1,
+        "float32",
+    )
+    assert s["params"]["hidden_size"] == 64 and s["parameters"] > 0
+    assert {"cpu", "cpu_count", "torch", "torch_threads"} <= data["machine"].keys()
+    assert data["reference"] == "diffusers eager"
+
+    rows = {(r["model"], r["mode"]): r for r in data["results"]}
+    assert rows.keys() == {("ours", "eager"), ("diffusers", "eager")}
+    for r in rows.values():
+        assert r["status"] == "ok", r.get("traceback")
+        assert len(r["times_ms"]) == 1 and r["median_ms"] == r["min_ms"] == r["times_ms"][0] > 0
+        assert r["weights_bytes"] > 0 and r["forward_peak_bytes"] >= 0
+        assert r["memory_method"].startswith("VmHWM after clear_refs")
+    # The same function: our model matches diffusers on the same random weights.
+    assert rows["ours", "eager"]["rel_err"] <= 1e-5
+    assert rows["diffusers", "eager"]["rel_err"] == 0.0
+    assert rows["diffusers", "eager"]["ratio_to_diffusers_eager"] == 1.0
+    assert rows["diffusers", "eager"]["converter"] == "flux_core.formats"  # tiny is not 3072 wide
+
+    table = capsys.readouterr().out
+    assert "| ours | eager |" in table and "| diffusers | eager |" in table
+
+
+def test_forward_reports_a_failing_worker_instead_of_crashing(tmp_path, capsys):
+    out = tmp_path / "forward.json"
+    data = forward.main(
+        [*TINY_FORWARD, "--models", "ours", "--compile-mode", "not-a-mode", "--out", str(out)]
+    )
+    rows = {(r["model"], r["mode"]): r for r in json.loads(out.read_text())["results"]}
+    assert rows.keys() == {("ours", "eager"), ("ours", "compiled")}
+    assert rows["ours", "eager"]["status"] == "ok"
+    assert rows["ours", "compiled"]["status"] == "failed"
+    assert "Unrecognized mode=not-a-mode" in rows["ours", "compiled"]["error"]
+    assert data["reference"] == "ours eager"
+    assert "failed: RuntimeError: Unrecognized mode=not-a-mode" in capsys.readouterr().out
+
+
+def test_forward_refuses_bad_settings():
+    with pytest.raises(ValueError, match="unknown preset 'flux-pro'; valid presets: "):
+        forward.parse_args(["--preset", "flux-pro"])
+    with pytest.raises(ValueError, match="height 500 is not a multiple of 16; nearest valid: 496 or 512"):
+        forward.parse_args(["--height", "500"])
+    with pytest.raises(ValueError, match=r"unknown --models \['theirs'\]; valid: ours, diffusers"):
+        forward.parse_args(["--models", "ours,theirs", "--device", "cpu"])
+
+
+def test_forward_default_output_names_the_shape():
+    args = forward.parse_args(
+        ["--preset", "flux-dev", "--depth", "2", "--depth-single", "4", "--device", "cpu"]
+    )
+    assert forward.default_out(args).name == "forward-cpu-flux-dev-1024x1024-d2s4.json"
+    args = forward.parse_args(
+        ["--preset", "flux-schnell", "--height", "512", "--width", "768", "--device", "cpu"]
+    )
+    assert forward.default_out(args).name == "forward-cpu-flux-schnell-512x768.json"
+    assert args.txt_len == 256  # the preset's T5 length
+
+
+def test_load_memory_loads_each_dtype_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "load.json"
+    load_memory.main(["--preset", "tiny", "--tmp", str(tmp_path), "--out", str(out)])
+    data = json.loads(out.read_text())
+
+    assert data["settings"]["preset"] == "tiny" and data["settings"]["file_dtype"] == "bfloat16"
+    assert data["checkpoint"]["file_name"] == "flux1-tiny.safetensors"
+    assert {"cpu", "cpu_count", "memory_bytes", "torch"} <= data["machine"].keys()
+    rows = {r["target_dtype"]: r for r in data["results"]}
+    assert rows.keys() == {"bfloat16", "float32"}
+    for dtype, itemsize in (("bfloat16", 2), ("float32", 4)):
+        r = rows[dtype]
+        assert r["status"] == "ok", r.get("traceback")
+        assert r["loaded_dtypes"] == [dtype]
+        assert r["model_bytes"] == r["parameters"] * itemsize
+        for key in ("peak_rss_bytes", "peak_anon_bytes", "after_load_anon_bytes", "after_touch_file_bytes"):
+            assert isinstance(r[key], int)
+    # The bf16 file holds the model's bytes plus a header.
+    assert 0 < data["checkpoint"]["file_bytes"] - rows["bfloat16"]["model_bytes"] < 100_000
+    assert list(tmp_path.iterdir()) == [out]  # the temporary checkpoint is gone
+    assert "| float32 |" in capsys.readouterr().out
