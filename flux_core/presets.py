@@ -122,6 +122,49 @@ PRESETS: dict[str, Preset] = {
             default_guidance=3.5,
             description="random toy model for tests (dev layout)",
         ),
+        Preset(
+            # Our own small Flux, trained from nothing on procedural cartoon faces at 128x128
+            # (issue 4; `python -m fluxspace.mini.build`). Same classes as dev, every width scaled
+            # down so that all its files stay under 30 MB and a CPU forward takes milliseconds.
+            name="flux-mini",
+            params=FluxParams(
+                in_channels=64,  # 16 AE channels x 2 x 2 packing, as FLUX.1
+                out_channels=64,
+                vec_in_dim=128,  # width of our small CLIP text model (pooled vector)
+                context_in_dim=128,  # width of our small T5 encoder (token features)
+                # 4x the 64 values of a token: the model must carry both the clean image and the
+                # noise part of the velocity target (a 128-wide pixel prototype could not, issue 4).
+                hidden_size=256,
+                mlp_ratio=4.0,
+                num_heads=4,  # head dim 64: half of FLUX.1's 128
+                depth=2,  # double-stream blocks: text and image with their own weights
+                depth_single_blocks=4,  # single-stream blocks, as FLUX.1's 19:38 ratio
+                axes_dim=(8, 28, 28),  # FLUX.1's (16, 56, 56) halved with the head dim
+                theta=10_000,
+                qkv_bias=True,
+                # No distilled guidance: flux-mini is trained with caption dropout and sampled
+                # with true classifier-free guidance (denoise's cfg_scale).
+                guidance_embed=False,
+            ),
+            ae_params=AutoEncoderParams(
+                resolution=128,
+                in_channels=3,
+                ch=32,  # the smallest width GroupNorm(32) allows
+                out_ch=3,
+                ch_mult=(1, 2, 2, 2),  # 4 levels: downsampling 8, 128 px -> 16x16 latents -> 64 tokens
+                num_res_blocks=1,
+                z_channels=16,
+                # Placeholders: the build measures shift = mean and scale = 1 / std of the latents
+                # and records them in ae.safetensors' metadata, which is what the loader reads.
+                scale_factor=1.0,
+                shift_factor=0.0,
+            ),
+            t5_max_length=48,  # the longest caption is 43 T5 tokens with its tokenizer; FLUX.1 uses 512
+            shift_schedule=True,  # our get_schedule; at 64 tokens mu = 0.47, a mild shift
+            default_steps=20,
+            default_guidance=4.0,  # the true-CFG scale (cfg_scale) recommended for flux-mini
+            description="flux-mini: our small Flux trained on procedural cartoon faces, 128x128, true CFG",
+        ),
     ]
 }
 

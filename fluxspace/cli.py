@@ -42,7 +42,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--height", type=int, default=512, help="pixels, a multiple of 16 (default: 512)")
     g.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
     g.add_argument("--guidance", type=float, help="distilled guidance of dev models (default: the preset's)")
-    g.add_argument("--cfg-scale", type=float, default=1.0, help="true classifier-free guidance scale (1 = off)")
+    g.add_argument("--cfg-scale", type=float, help="true classifier-free guidance scale (1 = off; default: the preset's for models without distilled guidance, else 1)")
     g.add_argument("--negative-prompt", default="", help="negative prompt for true CFG (default: empty)")
     g.add_argument("--parity", action="store_true", help="round like the official code (bf16 Euler updates)")
     g.add_argument("--seed", type=int, nargs="+", default=[0], help="one seed, or one per image of the batch")

@@ -149,14 +149,17 @@ class SampleSettings:
     height: int = 512
     steps: int | None = None
     guidance: float | None = None
-    cfg_scale: float = 1.0
+    cfg_scale: float | None = None  # None: the preset's scale for models trained for true CFG, else 1 (off)
     negative_prompt: str = ""
     parity: bool = False
 
     def resolved(self, preset: Preset) -> "SampleSettings":
         steps = self.steps if self.steps is not None else preset.default_steps
         guidance = self.guidance if self.guidance is not None else preset.default_guidance
-        return SampleSettings(self.width, self.height, steps, guidance, self.cfg_scale, self.negative_prompt, self.parity)
+        cfg = self.cfg_scale
+        if cfg is None:  # dev models distil guidance into the model; the others need true CFG
+            cfg = 1.0 if preset.params.guidance_embed else preset.default_guidance
+        return SampleSettings(self.width, self.height, steps, guidance, cfg, self.negative_prompt, self.parity)
 
     def validate(self) -> None:
         check_image_size(self.height, self.width)
