@@ -51,12 +51,15 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bf16 on cuda, float32 on cpu")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     params = preset.params
     overrides = {k: v for k, v in (("hidden_size", args.hidden), ("num_heads", args.heads), ("depth", args.depth),
@@ -108,20 +111,23 @@ def main(argv=None) -> dict:
             for name in ROWS:
                 times[name] += time_calls(calls[name], args.device, 1)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    mins = {name: min(t) for name, t in times.items()}
     rows = [
         {
             "row": n,
             "median_ms": medians[n],
             "ratio_to_plain": medians[n] / medians["plain"],
+            "min_ms": mins[n],
+            "min_ratio_to_plain": mins[n] / mins["plain"],
             "times_ms": times[n],
         }
         for n in ROWS
     ]
     print(f"\nFluxSpace step cost: {args.preset} hidden {params.hidden_size}, {params.depth} double + "
           f"{params.depth_single_blocks} single blocks, {N} image + {T} text tokens, {args.device} {dtype}\n")  # fmt: skip
-    print("| step | median ms | x plain |\n|---|---|---|")
+    print("| step | median ms | x plain (median) | min ms | x plain (min) |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | {r['median_ms']:.1f} | {r['ratio_to_plain']:.3f} |")
+        print(f"| {r['row']} | {r['median_ms']:.1f} | {r['ratio_to_plain']:.3f} | {r['min_ms']:.1f} | {r['min_ratio_to_plain']:.3f} |")
     out = (
         args.out
         or RESULTS

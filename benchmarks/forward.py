@@ -192,22 +192,9 @@ def build(model: str, params: FluxParams, sd: dict[str, torch.Tensor]) -> tuple[
             net = Flux(params)
         net.load_state_dict(sd, strict=True, assign=True)
         return net.eval(), "none (official layout)"
-    from diffusers import FluxTransformer2DModel
+    from weights_tools.diffusers_reference import diffusers_transformer
 
-    with torch.device("meta"):
-        net = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=params.in_channels,
-            out_channels=params.out_channels,
-            num_layers=params.depth,
-            num_single_layers=params.depth_single_blocks,
-            attention_head_dim=params.head_dim,
-            num_attention_heads=params.num_heads,
-            joint_attention_dim=params.context_in_dim,
-            pooled_projection_dim=params.vec_in_dim,
-            guidance_embeds=params.guidance_embed,
-            axes_dims_rope=tuple(params.axes_dim),
-        )
+    net = diffusers_transformer(params)
     if params.hidden_size == 3072:
         # diffusers' own converter is the independent reference; it hard-codes hidden 3072.
         from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers

@@ -35,6 +35,7 @@ class EditResult:
     seed: int
     prompt: str
     recorder: Recorder | None = None
+    block_masks: list | None = None  # with record=True: (step, double block, [per concept (1, N)]) entries
 
 
 def first_active_step(spec: EditSpec, timesteps: list[float]) -> int | None:
@@ -84,7 +85,8 @@ def edit_image(
 ) -> EditResult:
     """Generate `prompt` from `seed` twice, plain and with the FluxSpace edit `spec`.
 
-    record=True also returns a Recorder with every block's attention output during the edited steps.
+    record=True also returns a Recorder with every block's attention output during the edited steps,
+    and every double block's concept masks (`block_masks`).
     Everything is validated before any sampling starts.
     """
     s = (settings or SampleSettings()).resolved(models.preset)
@@ -114,7 +116,7 @@ def edit_image(
             branch[start] = img.clone()
 
     plain = run(inp.img, timesteps, callback=keep_branch_point if start else None)
-    editor = FluxSpaceEditor(spec, encoded)
+    editor = FluxSpaceEditor(spec, encoded, keep_masks=record)
     recorder = Recorder(keep=("img_attn_out", "attn")) if record else None
     if start is None:  # the edit never switches on: the edited image is the plain one
         edited = plain.clone()
@@ -126,7 +128,8 @@ def edit_image(
     grid = (s.height // 16, s.width // 16)
     means = editor.masks.mean() if editor.masks.count else [torch.zeros(1, grid[0] * grid[1])] * len(spec.concepts)
     masks = [m[0].reshape(grid).cpu() for m in means]
-    return EditResult(original, edited_image, masks, spec, s, seed, prompt, recorder)
+    block_masks = editor.masks.entries if record else None
+    return EditResult(original, edited_image, masks, spec, s, seed, prompt, recorder, block_masks)
 
 
 def mask_overlay(image: Image.Image, mask: torch.Tensor, alpha: float = 0.5) -> Image.Image:

@@ -34,12 +34,18 @@ from .projection import (
 
 @dataclass
 class MaskLog:
-    """Running sums of each concept's mask over the blocks and steps where it was applied."""
+    """Each concept's mask: running sums over the blocks and steps where it was applied, and, with
+    keep=True, every block's masks for research: entries (step, block index, [per concept (B, N)])."""
 
     sums: list[Tensor] = field(default_factory=list)  # per concept (B, N) float32
     count: int = 0
+    keep: bool = False
+    step: int = -1  # set by FluxSpaceEditor before each edited step
+    entries: list[tuple[int, int, list[Tensor]]] = field(default_factory=list)
 
-    def add(self, masks: list[Tensor]) -> None:
+    def add(self, masks: list[Tensor], block: int = -1) -> None:
+        if self.keep:
+            self.entries.append((self.step, block, [m.detach().float().cpu().clone() for m in masks]))
         if not self.sums:
             self.sums = [m.detach().float().clone() for m in masks]
         else:
@@ -55,14 +61,15 @@ class MaskLog:
 class FluxSpaceEditor:
     """Hands the sampler a per-step edit while the edit is on, and None otherwise (plain steps)."""
 
-    def __init__(self, spec: EditSpec, encoded: EncodedEdit):
+    def __init__(self, spec: EditSpec, encoded: EncodedEdit, keep_masks: bool = False):
         self.spec = spec
         self.encoded = encoded
-        self.masks = MaskLog()
+        self.masks = MaskLog(keep=keep_masks)
 
     def at_step(self, step: int, t: float, num_steps: int):
         if not self.spec.is_active(step, t):
             return None  # the model runs exactly as without an edit
+        self.masks.step = step
         return FluxSpaceStep(self.spec, self.encoded, self.masks)
 
 
@@ -136,7 +143,7 @@ class FluxSpaceStep:
         k_edit = rearrange(k_s, "(B K) H T D -> B K H T D", K=K)
         img_q = site.q[:, :, T:]  # (B, H, N, D) base image queries
         if self.spec.reference:
-            a_hat = self._reference_combine(a, img_q, k_edit)
+            a_hat = self._reference_combine(a, img_q, k_edit, site.index)
         else:
             delta = orthogonal_component(a[:, 2:], a[:, 1:2])  # (B, K-1, N, C) float32
             masks, a_hat = [], a[:, 0].float()  # (B, N, C)
@@ -149,7 +156,7 @@ class FluxSpaceStep:
                 masks.append(mask)
                 a_hat = a_hat + concept.lambda_fine * mask[..., None] * delta[:, j]  # (B, N, C)
             if self.mask_log is not None:
-                self.mask_log.add(masks)
+                self.mask_log.add(masks, site.index)
             a_hat = a_hat.to(a.dtype)
         return (a_hat if after else blk.img_attn.proj(a_hat)), txt_attn_out
 
@@ -190,7 +197,7 @@ class FluxSpaceStep:
         txt_attn = torch.cat((base_txt[:, None], branch[:, :, :T]), dim=1)  # (B, J, T, C)
         return img_attn, txt_attn, None
 
-    def _reference_combine(self, a: Tensor, img_q: Tensor, k_edit: Tensor) -> Tensor:
+    def _reference_combine(self, a: Tensor, img_q: Tensor, k_edit: Tensor, block: int) -> Tensor:
         """A_hat with the unofficial code's arithmetic: model dtype, eps added, one concept, lambda > 0 only."""
         (concept,) = self.spec.concepts
         if concept.lambda_fine <= 0:  # the unofficial code skips the fine edit then
@@ -199,7 +206,7 @@ class FluxSpaceStep:
         m = keyword_attention_reference(img_q, k_edit[:, 1], self.encoded.positions[0])  # (B, N)
         mask = concept_mask_reference(m, concept.tau_m)[..., None]  # (B, N, 1) bool
         if self.mask_log is not None:
-            self.mask_log.add([mask[..., 0].float()])
+            self.mask_log.add([mask[..., 0].float()], block)
         return a[:, 0] + concept.lambda_fine * (mask * delta)
 
     def single_block(self, site: SingleBlockSite) -> Tensor:

@@ -28,6 +28,9 @@ def test_edit_image_returns_images_masks_and_recorder(models):
     p = models.flow.params
     assert len(result.recorder.entries) == 3 * (p.depth + p.depth_single_blocks)
     assert [e.kind for e in result.recorder.select(forward=0)] == ["double"] * p.depth + ["single"] * p.depth_single_blocks
+    # Every edited double block's masks, per step, in order.
+    assert [(st, b) for st, b, _ in result.block_masks] == [(st, b) for st in (1, 2, 3) for b in range(p.depth)]
+    assert result.block_masks[0][2][1].shape == (1, 12)
     plain = generate(models, ["a smiling woman"], [5], SETTINGS, progress=False)[0]
     assert np.array_equal(np.asarray(plain), np.asarray(result.original))
     assert not np.array_equal(np.asarray(result.original), np.asarray(result.edited))

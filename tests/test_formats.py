@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import (
     convert_flux_transformer_checkpoint_to_diffusers,
     convert_ldm_vae_checkpoint,
@@ -27,6 +27,7 @@ from flux_core.formats import (
     diffusers_to_bfl_transformer,
 )
 from flux_core.presets import FLUX_AE
+from weights_tools.diffusers_reference import diffusers_transformer
 from weights_tools.verify import load_inventory
 
 
@@ -47,22 +48,6 @@ def assert_bit_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-
-
-def diffusers_transformer(params) -> FluxTransformer2DModel:
-    with torch.device("meta"):
-        return FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=params.in_channels,
-            num_layers=params.depth,
-            num_single_layers=params.depth_single_blocks,
-            attention_head_dim=params.head_dim,
-            num_attention_heads=params.num_heads,
-            joint_attention_dim=params.context_in_dim,
-            pooled_projection_dim=params.vec_in_dim,
-            guidance_embeds=params.guidance_embed,
-            axes_dims_rope=params.axes_dim,
-        )
 
 
 def vae_config(p: AutoEncoderParams) -> dict:

@@ -9,12 +9,12 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
 from flux_core import Flux, get_preset
 from flux_core.sampling import img_ids as make_img_ids
 from flux_core.sampling import txt_ids as make_txt_ids
+from weights_tools.diffusers_reference import diffusers_transformer
 
 
 def random_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -37,18 +37,7 @@ def build_pair(variant: str, seed: int):
     params = dataclasses.replace(get_preset(f"flux-{variant}").params, depth=1, depth_single_blocks=1)
     with torch.device("meta"):
         ours = Flux(params)
-        ref = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=params.in_channels,
-            num_layers=params.depth,
-            num_single_layers=params.depth_single_blocks,
-            attention_head_dim=params.head_dim,
-            num_attention_heads=params.num_heads,
-            joint_attention_dim=params.context_in_dim,
-            pooled_projection_dim=params.vec_in_dim,
-            guidance_embeds=params.guidance_embed,
-            axes_dims_rope=params.axes_dim,
-        )
+    ref = diffusers_transformer(params)
     sd = random_state_dict(ours, seed)
     ours.load_state_dict(sd, strict=True, assign=True)
     ref.load_state_dict(convert_flux_transformer_checkpoint_to_diffusers(dict(sd)), strict=True, assign=True)

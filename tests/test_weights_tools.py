@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -13,6 +13,7 @@ from flux_core import get_preset
 from flux_core.loading import load_autoencoder, load_flow_model
 from flux_core.sampling import img_ids, txt_ids
 from weights_tools.cli import main
+from weights_tools.diffusers_reference import diffusers_transformer
 
 TINY = get_preset("tiny")
 TINY_PARAMS = 340_160  # transformer parameters of the tiny preset
@@ -256,17 +257,7 @@ def test_convert_round_trip_is_bit_exact(ckpt, tmp_path, capsys, name):
     p = TINY.params
     with torch.device("meta"):
         if name.startswith("flux1"):
-            ref = FluxTransformer2DModel(
-                in_channels=p.in_channels,
-                num_layers=p.depth,
-                num_single_layers=p.depth_single_blocks,
-                attention_head_dim=p.head_dim,
-                num_attention_heads=p.num_heads,
-                joint_attention_dim=p.context_in_dim,
-                pooled_projection_dim=p.vec_in_dim,
-                guidance_embeds=True,
-                axes_dims_rope=p.axes_dim,
-            )
+            ref = diffusers_transformer(p)
         else:
             a = TINY.ae_params
             ref = AutoencoderKL(
