@@ -459,6 +459,7 @@ def machine_info(device: str) -> dict:
     info = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

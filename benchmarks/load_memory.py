@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,8 +39,11 @@ from pathlib import Path
 
 import torch
 
-from flux_core.loading import load_flow_model
-from flux_core.presets import PRESETS, get_preset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward import machine_info, write_json  # noqa: E402  (the shared harness)
+
+from flux_core.loading import load_flow_model  # noqa: E402
+from flux_core.presets import PRESETS, get_preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -251,43 +253,6 @@ def table(results: list[dict], file_bytes: int) -> str:
             f"| {gib(r['after_load_anon_bytes'])} / {gib(r['after_load_file_bytes'])} | {last} |"
         )
     return "\n".join(lines)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def machine_info(device: str) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if device == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-    return info
 
 
 def main(argv=None) -> dict:

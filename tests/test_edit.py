@@ -1,14 +1,14 @@
 """FluxSpace: the math, the shared-q/k/v execution, timing, and bad input."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny import tiny_inputs, tiny_model
 
-from flux_core import Flux, Recorder, get_preset
+from flux_core import Recorder
 from flux_core.sampling import denoise, get_schedule, img_ids, txt_ids
 from fluxspace.edit import Concept, EditSpec, EncodedEdit, validate
 from fluxspace.projection import coarse_pooled, concept_mask, orthogonal_component
@@ -17,25 +17,8 @@ from fluxspace.step import FluxSpaceEditor, FluxSpaceStep
 B, h, w, T = 2, 3, 4, 6  # 12 image tokens, 6 text tokens
 
 
-def tiny_model(depth=2, single=2, seed=0):
-    torch.manual_seed(seed)
-    model = Flux(dataclasses.replace(get_preset("tiny").params, depth=depth, depth_single_blocks=single)).eval()
-    # Larger-than-default gates so the attention branches matter in the output.
-    return model
-
-
 def inputs(model, seed=1):
-    p = model.params
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        img=torch.randn(B, h * w, p.in_channels, generator=g),
-        img_ids=img_ids(B, 16 * h, 16 * w),
-        txt=torch.randn(B, T, p.context_in_dim, generator=g),
-        txt_ids=txt_ids(B, T),
-        timesteps=torch.tensor([0.8, 0.3]),
-        y=torch.randn(B, p.vec_in_dim, generator=g),
-        guidance=torch.full((B,), 3.5),
-    )
+    return tiny_inputs(model, B=B, h=h, w=w, T=T, seed=seed)
 
 
 def encoded(model, n_concepts=1, seed=2, prior=None):

@@ -1,31 +1,19 @@
 """The edit seam: edit=None is the plain model bit for bit, a recorder changes nothing and sees every block."""
 
-import dataclasses
 
 import torch
+from tiny import tiny_inputs as _tiny_inputs
+from tiny import tiny_model as _tiny_model
 
-from flux_core import Flux, get_preset
 from flux_core.recorder import Recorder
-from flux_core.sampling import img_ids, txt_ids
 
 
 def tiny_inputs(model, B=2, h=3, w=4, T=5, seed=0):
-    p = model.params
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        img=torch.randn(B, h * w, p.in_channels, generator=g),
-        img_ids=img_ids(B, 16 * h, 16 * w),
-        txt=torch.randn(B, T, p.context_in_dim, generator=g),
-        txt_ids=txt_ids(B, T),
-        timesteps=torch.tensor([0.9, 0.4])[:B],
-        y=torch.randn(B, p.vec_in_dim, generator=g),
-        guidance=torch.full((B,), 3.5),
-    )
+    return _tiny_inputs(model, B=B, h=h, w=w, T=T, t=(0.9, 0.4), seed=seed)
 
 
 def tiny_model(depth=2, single=3):
-    torch.manual_seed(0)
-    return Flux(dataclasses.replace(get_preset("tiny").params, depth=depth, depth_single_blocks=single)).eval()
+    return _tiny_model(depth, single)
 
 
 def test_recorder_is_transparent_and_ordered():

@@ -28,7 +28,7 @@ from torch import Tensor
 from flux_core.formats import CONVERTERS
 from flux_core.loading import CheckpointError
 
-from .inspect import TORCH_TO_SAFETENSORS, WeightSet, open_weights
+from .inspect import TORCH_TO_SAFETENSORS, WeightSet, open_weights, require_format
 
 # One planned tensor: name, shape, dtype, in the order the data will be written.
 Plan = list[tuple[str, tuple[int, ...], torch.dtype]]
@@ -123,7 +123,6 @@ def _groups(ws: WeightSet, model: str) -> list[list[str]]:
     return list(groups.values())
 
 
-_A = {"transformer": "a Flux transformer", "ae": "an autoencoder"}
 
 
 @dataclass
@@ -153,14 +152,7 @@ def convert_file(
     if model is not None and model not in ("transformer", "ae"):
         raise CheckpointError(f"unknown model {model!r}; valid: transformer, ae")
     ws = open_weights(src, model)
-    fmt = ws.format
-    if fmt is None:
-        raise CheckpointError(
-            f"{src} holds neither a Flux transformer nor a Flux autoencoder (official or diffusers keys)"
-        )
-    layout, found = fmt
-    if model is not None and model != found:
-        raise CheckpointError(f"{src} holds {_A[found]}, not {_A[model]}")
+    layout, found = require_format(ws, src, model)
     if layout == to:
         raise CheckpointError(f"{src} is already in the {to} layout")
     check_writable(dst, force)

@@ -289,3 +289,18 @@ def format_report(report: dict) -> str:
             count = [f"x{g['count']}"] if g["count"] > 1 else []
             lines.append("  " + "  ".join([g["keys"], *count, shape, g["dtype"]]))
     return "\n".join(lines)
+
+
+MODEL_NAMES = {"transformer": "a Flux transformer", "ae": "an autoencoder"}
+
+
+def require_format(ws: "WeightSet", path, model: str | None) -> tuple[str, str]:
+    """(layout, model) of a weight set, or a CheckpointError saying what it is not."""
+    if ws.format is None:
+        raise CheckpointError(
+            f"{path} holds neither a Flux transformer nor a Flux autoencoder (official or diffusers keys)"
+        )
+    layout, found = ws.format
+    if model is not None and model != found:
+        raise CheckpointError(f"{path} holds {MODEL_NAMES[found]}, not {MODEL_NAMES[model]}")
+    return layout, found

@@ -17,11 +17,10 @@ import torch
 
 from flux_core.autoencoder import AutoEncoder
 from flux_core.formats import ConversionError
-from flux_core.loading import CheckpointError
 from flux_core.model import Flux
 from flux_core.presets import get_preset
 
-from .inspect import bfl_shapes, open_weights
+from .inspect import bfl_shapes, open_weights, require_format
 
 INVENTORIES = ("flux1-dev", "flux1-schnell", "ae")
 SHOW = 10  # keys listed per kind of problem
@@ -86,16 +85,7 @@ def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) 
     """Compare a file's keys and shapes with the preset's transformer or autoencoder (detected from the keys)."""
     get_preset(preset)  # an unknown name fails here, listing the valid ones
     ws = open_weights(path, model)
-    fmt = ws.format
-    if fmt is None:
-        raise CheckpointError(
-            f"{path} holds neither a Flux transformer nor a Flux autoencoder (official or diffusers keys)"
-        )
-    layout, found_model = fmt
-    if model is not None and model != found_model:
-        raise CheckpointError(
-            f"{path} holds {'an autoencoder' if found_model == 'ae' else 'a Flux transformer'}, not a {model}"
-        )
+    layout, found_model = require_format(ws, path, model)
     result = VerifyResult(str(path), preset, found_model, layout, len(ws.shapes))
     try:
         found = bfl_shapes(ws)
