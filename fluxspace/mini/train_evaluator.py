@@ -167,6 +167,7 @@ def save_evaluator(model: AttributeEvaluator, path: str | os.PathLike, extra: di
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp), metadata=metadata_of(model.config, extra))
+    os.chmod(tmp, 0o644)  # package data must be readable by everyone; the writer makes it private
     os.replace(tmp, path)
     return path
 
@@ -179,7 +180,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--pool", type=int, default=40000, help="renders in the training pool")
     parser.add_argument("--val", type=int, default=2000, help="fresh renders to measure on")
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
