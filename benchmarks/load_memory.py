@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import machine_info, write_json  # noqa: E402  (the shared harness)
+from forward import machine_info, reset_rss_peak, write_json  # noqa: E402  (the shared harness)
 
 from flux_core.loading import load_flow_model  # noqa: E402
 from flux_core.presets import PRESETS, get_preset  # noqa: E402
@@ -111,16 +111,6 @@ def ru_maxrss_bytes() -> int:
     # Linux reports kilobytes, macOS bytes.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def reset_rss_peak() -> bool:
-    """Set the high-water mark VmHWM back to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class PeakSampler(threading.Thread):
