@@ -9,13 +9,13 @@ where to find them, which defaults apply, and strings sampling together:
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from flux_core import Flux, Preset, get_preset
 from flux_core.autoencoder import AutoEncoder
-from flux_core.conditioner import TextEncoders, load_text_encoders
 from flux_core.loading import (
     META_PRESET,
     CheckpointError,
@@ -30,6 +30,9 @@ from flux_core.presets import PRESETS
 from flux_core.sampling import check_image_size, denoise, get_noise, get_schedule, prepare, unpack
 
 from .images import tensor_to_pil
+
+if TYPE_CHECKING:  # the text encoders pull in `transformers`: imported when a model is loaded
+    from flux_core.conditioner import TextEncoders
 
 TEXT_ENCODER_DIRS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -112,7 +115,7 @@ class FluxModels:
 
     flow: Flux
     ae: AutoEncoder
-    text: TextEncoders
+    text: "TextEncoders"
     preset: Preset
     paths: ModelPaths
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -132,6 +135,8 @@ def load_models(
     dtype: str | torch.dtype | None = None,
 ) -> FluxModels:
     """Load transformer, autoencoder and text encoders; the preset is checked against the file."""
+    from flux_core.conditioner import load_text_encoders
+
     paths = resolve_paths(model, ae, text_encoders)
     chosen = resolve_preset(paths, preset)
     dtype = resolve_dtype(dtype, device)
