@@ -36,6 +36,11 @@ class AutoEncoderParams:
     scale_factor: float
     shift_factor: float
 
+    @property
+    def downsampling(self) -> int:
+        """Image pixels per latent pixel along a side: 8 for FLUX.1's four levels."""
+        return 2 ** (len(self.ch_mult) - 1)
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=NORM_EPS, affine=True)

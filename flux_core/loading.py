@@ -358,6 +358,24 @@ def load_flow_model(
     return model.eval().requires_grad_(False)
 
 
+def _ae_source(path: str | os.PathLike) -> tuple[_Source, Shapes]:
+    """The autoencoder's source and its shapes in the official layout; raises if it is not an autoencoder."""
+    from .formats import diffusers_to_bfl_ae
+
+    src = _source(path, "vae")
+    kind = file_kind(src.shapes)
+    if kind not in ("ae", "diffusers-ae"):
+        hint = " (it looks like a Flux transformer: use load_flow_model)" if kind.endswith("flux") else ""
+        raise CheckpointError(f"{path} is not a Flux autoencoder{hint}")
+    return src, _bfl_shapes(src, diffusers_to_bfl_ae)
+
+
+def read_ae_params(path: str | os.PathLike) -> AutoEncoderParams:
+    """The autoencoder config of a file or diffusers folder, from its header alone (nothing is loaded)."""
+    src, shapes = _ae_source(path)
+    return ae_params_from_shapes(shapes, src.metadata)
+
+
 def load_autoencoder(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -371,12 +389,7 @@ def load_autoencoder(
     from .formats import diffusers_to_bfl_ae
 
     dtype = resolve_dtype(dtype, device)
-    src = _source(path, "vae")
-    kind = file_kind(src.shapes)
-    if kind not in ("ae", "diffusers-ae"):
-        hint = " (it looks like a Flux transformer: use load_flow_model)" if kind.endswith("flux") else ""
-        raise CheckpointError(f"{path} is not a Flux autoencoder{hint}")
-    shapes = _bfl_shapes(src, diffusers_to_bfl_ae)
+    src, shapes = _ae_source(path)
     if params is None:
         params = ae_params_from_shapes(shapes, src.metadata)
     with torch.device("meta"):

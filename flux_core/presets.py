@@ -19,6 +19,7 @@ class Preset:
     default_steps: int
     default_guidance: float  # distilled guidance (dev) or true-CFG scale where the model needs it
     description: str
+    default_size: int = 1024  # pixels a side when the user gives no width or height (FLUX.1: 1024)
 
 
 # ae.safetensors of FLUX.1 (shared by dev, schnell and Krea-dev).
@@ -121,22 +122,25 @@ PRESETS: dict[str, Preset] = {
             default_steps=4,
             default_guidance=3.5,
             description="random toy model for tests (dev layout)",
+            default_size=128,
         ),
         Preset(
-            # Our own small Flux, trained from nothing on procedural cartoon faces at 128x128
+            # Our own small Flux, trained from nothing on procedural cartoon faces at 64x64
             # (issue 4; `python -m fluxspace.mini.build`). Same classes as dev, every width scaled
-            # down so that all its files stay under 30 MB and a CPU forward takes milliseconds.
+            # down so that all its files stay under 30 MB and the whole build fits in about two hours
+            # on 2 CPU cores.
             name="flux-mini",
             params=FluxParams(
                 in_channels=64,  # 16 AE channels x 2 x 2 packing, as FLUX.1
                 out_channels=64,
                 vec_in_dim=128,  # width of our small CLIP text model (pooled vector)
                 context_in_dim=128,  # width of our small T5 encoder (token features)
-                # 4x the 64 values of a token: the model must carry both the clean image and the
-                # noise part of the velocity target (a 128-wide pixel prototype could not, issue 4).
-                hidden_size=256,
+                # 3x the 64 values of a token: the model must carry both the clean image and the
+                # noise part of the velocity target (a 128-wide pixel model with 192-value tokens
+                # could not, issue 4).
+                hidden_size=192,
                 mlp_ratio=4.0,
-                num_heads=4,  # head dim 64: half of FLUX.1's 128
+                num_heads=3,  # head dim 64: half of FLUX.1's 128
                 depth=2,  # double-stream blocks: text and image with their own weights
                 depth_single_blocks=4,  # single-stream blocks, as FLUX.1's 19:38 ratio
                 axes_dim=(8, 28, 28),  # FLUX.1's (16, 56, 56) halved with the head dim
@@ -147,11 +151,11 @@ PRESETS: dict[str, Preset] = {
                 guidance_embed=False,
             ),
             ae_params=AutoEncoderParams(
-                resolution=128,
+                resolution=64,
                 in_channels=3,
                 ch=32,  # the smallest width GroupNorm(32) allows
                 out_ch=3,
-                ch_mult=(1, 2, 2, 2),  # 4 levels: downsampling 8, 128 px -> 16x16 latents -> 64 tokens
+                ch_mult=(1, 2, 2),  # 3 levels: downsampling 4, 64 px -> 16x16 latents -> 64 tokens
                 num_res_blocks=1,
                 z_channels=16,
                 # Placeholders: the build measures shift = mean and scale = 1 / std of the latents
@@ -163,7 +167,8 @@ PRESETS: dict[str, Preset] = {
             shift_schedule=True,  # our get_schedule; at 64 tokens mu = 0.47, a mild shift
             default_steps=20,
             default_guidance=4.0,  # the true-CFG scale (cfg_scale) recommended for flux-mini
-            description="flux-mini: our small Flux trained on procedural cartoon faces, 128x128, true CFG",
+            description="flux-mini: our small Flux trained on procedural cartoon faces, 64x64, true CFG",
+            default_size=64,  # its training size
         ),
     ]
 }

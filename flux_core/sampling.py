@@ -9,7 +9,8 @@ Time convention (rectified flow, used everywhere in this codebase):
     t = 1 is pure noise, t = 0 is data;  x_t = (1 - t) x0 + t eps;
     the network predicts the velocity v = eps - x0;  Euler: x <- x + (t_next - t) v.
 
-Letters: B batch, C latent channels, H/W rows/columns of 2x2 latent patches (= pixels / 16),
+Letters: B batch, C latent channels, H/W rows/columns of 2x2 latent patches (= pixels / 16 for
+FLUX.1's autoencoder; `pixels_per_token` = 2 x the autoencoder's downsampling in general),
 N = H*W image tokens, T text tokens. `height`/`width` are always in pixels.
 """
 
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 # One image token covers 16x16 pixels: the autoencoder downsamples by 8, pack() joins 2x2 latents.
+# Functions that convert pixels to latents take `pixels_per_token` for autoencoders of other depths
+# (flux-mini's downsamples by 4: 8 px a token); the default is FLUX.1's.
 PIXELS_PER_TOKEN = 16
 # Schedule shift endpoints (official `get_lin_function` defaults): mu = 0.5 at 256 image tokens
 # (256x256 px) and mu = 1.15 at 4096 tokens (1024x1024 px).
@@ -34,23 +37,23 @@ BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
 # ----------------------------------------------------------------------------- sizes and noise
 
 
-def check_image_size(height: int, width: int) -> None:
-    """Raise ValueError unless both sides are positive multiples of 16 px, naming the nearest valid ones."""
+def check_image_size(height: int, width: int, pixels_per_token: int = PIXELS_PER_TOKEN) -> None:
+    """Raise ValueError unless both sides are positive multiples of pixels_per_token, naming the nearest valid ones."""
+    step = pixels_per_token
     for name, value in (("height", height), ("width", width)):
-        if value > 0 and value % PIXELS_PER_TOKEN == 0:
+        if value > 0 and value % step == 0:
             continue
-        lower = value // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
-        valid = [s for s in (lower, lower + PIXELS_PER_TOKEN) if s >= PIXELS_PER_TOKEN] or [PIXELS_PER_TOKEN]
+        lower = value // step * step
+        valid = [s for s in (lower, lower + step) if s >= step] or [step]
         positive = "positive " if value <= 0 else ""
         raise ValueError(
-            f"{name} {value} is not a {positive}multiple of {PIXELS_PER_TOKEN}; "
-            f"nearest valid: {' or '.join(map(str, valid))}"
+            f"{name} {value} is not a {positive}multiple of {step}; nearest valid: {' or '.join(map(str, valid))}"
         )
 
 
-def latent_size(height: int, width: int) -> tuple[int, int]:
-    """Latent (rows, cols) for an image in pixels: 2 * ceil(px / 16), as the official code rounds up."""
-    return 2 * math.ceil(height / PIXELS_PER_TOKEN), 2 * math.ceil(width / PIXELS_PER_TOKEN)
+def latent_size(height: int, width: int, pixels_per_token: int = PIXELS_PER_TOKEN) -> tuple[int, int]:
+    """Latent (rows, cols) for an image in pixels: 2 * ceil(px / 16) for FLUX.1, as the official code rounds up."""
+    return 2 * math.ceil(height / pixels_per_token), 2 * math.ceil(width / pixels_per_token)
 
 
 def get_noise(
@@ -61,8 +64,9 @@ def get_noise(
     z_channels: int = 16,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
+    pixels_per_token: int = PIXELS_PER_TOKEN,
 ) -> Tensor:
-    """Gaussian latent noise, (B, z_channels, 2*ceil(H/16), 2*ceil(W/16)).
+    """Gaussian latent noise, (B, z_channels, 2*ceil(H/16), 2*ceil(W/16)) (16: pixels_per_token).
 
     Drawn on the CPU from a torch.Generator in `dtype` (the official code draws in bf16), then moved
     to `device`: the same seed gives the same noise, hence the same image, on any device.
@@ -73,7 +77,7 @@ def get_noise(
     """
     if num_samples < 1 or height < 1 or width < 1:
         raise ValueError(f"num_samples, height and width must be >= 1; got {num_samples}, {height}, {width}")
-    shape = (z_channels, *latent_size(height, width))
+    shape = (z_channels, *latent_size(height, width, pixels_per_token))
     if isinstance(seed, Integral):
         g = torch.Generator("cpu").manual_seed(int(seed))
         noise = torch.randn(num_samples, *shape, generator=g, dtype=dtype)  # (B, C, 2H, 2W)
@@ -102,9 +106,9 @@ def pack(x: Tensor) -> Tensor:
     return rearrange(x, "B C (H ph) (W pw) -> B (H W) (C ph pw)", ph=2, pw=2)
 
 
-def unpack(x: Tensor, height: int, width: int) -> Tensor:
+def unpack(x: Tensor, height: int, width: int, pixels_per_token: int = PIXELS_PER_TOKEN) -> Tensor:
     """Inverse of pack, for an image of height x width pixels. (B, N, C*4) -> (B, C, 2H, 2W)."""
-    rows, cols = (s // 2 for s in latent_size(height, width))
+    rows, cols = (s // 2 for s in latent_size(height, width, pixels_per_token))
     if x.ndim != 3 or x.shape[1] != rows * cols:
         raise ValueError(
             f"unpack of a {height}x{width} px image expects (B, {rows * cols}, C*4) tokens; got {tuple(x.shape)}"
@@ -112,12 +116,14 @@ def unpack(x: Tensor, height: int, width: int) -> Tensor:
     return rearrange(x, "B (H W) (C ph pw) -> B C (H ph) (W pw)", H=rows, W=cols, ph=2, pw=2)
 
 
-def img_ids(batch: int, height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
+def img_ids(
+    batch: int, height: int, width: int, device: torch.device | str = "cpu", pixels_per_token: int = PIXELS_PER_TOKEN
+) -> Tensor:
     """Position ids of the image tokens in pack() order: (0, row, col) per token. Returns (B, N, 3) float32.
 
     RoPE axis 0 is unused by text-to-image (reserved for conditioning images); axes 1, 2 are the grid.
     """
-    rows, cols = (s // 2 for s in latent_size(height, width))
+    rows, cols = (s // 2 for s in latent_size(height, width, pixels_per_token))
     grid = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")  # 2 x (H, W)
     ids = torch.stack([torch.zeros_like(grid[0]), *grid], dim=-1).to(device, torch.float32)  # (H, W, 3)
     return repeat(ids, "H W three -> B (H W) three", B=batch)  # (B, N, 3)
@@ -162,7 +168,7 @@ def prepare(img: Tensor, txt: Tensor, vec: Tensor) -> ModelInputs:
     h, w = img.shape[-2:]
     return ModelInputs(
         img=packed,
-        img_ids=img_ids(bs, h * 8, w * 8, device=img.device),  # (B, N, 3); latent px = 8 image px
+        img_ids=img_ids(bs, h, w, device=img.device, pixels_per_token=2),  # (B, N, 3); in latent pixels
         txt=to_batch(txt).to(img.device),  # (B, T, C')
         txt_ids=txt_ids(bs, txt.shape[1], device=img.device),  # (B, T, 3)
         vec=to_batch(vec).to(img.device),  # (B, C'')

@@ -1,6 +1,7 @@
 """The `fluxspace` command: generate images, edit them with FluxSpace, sweep edit parameters.
 
-Every argument is checked before any model is loaded, so a typo costs nothing.
+Every argument is checked before any model is loaded, so a typo costs nothing. Without --model the
+shipped flux-mini is used.
 """
 
 import argparse
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import tomllib
 
-from flux_core import PRESETS
-from flux_core.loading import DTYPES
+from flux_core import PRESETS, Preset
+from flux_core.loading import DTYPES, read_ae_params
 
 from .edit import COARSE_TARGETS, PROJECTIONS, Concept, EditSpec, validate
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
-from .pipeline import SampleSettings, generate, load_models, resolve_paths
+from . import mini
+from .pipeline import ModelPaths, SampleSettings, generate, load_models, resolve_paths, resolve_preset
 from .sweep import SWEEPABLE, parse_values, sweep, vary
 
 
@@ -28,7 +30,11 @@ class CLIError(Exception):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="transformer .safetensors, a folder with it and ae.safetensors, or a diffusers folder")
+    g.add_argument(
+        "--model",
+        help="transformer .safetensors, a folder with it and ae.safetensors, or a diffusers folder "
+        "(default: the shipped flux-mini)",
+    )
     g.add_argument("--preset", choices=sorted(PRESETS), help="check the file against this preset (default: inferred)")
     g.add_argument("--ae", help="autoencoder file (default: ae.safetensors beside the model)")
     g.add_argument("--text-encoders", help="folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
@@ -38,8 +44,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--width", type=int, default=512, help="pixels, a multiple of 16 (default: 512)")
-    g.add_argument("--height", type=int, default=512, help="pixels, a multiple of 16 (default: 512)")
+    g.add_argument("--width", type=int, help="pixels, a multiple of 16 (8 for flux-mini); default: the preset's (64 for flux-mini, 1024 for FLUX.1)")
+    g.add_argument("--height", type=int, help="pixels, a multiple of 16 (8 for flux-mini); default: the preset's")
     g.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
     g.add_argument("--guidance", type=float, help="distilled guidance of dev models (default: the preset's)")
     g.add_argument("--cfg-scale", type=float, help="true classifier-free guidance scale (1 = off; default: the preset's for models without distilled guidance, else 1)")
@@ -168,17 +174,13 @@ def spec_from(args) -> EditSpec:
     return EditSpec(concepts=tuple(concepts), **settings)
 
 
-def check_spec(spec: EditSpec, settings: SampleSettings, args) -> None:
-    """Validate the edit against the number of steps; the block range is checked once the model is known."""
-    steps = settings.steps if settings.steps is not None else _preset_steps(args)
+def check_spec(spec: EditSpec, settings: SampleSettings, chosen: "Chosen") -> None:
+    """Validate the edit against the number of steps; the block range is checked once the model is loaded."""
+    steps = settings.steps if settings.steps is not None else chosen.preset.default_steps
     try:
         validate(spec, num_steps=steps, num_double_blocks=10**9)
     except ValueError as e:
         raise CLIError(str(e)) from None
-
-
-def _preset_steps(args) -> int:
-    return PRESETS[args.preset].default_steps if args.preset else 10**9
 
 
 def edit_params(result, models) -> dict:
@@ -207,7 +209,7 @@ def seeds_for(args) -> list[int]:
     return list(args.seed)
 
 
-def settings_from(args) -> SampleSettings:
+def settings_from(args, chosen: "Chosen") -> SampleSettings:
     s = SampleSettings(
         width=args.width,
         height=args.height,
@@ -218,7 +220,7 @@ def settings_from(args) -> SampleSettings:
         parity=args.parity,
     )
     try:
-        s.validate()
+        s.validate(chosen.pixels_per_token)
     except ValueError as e:
         raise CLIError(str(e)) from None
     return s
@@ -233,30 +235,34 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
 
 
-def require_model(args) -> str:
-    if not args.model:
-        raise CLIError("no model given: pass --model (a transformer .safetensors file or a model folder)")
+@dataclasses.dataclass(frozen=True)
+class Chosen:
+    """What the files' headers say about the model, before anything is loaded."""
+
+    paths: ModelPaths
+    preset: Preset
+    pixels_per_token: int  # image pixels a token covers: sizes must be multiples of it
+
+
+def choose_model(args) -> Chosen:
+    """Find the model's files (default: the shipped flux-mini) and read their headers."""
     try:
-        resolve_paths(args.model, args.ae, args.text_encoders)
+        model = args.model if args.model else mini.model_path()
+        paths = resolve_paths(model, args.ae, args.text_encoders)
+        return Chosen(paths, resolve_preset(paths, args.preset), 2 * read_ae_params(paths.ae).downsampling)
     except FileNotFoundError as e:
         raise CLIError(str(e)) from None
-    return args.model
 
 
 def run_generate(args) -> int:
     # Validate everything first: nothing is loaded or written before the arguments are known good.
-    settings = settings_from(args)
     seeds = seeds_for(args)
     prompts = [p for p in args.prompt for _ in seeds]
     all_seeds = seeds * len(args.prompt)
     paths = output_paths(args.out, len(prompts))
-    model = require_model(args)
-
-    t0 = time.perf_counter()
-    models = load_models(
-        model, preset=args.preset, ae=args.ae, text_encoders=args.text_encoders, device=args.device, dtype=args.dtype
-    )
-    print(f"loaded {models.preset.name}-shaped model from {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    chosen = choose_model(args)
+    settings = settings_from(args, chosen)
+    models = load_for(args, chosen)
     s = settings.resolved(models.preset)
     images = []
     for i in range(0, len(prompts), len(seeds)):
@@ -282,26 +288,28 @@ def run_generate(args) -> int:
     return 0
 
 
-def load_for(args):
-    model = require_model(args)
+def load_for(args, chosen: Chosen):
     t0 = time.perf_counter()
+    p = chosen.paths
     models = load_models(
-        model, preset=args.preset, ae=args.ae, text_encoders=args.text_encoders, device=args.device, dtype=args.dtype
+        p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device, dtype=args.dtype
     )
-    print(f"loaded {models.preset.name}-shaped model from {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    took = time.perf_counter() - t0
+    print(f"loaded {models.preset.name}-shaped model from {p.transformer} in {took:.1f} s", file=sys.stderr)
     return models
 
 
 def run_edit(args) -> int:
-    settings = settings_from(args)
     spec = spec_from(args)
-    check_spec(spec, settings, args)
+    chosen = choose_model(args)
+    settings = settings_from(args, chosen)
+    check_spec(spec, settings, chosen)
     if len(args.seed) != 1:
         raise CLIError("edit takes one --seed")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out-dir {out} exists and is not a folder")
-    models = load_for(args)
+    models = load_for(args, chosen)
     result = edit_image(models, args.prompt, spec, seed=args.seed[0], settings=settings, progress=not args.quiet)
     params = edit_params(result, models)
     written = [
@@ -318,8 +326,9 @@ def run_edit(args) -> int:
 
 
 def run_sweep(args) -> int:
-    settings = settings_from(args)
     spec = spec_from(args)
+    chosen = choose_model(args)
+    settings = settings_from(args, chosen)
     axes = []
     for item in args.vary:
         name, sep, values = item.partition("=")
@@ -333,11 +342,11 @@ def run_sweep(args) -> int:
         raise CLIError(f"--vary at most twice; got {len(axes)}")
     for name, values in axes:
         for v in values:
-            check_spec(vary(spec, name, v), settings, args)
+            check_spec(vary(spec, name, v), settings, chosen)
     if len(args.seed) != 1:
         raise CLIError("sweep takes one --seed")
     (out,) = output_paths(args.out, 1)
-    models = load_for(args)
+    models = load_for(args, chosen)
     grid, results = sweep(models, args.prompt, spec, axes, seed=args.seed[0], settings=settings, progress=not args.quiet)
     params = {**edit_params(results[0][0], models), "command": "sweep", "vary": {n: v for n, v in axes}}
     print(save_png(grid, out, params))

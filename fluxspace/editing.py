@@ -90,13 +90,14 @@ def edit_image(
     Everything is validated before any sampling starts.
     """
     s = (settings or SampleSettings()).resolved(models.preset)
-    s.validate()
+    s.validate(models.pixels_per_token)
     validate(spec, num_steps=s.steps, num_double_blocks=len(models.flow.double_blocks))
     encoded = encode_edit(spec, models.text)  # also checks that the mask words are in the edit prompts
 
     txt, vec = models.text([prompt])  # (1, T, C'), (1, C'')
     z = models.ae.params.z_channels
-    noise = get_noise(1, s.height, s.width, seed=[seed], z_channels=z, device=models.device)
+    ppt = models.pixels_per_token
+    noise = get_noise(1, s.height, s.width, seed=[seed], z_channels=z, device=models.device, pixels_per_token=ppt)
     inp = prepare(noise if s.parity else noise.to(models.dtype), txt, vec)
     timesteps = get_schedule(s.steps, inp.img.shape[1], shift=models.preset.shift_schedule)
     neg_txt, neg_vec = models.text([s.negative_prompt]) if s.cfg_scale != 1.0 else (None, None)
@@ -124,8 +125,8 @@ def edit_image(
         x = branch[start].to(inp.img.dtype)
         edited = run(x, timesteps[start:], _FromStep(editor, start, s.steps, recorder))
 
-    original, edited_image = decode(models, unpack(torch.cat([plain, edited]).float(), s.height, s.width))
-    grid = (s.height // 16, s.width // 16)
+    original, edited_image = decode(models, unpack(torch.cat([plain, edited]).float(), s.height, s.width, ppt))
+    grid = (s.height // ppt, s.width // ppt)
     means = editor.masks.mean() if editor.masks.count else [torch.zeros(1, grid[0] * grid[1])] * len(spec.concepts)
     masks = [m[0].reshape(grid).cpu() for m in means]
     block_masks = editor.masks.entries if record else None

@@ -27,8 +27,9 @@ from flux_core.loading import (
     resolve_dtype,
 )
 from flux_core.presets import PRESETS
-from flux_core.sampling import check_image_size, denoise, get_noise, get_schedule, prepare, unpack
+from flux_core.sampling import PIXELS_PER_TOKEN, check_image_size, denoise, get_noise, get_schedule, prepare, unpack
 
+from . import mini
 from .images import tensor_to_pil
 
 if TYPE_CHECKING:  # the text encoders pull in `transformers`: imported when a model is loaded
@@ -124,9 +125,14 @@ class FluxModels:
     def dtype(self) -> torch.dtype:
         return next(self.flow.parameters()).dtype
 
+    @property
+    def pixels_per_token(self) -> int:
+        """Image pixels along the side of one image token: 2 x the autoencoder's downsampling."""
+        return 2 * self.ae.params.downsampling
+
 
 def load_models(
-    model: str | os.PathLike,
+    model: str | os.PathLike | None = None,
     *,
     preset: str | None = None,
     ae: str | None = None,
@@ -134,10 +140,13 @@ def load_models(
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> FluxModels:
-    """Load transformer, autoencoder and text encoders; the preset is checked against the file."""
+    """Load transformer, autoencoder and text encoders; the preset is checked against the file.
+
+    model: see resolve_paths; None loads the shipped flux-mini.
+    """
     from flux_core.conditioner import load_text_encoders
 
-    paths = resolve_paths(model, ae, text_encoders)
+    paths = resolve_paths(model if model is not None else mini.model_path(), ae, text_encoders)
     chosen = resolve_preset(paths, preset)
     dtype = resolve_dtype(dtype, device)
     flow = load_flow_model(paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype)
@@ -150,8 +159,8 @@ def load_models(
 class SampleSettings:
     """Everything besides the prompt that decides an image. None means the preset's default."""
 
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # pixels; None: the preset's default_size (FLUX.1 1024, flux-mini 64)
+    height: int | None = None
     steps: int | None = None
     guidance: float | None = None
     cfg_scale: float | None = None  # None: the preset's scale for models trained for true CFG, else 1 (off)
@@ -164,10 +173,18 @@ class SampleSettings:
         cfg = self.cfg_scale
         if cfg is None:  # dev models distil guidance into the model; the others need true CFG
             cfg = 1.0 if preset.params.guidance_embed else preset.default_guidance
-        return SampleSettings(self.width, self.height, steps, guidance, cfg, self.negative_prompt, self.parity)
+        width = self.width if self.width is not None else preset.default_size
+        height = self.height if self.height is not None else preset.default_size
+        return SampleSettings(width, height, steps, guidance, cfg, self.negative_prompt, self.parity)
 
-    def validate(self) -> None:
-        check_image_size(self.height, self.width)
+    def validate(self, pixels_per_token: int = PIXELS_PER_TOKEN) -> None:
+        """Check what can be checked; sizes only once given (pixels_per_token: the model's, see FluxModels)."""
+        if self.width is not None or self.height is not None:
+            check_image_size(
+                self.height if self.height is not None else pixels_per_token,
+                self.width if self.width is not None else pixels_per_token,
+                pixels_per_token,
+            )
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
         for name in ("guidance", "cfg_scale"):
@@ -189,11 +206,11 @@ def sample_latents(
     if len(prompts) != len(seeds):
         raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
     s = settings.resolved(models.preset)
-    s.validate()
-    device, dtype = models.device, models.dtype
+    s.validate(models.pixels_per_token)
+    device, dtype, ppt = models.device, models.dtype, models.pixels_per_token
     txt, vec = models.text(prompts)  # (B, T, C'), (B, C'')
     z = models.ae.params.z_channels
-    noise = get_noise(len(seeds), s.height, s.width, seed=seeds, z_channels=z, device=device, dtype=torch.bfloat16)
+    noise = get_noise(len(seeds), s.height, s.width, seeds, z, device, torch.bfloat16, pixels_per_token=ppt)
     inp = prepare(noise if s.parity else noise.to(dtype), txt, vec)
     timesteps = get_schedule(s.steps, inp.img.shape[1], shift=models.preset.shift_schedule)
     neg_txt = neg_vec = None
@@ -215,7 +232,7 @@ def sample_latents(
         progress=progress,
         parity=s.parity,
     )
-    return unpack(x.float(), s.height, s.width)
+    return unpack(x.float(), s.height, s.width, ppt)
 
 
 def decode(models: FluxModels, latents: torch.Tensor) -> list[Image.Image]:

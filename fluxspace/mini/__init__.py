@@ -1,7 +1,11 @@
 """flux-mini: a small Flux trained on a procedural domain of captioned cartoon faces (issue 4).
 
 domain.py: attributes, the renderer and the regions of the local attributes; captions.py: captions.
+The trained model ships in weights/flux-mini/ (built by `python -m fluxspace.mini.build`) and is the
+default model of `fluxspace generate | edit | sweep` and `fluxspace.load_models()`.
 """
+
+from pathlib import Path
 
 from .domain import (
     FAMILIES,
@@ -18,7 +22,22 @@ from .domain import (
     to_tensor,
 )
 
+MODEL_DIR = Path(__file__).resolve().parent / "weights" / "flux-mini"
+
+
+def model_path() -> Path:
+    """The shipped flux-mini folder (transformer, ae.safetensors, text encoders), laid out like the official release."""
+    if not (MODEL_DIR / "flux-mini.safetensors").is_file():
+        raise FileNotFoundError(
+            f"flux-mini is missing from this install ({MODEL_DIR}); reinstall the package, or build it with "
+            "`python -m fluxspace.mini.build --out FOLDER` and pass --model FOLDER"
+        )
+    return MODEL_DIR
+
+
 __all__ = [
+    "MODEL_DIR",
+    "model_path",
     "FAMILIES",
     "KIND",
     "LOCAL_FAMILIES",

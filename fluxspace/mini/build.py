@@ -66,12 +66,12 @@ class BuildConfig:
     out: Path
     work: Path
     device: str = "cpu"
-    steps_ae: int = 40_000
-    steps_flow: int = 60_000
+    steps_ae: int = 1_500
+    steps_flow: int = 4_000
     batch_ae: int = 32
-    batch_flow: int = 128
-    lr_ae: float = 2e-4
-    lr_flow: float = 3e-4
+    batch_flow: int = 64
+    lr_ae: float = 5e-4
+    lr_flow: float = 8e-4
     images: int = 20_000  # training renders (train split only), each with `captions_per_image` captions
     captions_per_image: int = 4
     eval_images: int = 256  # held-out renders for the PSNR
@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--steps-ae", type=int, default=d.steps_ae, help="autoencoder training steps")
     parser.add_argument("--steps-flow", type=int, default=d.steps_flow, help="flow transformer training steps")
+    parser.add_argument("--lr-ae", type=float, default=d.lr_ae, help="autoencoder peak learning rate")
+    parser.add_argument("--lr-flow", type=float, default=d.lr_flow, help="flow transformer peak learning rate")
     parser.add_argument("--batch-ae", type=int, default=d.batch_ae, help="images per autoencoder step")
     parser.add_argument("--batch-flow", type=int, default=d.batch_flow, help="latents per flow step")
     parser.add_argument("--images", type=int, default=d.images, help="training renders")
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or args.out.with_name(args.out.name + "-work")
     config = BuildConfig(
         out=args.out, work=work, device=args.device, steps_ae=args.steps_ae, steps_flow=args.steps_flow,
-        batch_ae=args.batch_ae, batch_flow=args.batch_flow, images=args.images, seed=args.seed,
+        batch_ae=args.batch_ae, batch_flow=args.batch_flow, lr_ae=args.lr_ae, lr_flow=args.lr_flow, images=args.images, seed=args.seed,
         workers=args.workers, bf16=args.bf16, resume=args.resume, time_limit=args.time_limit,
     )  # fmt: skip
     report = build(config)
