@@ -13,6 +13,7 @@ from torch import nn
 from flux_core import Flux, get_preset
 from flux_core.sampling import (
     ModelInputs,
+    PIXELS_PER_TOKEN,
     check_image_size,
     denoise,
     get_noise,
@@ -103,6 +104,23 @@ def test_check_image_size_messages(height, width, message):
 def test_check_image_size_accepts_multiples_of_16():
     check_image_size(16, 16)
     check_image_size(768, 1360)
+
+
+def test_autoencoders_of_other_depths_set_the_token_size():
+    # flux-mini's autoencoder has 3 levels (downsampling 4): one token covers 8x8 pixels.
+    ppt = 2 * get_preset("flux-mini").ae_params.downsampling
+    assert ppt == 8 and 2 * get_preset("flux-dev").ae_params.downsampling == PIXELS_PER_TOKEN == 16
+    with pytest.raises(ValueError) as info:
+        check_image_size(64, 60, pixels_per_token=ppt)
+    assert str(info.value) == "width 60 is not a multiple of 8; nearest valid: 56 or 64"
+    check_image_size(72, 40, pixels_per_token=ppt)
+    noise = get_noise(1, 72, 40, seed=0, pixels_per_token=ppt)
+    assert noise.shape == (1, 16, 18, 10)  # latents at 1/4 of the pixels
+    inp = prepare(noise, torch.zeros(1, 3, 8), torch.zeros(1, 8))
+    assert inp.img.shape == (1, 9 * 5, 64)
+    assert torch.equal(inp.img_ids, img_ids(1, 72, 40, pixels_per_token=ppt))
+    assert inp.img_ids[0, -1].tolist() == [0.0, 8.0, 4.0]  # last token: row 8, column 4
+    assert torch.equal(unpack(inp.img, 72, 40, pixels_per_token=ppt), noise)
 
 
 def test_get_noise_shape_dtype_and_determinism():

@@ -66,11 +66,11 @@ class BuildConfig:
     out: Path
     work: Path
     device: str = "cpu"
-    steps_ae: int = 1_500
+    steps_ae: int = 3_000
     steps_flow: int = 4_000
-    batch_ae: int = 32
+    batch_ae: int = 16
     batch_flow: int = 64
-    lr_ae: float = 5e-4
+    lr_ae: float = 8e-4
     lr_flow: float = 8e-4
     images: int = 20_000  # training renders (train split only), each with `captions_per_image` captions
     captions_per_image: int = 4
