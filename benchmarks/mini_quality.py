@@ -39,7 +39,7 @@ from fluxspace.mini.captions import KEYWORD, prompt_for  # noqa: E402
 from fluxspace.mini.domain import FAMILIES, render_batch, sample_attributes, to_tensor  # noqa: E402
 from fluxspace.mini.evaluator import load_evaluator  # noqa: E402
 
-DEFAULT_MODEL = Path(fluxspace.mini.__file__).resolve().parent / "weights" / "flux-mini"
+DEFAULT_MODEL = fluxspace.mini.MODEL_DIR
 UNSEEN_SEED = 2**31  # training render seeds are drawn in [0, 2**31): these are never used there
 PSNR_CAP_MSE = 1e-12  # identical images: 120 dB rather than infinity (JSON has no infinity)
 TARGETS = {
@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--edit-seeds", type=int, default=64, help="base images per local edit")
     p.add_argument("--speed-repeats", type=int, default=3, help="timed edits (median)")
     p.add_argument("--edits", default=",".join(EDITS), help=f"comma-separated subset of {', '.join(EDITS)}")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the preset's, 64)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
     p.add_argument("--batch", type=int, default=16, help="images per generate call")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, attributes and noise seeds")
@@ -115,7 +115,7 @@ def check_model(path: Path) -> None:
     if not Path(path).exists():
         raise SystemExit(
             f"model not found: {path}. flux-mini is built, not downloaded: "
-            f"`python -m fluxspace.mini.build --out {path}` (a GPU job), or pass --model FOLDER"
+            f"`python -m fluxspace.mini.build --out {path}`, or pass --model FOLDER"
         )
 
 
@@ -347,6 +347,7 @@ def main(argv=None) -> dict:
     check_model(args.model)
     models = load_models(args.model)
     evaluator = load_evaluator(args.evaluator)
+    args.size = args.size or models.preset.default_size
     settings = SampleSettings(width=args.size, height=args.size, steps=args.steps)
     print(f"{models.preset.name} from {args.model}, {args.size}px", file=sys.stderr, flush=True)
     data = {
