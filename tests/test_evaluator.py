@@ -40,6 +40,15 @@ def test_accuracy_on_fresh_renders_every_family(evaluator, fresh):
         assert right / N_FRESH >= REQUIRED_ACCURACY, f"{family}: {right}/{N_FRESH} right"
 
 
+def test_accuracy_at_flux_mini_size(evaluator):
+    # flux-mini draws 64 px images; the evaluator reads them upsampled to 128 px.
+    images, attrs = fresh_renders(N_FRESH, attrs_seed=8, first_seed=TEST_SEEDS + N_FRESH, size=64)
+    predicted = evaluator.score(images).predicted
+    for family in FAMILIES:
+        right = sum(p[family] == getattr(a, family) for p, a in zip(predicted, attrs, strict=True))
+        assert right / N_FRESH >= REQUIRED_ACCURACY, f"{family}: {right}/{N_FRESH} right at 64 px"
+
+
 BASE = Attributes("medium", "brown", "oval", "blue", "none", "none", "neutral", "none", "flat")
 FLIPS = [("eyewear", "eyeglasses"), ("eyewear", "sunglasses"), ("hat", "hat"), ("mouth", "smile"),
          ("mouth", "frown"), ("beard", "beard")]  # fmt: skip
