@@ -26,6 +26,9 @@ from torch import Tensor
 
 PROJECTIONS = ("after_proj", "before_proj")
 COARSE_TARGETS = ("txt", "both", "global")
+# What the edit direction keeps of the edit branch's attention output A_e, given the prior's A_phi:
+# the paper's component orthogonal to A_phi, or (ablations) the plain difference, or A_e itself.
+PRIOR_REMOVALS = ("orthogonal", "difference", "none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,6 +62,7 @@ class EditSpec:
     prior_prompt: str = ""
     projection: str = "after_proj"  # project after the output projection (unofficial) or before it
     coarse_target: str = "txt"  # txt: text-stream modulation of the double blocks (unofficial); both; global
+    prior_removal: str = "orthogonal"  # Delta = A_e - alpha A_phi (paper); "difference": A_e - A_phi; "none": A_e
     # Reproduce the unofficial implementation (docs/fluxspace_reference_notes.md): its arithmetic in
     # the model dtype, full attention per branch, one concept, lambda_fine > 0 only, and its keyword
     # lookup, which keeps a single T5 token (the one holding the first occurrence, in the edit prompt,
@@ -138,6 +142,11 @@ def validate(spec: EditSpec, num_steps: int, num_double_blocks: int) -> None:
             )
     if spec.projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {spec.projection!r}; valid: {', '.join(PROJECTIONS)}")
+    if spec.prior_removal not in PRIOR_REMOVALS:
+        raise ValueError(f"unknown prior_removal {spec.prior_removal!r}; valid: {', '.join(PRIOR_REMOVALS)}")
+    if spec.reference and spec.prior_removal != "orthogonal":
+        raise ValueError("reference mode reproduces the unofficial code, which removes the prior orthogonally; "
+                         f"got prior_removal={spec.prior_removal!r}")  # fmt: skip
     if spec.reference and len(spec.concepts) != 1:
         raise ValueError(f"reference mode reproduces the unofficial code, which takes exactly one concept; got {len(spec.concepts)}")
     if spec.coarse_target not in COARSE_TARGETS:

@@ -36,6 +36,18 @@ def orthogonal_component(a_edit: Tensor, a_prior: Tensor, eps: float = PROJECTIO
     return a_edit - alpha * a_prior  # (..., N, C)
 
 
+def edit_direction(a_edit: Tensor, a_prior: Tensor, prior_removal: str = "orthogonal") -> Tensor:
+    """Delta of the fine edit, float32: orthogonal_component (the paper), or for ablations the plain
+    difference a_edit - a_prior, or a_edit itself ("none"). Shapes as orthogonal_component's."""
+    if prior_removal == "orthogonal":
+        return orthogonal_component(a_edit, a_prior)
+    if prior_removal == "difference":
+        return a_edit.float() - a_prior.float()
+    if prior_removal == "none":
+        return a_edit.float()
+    raise ValueError(f"unknown prior_removal {prior_removal!r}; valid: orthogonal, difference, none")
+
+
 def coarse_pooled(c_pool: Tensor, c_edit_pool: Tensor, lambda_coarse: float, eps: float = PROJECTION_EPS) -> Tensor:
     """c_hat = (1 - lambda) c + lambda (c_e - proj_c c_e). (B, C') each; float32."""
     c, ce = c_pool.float(), c_edit_pool.float()

@@ -25,9 +25,9 @@ from .projection import (
     coarse_pooled_reference,
     concept_mask,
     concept_mask_reference,
+    edit_direction,
     keyword_attention,
     keyword_attention_reference,
-    orthogonal_component,
     orthogonal_component_reference,
 )
 
@@ -145,7 +145,7 @@ class FluxSpaceStep:
         if self.spec.reference:
             a_hat = self._reference_combine(a, img_q, k_edit, site.index)
         else:
-            delta = orthogonal_component(a[:, 2:], a[:, 1:2])  # (B, K-1, N, C) float32
+            delta = edit_direction(a[:, 2:], a[:, 1:2], self.spec.prior_removal)  # (B, K-1, N, C) float32
             masks, a_hat = [], a[:, 0].float()  # (B, N, C)
             for j, concept in enumerate(self.spec.concepts):
                 if concept.tau_m > 0:

@@ -11,7 +11,7 @@ from tiny import tiny_inputs, tiny_model
 from flux_core import Recorder
 from flux_core.sampling import denoise, get_schedule, img_ids, txt_ids
 from fluxspace.edit import Concept, EditSpec, EncodedEdit, validate
-from fluxspace.projection import coarse_pooled, concept_mask, orthogonal_component
+from fluxspace.projection import coarse_pooled, concept_mask, edit_direction, orthogonal_component
 from fluxspace.step import FluxSpaceEditor, FluxSpaceStep
 
 B, h, w, T = 2, 3, 4, 6  # 12 image tokens, 6 text tokens
@@ -71,6 +71,13 @@ def test_delta_is_orthogonal_to_the_prior(n, c, seed, scale):
     cos = torch.nn.functional.cosine_similarity(delta, a_p, dim=-1)
     assert delta.dtype == torch.float32
     assert cos.abs().max().item() <= 1e-5
+
+
+def test_edit_direction_variants():
+    a_e, a_phi = torch.randn(2, 5, 8), torch.randn(2, 1, 5, 8)[:, 0]
+    assert torch.equal(edit_direction(a_e, a_phi), orthogonal_component(a_e, a_phi))
+    assert torch.equal(edit_direction(a_e, a_phi, "difference"), a_e - a_phi)
+    assert torch.equal(edit_direction(a_e, a_phi, "none"), a_e)
 
 
 def test_delta_of_the_prior_itself_is_exactly_zero():
@@ -242,6 +249,29 @@ def test_projection_before_output_projection_differs_but_is_linear():
     assert not torch.allclose(a[0], c[0])
 
 
+@pytest.mark.parametrize("removal", ["difference", "none"])
+def test_prior_removal_ablations_add_their_direction(removal):
+    # A_hat - A_b = lambda * (A_e - A_phi) or lambda * A_e, read back through the branches' plain outputs.
+    model = tiny_model()
+    enc = encoded(model)
+    spec = EditSpec(concepts=(Concept("x", 3.0, 0.0),), prior_removal=removal)
+    spies = []
+    run_step(model, spec, enc, spy_out=spies)
+    orth = run_step(model, EditSpec(concepts=(Concept("x", 3.0, 0.0),)), enc)[1][0]
+    edited, base = spies[0].outputs[0]
+    delta = (edited - base) / 3.0  # (B, N, C)
+    assert not torch.allclose(delta, (orth[0] - orth[1]) / 3.0, atol=1e-4)
+    # Difference: zero when the concept embeds like the prior, as the orthogonal component is.
+    if removal == "difference":
+        same = encoded(model)
+        same.branch_txt[1] = same.branch_txt[0]
+        e, b = run_step(model, spec, same)[1][0]
+        torch.testing.assert_close(e, b, rtol=1e-5, atol=1e-5)
+    else:  # none: linear in lambda and not zero for an edit prompt equal to the prior
+        twice = run_step(model, EditSpec(concepts=(Concept("x", 6.0, 0.0),), prior_removal="none"), enc)[1][0]
+        torch.testing.assert_close(twice[0] - twice[1], 2 * (edited - base), rtol=1e-4, atol=1e-5)
+
+
 def test_edit_blocks_subset_only_touches_those_blocks():
     model = tiny_model(depth=3)
     got = run_step(model, EditSpec(concepts=(Concept("x", 3.0, 0.0),), blocks=(1,)), encoded(model))[1]
@@ -271,6 +301,8 @@ def test_edit_blocks_subset_only_touches_those_blocks():
         (EditSpec(concepts=(Concept("hat"),), blocks=(0, 19)), r"double block indices \[19\] out of range; this model has double blocks 0..18"),
         (EditSpec(concepts=(Concept("hat"),), projection="inside"), "unknown projection 'inside'; valid: after_proj, before_proj"),
         (EditSpec(concepts=(Concept("hat"),), coarse_target="vec"), "unknown coarse_target 'vec'; valid: txt, both, global"),
+        (EditSpec(concepts=(Concept("hat"),), prior_removal="project"), "unknown prior_removal 'project'; valid: orthogonal, difference, none"),
+        (EditSpec(concepts=(Concept("hat"),), prior_removal="none", reference=True), "reference mode reproduces the unofficial code, which removes the prior orthogonally"),
         (EditSpec(), "an edit needs at least one concept"),
     ],
 )
