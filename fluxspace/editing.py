@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from flux_core.recorder import Recorder
-from flux_core.sampling import denoise, get_noise, get_schedule, prepare, unpack
+from flux_core.sampling import ModelInputs, denoise, get_noise, get_schedule, prepare, unpack
 
 from .edit import EditSpec, encode_edit, validate
 from .pipeline import FluxModels, SampleSettings, decode
@@ -36,6 +36,57 @@ class EditResult:
     prompt: str
     recorder: Recorder | None = None
     block_masks: list | None = None  # with record=True: (step, double block, [per concept (1, N)]) entries
+
+
+@dataclass
+class SamplingRun:
+    """One prompt and seed made ready to sample: model inputs, schedule, negative prompt.
+
+    Shared by edit_image and the baselines (baselines.py), which all compare a plain run with an
+    edited run from the same noise, the edited one branching off the plain one where the edit starts.
+    """
+
+    models: FluxModels
+    settings: SampleSettings  # resolved
+    inp: ModelInputs
+    timesteps: list[float]
+    negative: tuple[torch.Tensor | None, torch.Tensor | None]  # (neg_txt, neg_vec), or Nones without CFG
+    progress: bool
+
+    @classmethod
+    def prepare(cls, models: FluxModels, prompt: str, seed: int, s: SampleSettings, progress: bool) -> "SamplingRun":
+        txt, vec = models.text([prompt])  # (1, T, C'), (1, C'')
+        z, ppt = models.ae.params.z_channels, models.pixels_per_token
+        noise = get_noise(1, s.height, s.width, seed=[seed], z_channels=z, device=models.device, pixels_per_token=ppt)
+        inp = prepare(noise if s.parity else noise.to(models.dtype), txt, vec)
+        timesteps = get_schedule(s.steps, inp.img.shape[1], shift=models.preset.shift_schedule)
+        negative = models.text([s.negative_prompt]) if s.cfg_scale != 1.0 else (None, None)
+        return cls(models, s, inp, timesteps, negative, progress)
+
+    def denoise(self, x, timesteps, edit=None, callback=None, model=None, txt=None, vec=None) -> torch.Tensor:
+        """Euler from latent x over `timesteps` (default: the prompt's model, txt and vec)."""
+        s, inp = self.settings, self.inp
+        return denoise(
+            model or self.models.flow, x.to(inp.img.dtype), inp.img_ids, inp.txt if txt is None else txt,
+            inp.txt_ids, inp.vec if vec is None else vec, timesteps, guidance=s.guidance, neg_txt=self.negative[0],
+            neg_vec=self.negative[1], cfg_scale=s.cfg_scale, progress=self.progress, parity=s.parity, edit=edit,
+            callback=callback,
+        )  # fmt: skip
+
+    def plain_and_branch(self, start: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The plain run's final latent, and its latent where step `start` begins (None: no branch)."""
+        branch = {0: self.inp.img}
+
+        def keep_branch_point(step, t, t_next, img, pred):
+            if step + 1 == start:
+                branch[start] = img.clone()
+
+        plain = self.denoise(self.inp.img, self.timesteps, callback=keep_branch_point if start else None)
+        return plain, branch.get(start)
+
+    def decode(self, *latents: torch.Tensor) -> list[Image.Image]:
+        s, ppt = self.settings, self.models.pixels_per_token
+        return decode(self.models, unpack(torch.cat(latents).float(), s.height, s.width, ppt))
 
 
 def first_active_step(spec: EditSpec, timesteps: list[float]) -> int | None:
@@ -94,38 +145,18 @@ def edit_image(
     validate(spec, num_steps=s.steps, num_double_blocks=len(models.flow.double_blocks))
     encoded = encode_edit(spec, models.text)  # also checks that the mask words are in the edit prompts
 
-    txt, vec = models.text([prompt])  # (1, T, C'), (1, C'')
-    z = models.ae.params.z_channels
-    ppt = models.pixels_per_token
-    noise = get_noise(1, s.height, s.width, seed=[seed], z_channels=z, device=models.device, pixels_per_token=ppt)
-    inp = prepare(noise if s.parity else noise.to(models.dtype), txt, vec)
-    timesteps = get_schedule(s.steps, inp.img.shape[1], shift=models.preset.shift_schedule)
-    neg_txt, neg_vec = models.text([s.negative_prompt]) if s.cfg_scale != 1.0 else (None, None)
-
-    def run(x, ts, edit=None, callback=None):
-        return denoise(
-            models.flow, x, inp.img_ids, inp.txt, inp.txt_ids, inp.vec, ts, guidance=s.guidance,
-            neg_txt=neg_txt, neg_vec=neg_vec, cfg_scale=s.cfg_scale, progress=progress, parity=s.parity,
-            edit=edit, callback=callback,
-        )  # fmt: skip
-
-    start = first_active_step(spec, timesteps)
-    branch = {0: inp.img}
-
-    def keep_branch_point(step, t, t_next, img, pred):
-        if step + 1 == start:
-            branch[start] = img.clone()
-
-    plain = run(inp.img, timesteps, callback=keep_branch_point if start else None)
+    run = SamplingRun.prepare(models, prompt, seed, s, progress)
+    start = first_active_step(spec, run.timesteps)
+    plain, branch = run.plain_and_branch(start)
     editor = FluxSpaceEditor(spec, encoded, keep_masks=record)
     recorder = Recorder(keep=("img_attn_out", "attn")) if record else None
     if start is None:  # the edit never switches on: the edited image is the plain one
         edited = plain.clone()
     else:
-        x = branch[start].to(inp.img.dtype)
-        edited = run(x, timesteps[start:], _FromStep(editor, start, s.steps, recorder))
+        edited = run.denoise(branch, run.timesteps[start:], _FromStep(editor, start, s.steps, recorder))
 
-    original, edited_image = decode(models, unpack(torch.cat([plain, edited]).float(), s.height, s.width, ppt))
+    original, edited_image = run.decode(plain, edited)
+    ppt = models.pixels_per_token
     grid = (s.height // ppt, s.width // ppt)
     means = editor.masks.mean() if editor.masks.count else [torch.zeros(1, grid[0] * grid[1])] * len(spec.concepts)
     masks = [m[0].reshape(grid).cpu() for m in means]
