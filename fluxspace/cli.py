@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"parameter and values; once or twice. NAME in {', '.join(SWEEPABLE)}",
     )  # fmt: skip
     sw.add_argument("--out", default="out/sweep.png", help="output PNG")
+    bench = sub.add_parser("bench", help="benchmarks on flux-mini: edit-quality (options: fluxspace bench edit-quality -h)")
+    bench.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
     add_edit_args(sw)
     add_model_args(sw)
     add_sampling_args(sw)
@@ -353,7 +356,21 @@ def run_sweep(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": run_generate, "edit": run_edit, "sweep": run_sweep}
+def run_edit_quality(options: list[str]) -> None:
+    from .mini.edit_quality import main as edit_quality
+
+    edit_quality(options)
+
+
+BENCHMARKS = {"edit-quality": run_edit_quality}
+
+
+def run_bench(args) -> int:
+    BENCHMARKS[args.benchmark](args.options)
+    return 0
+
+
+COMMANDS = {"generate": run_generate, "edit": run_edit, "sweep": run_sweep, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,10 @@ class SamplingRun:
         plain = self.denoise(self.inp.img, self.timesteps, callback=keep_branch_point if start else None)
         return plain, branch.get(start)
 
+    def fluxspace(self, editor: FluxSpaceEditor, start: int, branch: torch.Tensor, recorder=None) -> torch.Tensor:
+        """The edited run: from the plain run's latent `branch` at step `start` to the end, with `editor`."""
+        return self.denoise(branch, self.timesteps[start:], _FromStep(editor, start, self.settings.steps, recorder))
+
     def decode(self, *latents: torch.Tensor) -> list[Image.Image]:
         s, ppt = self.settings, self.models.pixels_per_token
         return decode(self.models, unpack(torch.cat(latents).float(), s.height, s.width, ppt))
@@ -153,7 +157,7 @@ def edit_image(
     if start is None:  # the edit never switches on: the edited image is the plain one
         edited = plain.clone()
     else:
-        edited = run.denoise(branch, run.timesteps[start:], _FromStep(editor, start, s.steps, recorder))
+        edited = run.fluxspace(editor, start, branch, recorder)
 
     original, edited_image = run.decode(plain, edited)
     ppt = models.pixels_per_token

@@ -63,3 +63,15 @@ def side_by_side(images: list[Image.Image], gap: int = 4) -> Image.Image:
         out.paste(im, (x, 0))
         x += im.width + gap
     return out
+
+
+def stacked(images: list[Image.Image], gap: int = 4) -> Image.Image:
+    """Images in one column, separated by white gaps."""
+    w = max(im.width for im in images)
+    h = sum(im.height for im in images) + gap * (len(images) - 1)
+    out = Image.new("RGB", (w, h), "white")
+    y = 0
+    for im in images:
+        out.paste(im, (0, y))
+        y += im.height + gap
+    return out
