@@ -350,7 +350,12 @@ def run_sweep(args) -> int:
         raise CLIError("sweep takes one --seed")
     (out,) = output_paths(args.out, 1)
     models = load_for(args, chosen)
-    grid, results = sweep(models, args.prompt, spec, axes, seed=args.seed[0], settings=settings, progress=not args.quiet)
+    shards = out.with_name(out.name + ".shards")  # used under torchrun only (fluxspace/distributed.py)
+    grid, results = sweep(
+        models, args.prompt, spec, axes, seed=args.seed[0], settings=settings, progress=not args.quiet, shards=shards
+    )
+    if grid is None:  # a rank other than 0 of a sharded sweep: its cells are in the shard folder
+        return 0
     params = {**edit_params(results[0][0], models), "command": "sweep", "vary": {n: v for n, v in axes}}
     print(save_png(grid, out, params))
     return 0

@@ -1,12 +1,18 @@
 """Ablation grids: one prompt, one noise, one or two edit parameters varied over values.
 
 Like the paper's ablation figures (lambda_fine, lambda_coarse, tau_m, start), as one labelled image.
+Under torchrun the cells are shared out across ranks (distributed.py): each rank writes its cells'
+images to the shard folder, and rank 0 assembles the grid.
 """
 
+import os
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .distributed import barrier, world
 from .edit import EditSpec
 from .editing import EditResult, edit_image
 from .pipeline import FluxModels, SampleSettings
@@ -49,25 +55,52 @@ def sweep(
     seed: int = 0,
     settings: SampleSettings | None = None,
     progress: bool = False,
-) -> tuple[Image.Image, list[list[EditResult]]]:
-    """Columns vary the first parameter, rows the second (if any). Returns the grid and the results."""
+    shards: str | os.PathLike | None = None,
+) -> tuple[Image.Image | None, list[list[EditResult | None]]]:
+    """Columns vary the first parameter, rows the second (if any). Returns the grid and the results.
+
+    Under torchrun (WORLD_SIZE > 1) each rank edits every world-th cell and saves its images in
+    `shards` (a folder every rank can see); rank 0 returns the grid, the other ranks None. Results
+    are those of this rank's cells (None elsewhere); cell (0, 0) is always rank 0's.
+    """
     if not 1 <= len(axes) <= 2:
         raise ValueError(f"sweep one or two parameters; got {len(axes)}")
     cols_name, cols = axes[0]
     rows_name, rows = axes[1] if len(axes) == 2 else (None, [None])
-    results = []
-    for r in rows:
-        row = []
-        for c in cols:
-            cell = vary(spec, cols_name, c)
-            if rows_name is not None:
-                cell = vary(cell, rows_name, r)
-            row.append(edit_image(models, prompt, cell, seed, settings, progress=progress))
-        results.append(row)
+    rank, size = world()
+    results = [[None] * len(cols) for _ in rows]
+    for k in range(rank, len(rows) * len(cols), size):
+        i, j = divmod(k, len(cols))
+        cell = vary(spec, cols_name, cols[j])
+        if rows_name is not None:
+            cell = vary(cell, rows_name, rows[i])
+        results[i][j] = edit_image(models, prompt, cell, seed, settings, progress=progress)
     col_labels = [f"{SHORT[cols_name]}={c}" for c in cols]
     row_labels = [f"{SHORT[rows_name]}={r}" if rows_name else "unedited" for r in rows]
-    original = results[0][0].original
-    return grid_image(original, [[x.edited for x in row] for row in results], col_labels, row_labels), results
+    if size == 1:
+        cells = [[x.edited for x in row] for row in results]
+        return grid_image(results[0][0].original, cells, col_labels, row_labels), results
+    if shards is None:
+        raise ValueError("a sharded sweep (WORLD_SIZE > 1) needs a shard folder that every rank can see")
+    folder = Path(shards)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(results):
+        for j, x in enumerate(row):
+            if x is not None:
+                _save(x.edited, folder / f"cell-{i}-{j}.png")
+    barrier(size)
+    if rank != 0:
+        return None, results
+    cells = [[Image.open(folder / f"cell-{i}-{j}.png").convert("RGB") for j in range(len(cols))] for i in range(len(rows))]
+    return grid_image(results[0][0].original, cells, col_labels, row_labels), results
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    """A shard image, written atomically (a rank killed half-way leaves no half file to merge)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        image.save(f, format="PNG")
+    os.replace(tmp, path)
 
 
 def grid_image(

@@ -73,6 +73,25 @@ def test_sweep_grid(tiny_checkpoint, tmp_path):
     assert read_png_params(out)["vary"] == {"lambda_fine": [0.0, 3.0], "tau_m": [0.0, 0.5]}
 
 
+def test_sharded_sweep_equals_single_process(tiny_checkpoint, tmp_path):
+    # Two processes under torchrun (gloo): each edits half the cells, rank 0 assembles the same grid.
+    import os
+    import subprocess
+    import sys
+
+    args = ["sweep", "a woman", "--edit", "glasses", "--vary", "lambda_fine=0,3,6", "--model",
+            str(tiny_checkpoint.transformer), *SMALL]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "fluxspace.cli"]
+    subprocess.run([sys.executable, *cli, *args, "--out", str(tmp_path / "one.png")], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cli,
+                    *args, "--out", str(tmp_path / "two.png")], env=env, check=True, capture_output=True)  # fmt: skip
+    one, two = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "two.png")
+    assert one.tobytes() == two.tobytes()
+    assert sorted(p.name for p in (tmp_path / "two.png.shards").iterdir()) == ["cell-0-0.png", "cell-0-1.png", "cell-0-2.png"]
+    assert not (tmp_path / "one.png.shards").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

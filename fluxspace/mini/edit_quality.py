@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..baselines import OutputDirection
+from ..distributed import barrier, world
 from ..edit import Concept, EditSpec, encode_edit
 from ..editing import SamplingRun, first_active_step
 from ..images import save_png, side_by_side, stacked
@@ -249,19 +250,6 @@ class Unit:
     index: int
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed under torchrun (gloo on CPUs, NCCL on GPUs)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), size
-
-
-def barrier(size: int) -> None:
-    if size > 1:
-        torch.distributed.barrier()
-
-
 def run_units(units: list[Unit], editor: Editor, evaluator, plan, rank: int, size: int, progress: bool) -> list[dict]:
     """This rank's share of `units`; plan(unit) -> [(method, strength)] settings to run."""
     mine = units[rank::size]
@@ -453,3 +441,7 @@ def main(argv=None) -> dict | None:
         grids(editor, tasks, methods, chosen, args.out, args.grid_rows)
     print(table(results))
     return data
+
+
+if __name__ == "__main__":
+    main()
