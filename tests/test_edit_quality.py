@@ -92,8 +92,9 @@ def test_sharded_run_equals_single_process(tmp_path):
                     *common, "--out", str(tmp_path / "two")], env=env, check=True, capture_output=True)  # fmt: skip
     one, two = (json.loads((tmp_path / d / "edit_quality.json").read_text()) for d in ("one", "two"))
     assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert len(one["rows"]) == 2 * 2 * 3 and len(one["tune_rows"]) == 2 * 1 * 4
+    # At most 2 tasks x 2 base images x 3 methods reported, 2 x 1 x 4 settings tuned (screening may find fewer).
+    assert 0 < len(one["rows"]) <= 12 and 0 < len(one["tune_rows"]) <= 8
     for key in ("rows", "tune_rows", "chosen", "curves", "results"):
         assert one[key] == two[key], key
-    assert sorted(p.name for p in (tmp_path / "two" / "shards").iterdir()) == [
-        "report-rank0-of2.json", "report-rank1-of2.json", "tune-rank0-of2.json", "tune-rank1-of2.json"]
+    names = {p.name for p in (tmp_path / "two" / "shards").iterdir()}
+    assert names == {f"{n}-rank{r}-of2.json" for n in ("screen-tune", "tune", "screen-report", "report") for r in (0, 1)}

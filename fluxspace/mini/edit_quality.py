@@ -9,8 +9,9 @@ each method (METHODS) edits the same unedited image: same prompt, same noise, an
 that act during sampling the same branch point (the plain run's latent at START). The attribute
 evaluator (evaluator.py) reads the unedited and the edited image:
 
-- success: the target value is read after the edit (for a removal: the attribute is gone), over
-  the base images where it was not already so; every other metric is averaged over those images too;
+- success: the target value is read after the edit (for a removal: the attribute is gone). Base
+  images are screened first: of SCREEN_FACTOR x --seeds candidates, the first --seeds on which the
+  evaluator does not already read the target are used; every metric is averaged over them;
 - preservation: the share of the other eight families read unchanged;
 - feature similarity: cosine of the evaluator's embeddings, edited vs unedited (for CLIP-I / DINO);
 - PSNR outside the region the edit may touch (domain.region; the whole image for the global style);
@@ -55,6 +56,7 @@ BOOTSTRAP = 1000
 IDENTITY = ("skin", "hair", "face", "background")
 REPORT_SEED, TUNE_SEED = 0, 1  # prompt/noise seed families of the two phases
 GRID_ROWS = 4
+SCREEN_FACTOR = 3  # candidates screened per base image wanted
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,10 @@ def run_units(units: list[Unit], editor: Editor, evaluator, plan, rank: int, siz
         seed = noise_seed(task, phase_seed, unit.index)
         settings = plan(unit)
         images = editor.images(task, facts, seed, settings)
+        if not settings:  # screening: is an edit due on this base image?
+            read = evaluator.score(images[:1]).predicted[0][task.family]
+            rows.append({"phase": unit.phase, "task": task.name, "method": "", "strength": 0.0,
+                         "index": unit.index, "seed": seed, "due": read != task.value})  # fmt: skip
         for (method, strength), edited in zip(settings, images[1:], strict=True):
             rows.append({"phase": unit.phase, "task": task.name, "method": method.key, "strength": strength,
                          "index": unit.index, "seed": seed} | score_pair(evaluator, task, images[0], edited))  # fmt: skip
@@ -338,13 +344,13 @@ def tradeoff_plot(curves: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def grids(editor: Editor, tasks, methods, chosen: dict, folder: Path, rows: int) -> list[Path]:
-    """Per task: rows = the first report base images; columns = unedited, then each method as reported."""
+def grids(editor: Editor, tasks, methods, chosen: dict, folder: Path, indices: dict[str, list[int]]) -> list[Path]:
+    """Per task: rows = the given report base images; columns = unedited, then each method as reported."""
     paths = []
     for task in tasks:
         settings = [(m, chosen[task.name][m.key]) for m in methods]
         lines = []
-        for i in range(rows):
+        for i in indices[task.name]:
             facts = base_facts(task, i + 1, REPORT_SEED)[i]
             images = editor.images(task, facts, noise_seed(task, REPORT_SEED, i), settings)
             lines.append(side_by_side([im.resize((128, 128)) for im in images]))
@@ -396,8 +402,17 @@ def main(argv=None) -> dict | None:
     progress = not args.quiet and rank == 0
     t0 = time.monotonic()
 
+    def screened(phase: str, n: int) -> list[Unit]:
+        """The first n base images of each task on which the edit is due (the evaluator reads the
+        unedited image without the target value), among SCREEN_FACTOR * n candidates."""
+        units = [Unit(phase, TASKS.index(t), i) for t in tasks for i in range(SCREEN_FACTOR * n)]
+        rows = gather(run_units(units, editor, evaluator, lambda u: [], rank, size, progress), args.out,
+                      f"screen-{phase}", rank, size)  # fmt: skip
+        due = {(r["task"], r["index"]) for r in rows if r["due"]}
+        return [u for t in tasks for u in [u for u in units if TASKS[u.task] == t and (t.name, u.index) in due][:n]]
+
     # 1. tuning: every strength of every method, on the tuning base images
-    units = [Unit("tune", TASKS.index(t), i) for t in tasks for i in range(args.tune_seeds)]
+    units = screened("tune", args.tune_seeds)
     sweep = [(m, s) for m in methods for s in m.strengths]
     tune_rows = run_units(units, editor, evaluator, lambda u: sweep, rank, size, progress)
     tune_rows = gather(tune_rows, args.out, "tune", rank, size)
@@ -413,7 +428,7 @@ def main(argv=None) -> dict | None:
                                              "preservation": v["preservation"]["mean"]} for s, v in by_strength.items()]  # fmt: skip
 
     # 2. report: each method at its chosen strength, on the reported base images
-    units = [Unit("report", TASKS.index(t), i) for t in tasks for i in range(args.seeds)]
+    units = screened("report", args.seeds)
 
     def plan(u: Unit):
         return [(m, chosen[TASKS[u.task].name][m.key]) for m in methods]
@@ -438,7 +453,8 @@ def main(argv=None) -> dict | None:
     if curves and any(curves.values()):
         tradeoff_plot(curves, args.out / "edit_quality-tradeoff.png")
     if args.grid_rows:
-        grids(editor, tasks, methods, chosen, args.out, args.grid_rows)
+        shown = {t.name: [u.index for u in units if TASKS[u.task] == t][: args.grid_rows] for t in tasks}
+        grids(editor, tasks, methods, chosen, args.out, shown)
     print(table(results))
     return data
 
