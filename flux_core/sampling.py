@@ -240,6 +240,82 @@ def _wants_guidance(model: Callable, guidance: float | None) -> bool:
     return bool(params.guidance_embed)
 
 
+class Velocity:
+    """The model as the ODE's right-hand side: v(x, t) for a batch of latents, conditioning fixed.
+
+    Holds what every step shares (ids, text, pooled vector, guidance, the negative prompt for true
+    CFG) and applies the dtype rules of denoise. denoise is an Euler loop over it; the inversion
+    solvers (fluxspace/inversion.py) call it at any x and t.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        img_ids: Tensor,  # (B, N, 3)
+        txt: Tensor,  # (B, T, C')
+        txt_ids: Tensor,  # (B, T, 3)
+        vec: Tensor,  # (B, C'')
+        guidance: float | None = None,
+        *,
+        neg_txt: Tensor | None = None,  # (B or 1, T, C')
+        neg_vec: Tensor | None = None,  # (B or 1, C'')
+        cfg_scale: float = 1.0,
+        latent_dtype: torch.dtype = torch.float32,  # parity mode: the caller's latent dtype (bf16)
+        parity: bool = False,
+    ):
+        bs = img_ids.shape[0]
+        self.use_cfg = cfg_scale != 1.0
+        if self.use_cfg:
+            if neg_txt is None or neg_vec is None:
+                raise ValueError(
+                    f"cfg_scale={cfg_scale} needs neg_txt and neg_vec (the negative prompt's embeddings)"
+                )
+            if neg_txt.shape[1] != txt.shape[1]:
+                raise ValueError(
+                    f"neg_txt has {neg_txt.shape[1]} tokens but txt has {txt.shape[1]}: true CFG runs both prompts "
+                    "in one batch, so they need the same length (pad both to the same T5 max_length)"
+                )
+            if neg_txt.shape[0] not in (1, bs) or neg_vec.shape[0] not in (1, bs):
+                raise ValueError(
+                    f"neg_txt and neg_vec need batch 1 or {bs}; got {tuple(neg_txt.shape)} and {tuple(neg_vec.shape)}"
+                )
+            # One forward of batch 2B: [positive ; negative].
+            img_ids = torch.cat([img_ids, img_ids])  # (2B, N, 3)
+            txt = torch.cat([txt, neg_txt.expand(bs, -1, -1).to(txt)])  # (2B, T, C')
+            txt_ids = torch.cat([txt_ids, txt_ids])  # (2B, T, 3)
+            vec = torch.cat([vec, neg_vec.expand(bs, -1).to(vec)])  # (2B, C'')
+        self.model, self.cfg_scale, self.n_model = model, cfg_scale, img_ids.shape[0]
+        self.model_dtype = _model_dtype(model, fallback=latent_dtype if parity else torch.float32)
+        self.t_dtype = latent_dtype if parity else self.model_dtype  # official: torch.full(..., dtype=img.dtype)
+        self.latent_dtype = latent_dtype
+        self.guidance_vec = None
+        if _wants_guidance(model, guidance):
+            g = torch.full((self.n_model,), guidance, dtype=self.t_dtype, device=img_ids.device)
+            self.guidance_vec = g.to(self.model_dtype)
+        self.img_ids, self.txt_ids = img_ids, txt_ids
+        self.txt, self.vec = txt.to(self.model_dtype), vec.to(self.model_dtype)
+
+    def __call__(self, img: Tensor, t: float, edit=None) -> Tensor:
+        """The (guided) velocity at latent img (B, N, C) and time t, in img's dtype. edit: this step's edit or None."""
+        t_vec = torch.full((self.n_model,), t, dtype=self.t_dtype, device=img.device).to(self.model_dtype)
+        x = img.to(self.model_dtype)  # (B, N, C)
+        extra = {"edit": edit} if edit is not None else {}
+        pred = self.model(
+            img=torch.cat([x, x]) if self.use_cfg else x,
+            img_ids=self.img_ids,
+            txt=self.txt,
+            txt_ids=self.txt_ids,
+            y=self.vec,
+            timesteps=t_vec,
+            guidance=self.guidance_vec,
+            **extra,
+        ).to(img.dtype)  # (B or 2B, N, C)
+        if self.use_cfg:
+            v_pos, v_neg = pred.chunk(2)  # (B, N, C) each
+            pred = v_neg + self.cfg_scale * (v_pos - v_neg)  # (B, N, C)
+        return pred
+
+
 def denoise(
     model: Callable[..., Tensor],
     img: Tensor,  # (B, N, C*4) packed noise
@@ -281,57 +357,16 @@ def denoise(
             "with one batch size (prepare() builds them); got "
             + ", ".join(str(tuple(x.shape)) for x in (img, img_ids, txt, txt_ids, vec))
         )
-    use_cfg = cfg_scale != 1.0
-    if use_cfg:
-        if neg_txt is None or neg_vec is None:
-            raise ValueError(
-                f"cfg_scale={cfg_scale} needs neg_txt and neg_vec (the negative prompt's embeddings)"
-            )
-        if neg_txt.shape[1] != txt.shape[1]:
-            raise ValueError(
-                f"neg_txt has {neg_txt.shape[1]} tokens but txt has {txt.shape[1]}: true CFG runs both prompts "
-                "in one batch, so they need the same length (pad both to the same T5 max_length)"
-            )
-        if neg_txt.shape[0] not in (1, bs) or neg_vec.shape[0] not in (1, bs):
-            raise ValueError(
-                f"neg_txt and neg_vec need batch 1 or {bs}; got {tuple(neg_txt.shape)} and {tuple(neg_vec.shape)}"
-            )
-        # One forward of batch 2B: [positive ; negative].
-        img_ids = torch.cat([img_ids, img_ids])  # (2B, N, 3)
-        txt = torch.cat([txt, neg_txt.expand(bs, -1, -1).to(txt)])  # (2B, T, C')
-        txt_ids = torch.cat([txt_ids, txt_ids])  # (2B, T, 3)
-        vec = torch.cat([vec, neg_vec.expand(bs, -1).to(vec)])  # (2B, C'')
-    n_model = img_ids.shape[0]  # B, or 2B with CFG
-
-    model_dtype = _model_dtype(model, fallback=img.dtype if parity else torch.float32)
     # The latent the update runs in: float32 by default, the caller's dtype in parity mode.
     img = img if parity else img.float()
-    t_dtype = img.dtype if parity else model_dtype  # official: torch.full(..., dtype=img.dtype)
-    guidance_vec = None
-    if _wants_guidance(model, guidance):
-        guidance_vec = torch.full((n_model,), guidance, dtype=t_dtype, device=img.device).to(model_dtype)
-    txt, vec = txt.to(model_dtype), vec.to(model_dtype)
+    v = Velocity(model, img_ids, txt, txt_ids, vec, guidance, neg_txt=neg_txt, neg_vec=neg_vec,
+                 cfg_scale=cfg_scale, latent_dtype=img.dtype, parity=parity)  # fmt: skip
 
     steps = list(zip(timesteps[:-1], timesteps[1:], strict=True))
     with torch.inference_mode():
         for step, (t_curr, t_next) in enumerate(tqdm(steps, desc="denoise", disable=not progress)):
-            t_vec = torch.full((n_model,), t_curr, dtype=t_dtype, device=img.device).to(model_dtype)
-            x = img.to(model_dtype)  # (B, N, C)
             step_edit = edit.at_step(step, float(t_curr), len(steps)) if edit is not None else None
-            extra = {"edit": step_edit} if step_edit is not None else {}
-            pred = model(
-                img=torch.cat([x, x]) if use_cfg else x,
-                img_ids=img_ids,
-                txt=txt,
-                txt_ids=txt_ids,
-                y=vec,
-                timesteps=t_vec,
-                guidance=guidance_vec,
-                **extra,
-            ).to(img.dtype)  # (B or 2B, N, C)
-            if use_cfg:
-                v_pos, v_neg = pred.chunk(2)  # (B, N, C) each
-                pred = v_neg + cfg_scale * (v_pos - v_neg)  # (B, N, C)
+            pred = v(img, t_curr, step_edit)  # (B, N, C)
             # Python-float step times a latent-dtype tensor, as in the official loop.
             img = img + (t_next - t_curr) * pred  # (B, N, C)
             if callback is not None:
