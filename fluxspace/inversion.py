@@ -125,3 +125,168 @@ def reconstruct(v: Velocity, noise: Tensor, timesteps: list[float], settings: In
         x, carried, used = _step(v, x, t, t_next, settings.solver, carried if settings.reuse else None, t, i)
         evaluations += used
     return x, evaluations
+
+
+# ----------------------------------------------------------------------------------------------
+# Real images with a loaded model: read, fit to the token grid, invert, reconstruct or edit
+
+FITS = ("resize", "crop")
+
+
+def read_image(image) -> "Image.Image":
+    """A path or a PIL image -> an RGB PIL image; anything else, unreadable files and non-RGB modes
+    that do not convert to RGB (e.g. 16-bit integer) are refused with the reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(image, Image.Image):
+        try:
+            image = Image.open(image)
+            image.load()
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"cannot read image {image!r}: {e}") from None
+    if image.mode not in ("RGB", "RGBA", "L", "P", "LA", "CMYK"):
+        raise ValueError(f"image mode {image.mode!r} is not an RGB-convertible image; give an 8-bit RGB or greyscale image")
+    return image.convert("RGB")
+
+
+def fit_image(image: "Image.Image", pixels_per_token: int, fit: str = "resize", size: int | None = None) -> "Image.Image":
+    """Make both sides multiples of pixels_per_token.
+
+    fit="resize": scale (LANCZOS) so the longer side is `size` (default: unchanged), then round each
+    side to the nearest multiple; the aspect ratio changes by less than one token.
+    fit="crop": centre-crop each side down to a multiple (after the optional resize); nothing is
+    stretched, a few border pixels are lost.
+    """
+    from PIL import Image
+
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; valid: {', '.join(FITS)}")
+    w, h = image.size
+    if size is not None:
+        scale = size / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+        image = image.resize((w, h), Image.LANCZOS)
+    step = pixels_per_token
+    if fit == "crop":
+        if w < step or h < step:
+            raise ValueError(f"a {w}x{h} image cannot be cropped to a multiple of {step} px; use fit='resize' or a larger image")
+        cw, ch = w // step * step, h // step * step
+        left, top = (w - cw) // 2, (h - ch) // 2
+        return image.crop((left, top, left + cw, top + ch))
+    tw, th = max(step, round(w / step) * step), max(step, round(h / step) * step)
+    return image if (tw, th) == (w, h) else image.resize((tw, th), Image.LANCZOS)
+
+
+def model_velocity(models, prompt: str, height: int, width: int, cfg_scale: float = 1.0, negative_prompt: str = "",
+                   guidance: float | None = None, edit=None, num_steps: int | None = None) -> Velocity:  # fmt: skip
+    """v(x, t, step) of the loaded model for `prompt` at this image size; `edit` (an object with
+    at_step, e.g. a FluxSpaceEditor) switches on by step."""
+    from flux_core.sampling import Velocity as ModelVelocity
+    from flux_core.sampling import img_ids, txt_ids
+
+    txt, vec = models.text([prompt])  # (1, T, C'), (1, C'')
+    neg = models.text([negative_prompt]) if cfg_scale != 1.0 else (None, None)
+    ids = img_ids(1, height, width, device=models.device, pixels_per_token=models.pixels_per_token)
+    v = ModelVelocity(models.flow, ids, txt, txt_ids(1, txt.shape[1], device=models.device), vec, guidance,
+                      neg_txt=neg[0], neg_vec=neg[1], cfg_scale=cfg_scale)  # fmt: skip
+
+    def velocity(x: Tensor, t: float, step: int) -> Tensor:
+        step_edit = edit.at_step(step, float(t), num_steps) if edit is not None else None
+        with torch.inference_mode():
+            return v(x, t, step_edit)
+
+    return velocity
+
+
+def encode_image(models, image: "Image.Image") -> Tensor:
+    """An RGB image whose sides are multiples of the token size -> packed latent tokens (1, N, C), float32."""
+    from flux_core.sampling import pack
+
+    from .images import pil_to_tensor
+
+    with torch.inference_mode():
+        z = models.ae.encode(pil_to_tensor(image).to(models.device, models.dtype))  # (1, Z, h, w)
+    return pack(z.float())
+
+
+def decode_tokens(models, x: Tensor, height: int, width: int) -> "Image.Image":
+    from flux_core.sampling import unpack
+
+    from .pipeline import decode
+
+    return decode(models, unpack(x.float(), height, width, models.pixels_per_token))[0]
+
+
+def psnr(a: "Image.Image", b: "Image.Image") -> float:
+    """PSNR in dB of two RGB images of one size (100 dB if identical)."""
+    import numpy as np
+
+    x, y = (np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 for im in (a, b))
+    mse = float(np.mean((x - y) ** 2))
+    return 100.0 if mse < 1e-10 else 10 * float(np.log10(1 / mse))
+
+
+@dataclass
+class RealImageResult:
+    """An image taken through inversion: the fitted input, its reconstruction, and the edit if asked."""
+
+    image: "Image.Image"  # the input, fitted to the token grid: what PSNR is measured against
+    reconstruction: "Image.Image"
+    psnr: float  # reconstruction vs image, dB
+    evaluations: int  # transformer evaluations of the inversion and the reconstruction
+    noise: Tensor  # (1, N, C) the inverted latent at t = 1
+    edited: "Image.Image | None" = None
+    masks: list | None = None  # per concept (h, w), as EditResult.masks
+
+
+def invert_image(models, image, prompt: str = "", *, steps: int | None = None, settings: InversionSettings = InversionSettings(),
+                 fit: str = "resize", size: int | None = None, seed: int = 0, cfg_scale: float = 1.0,
+                 guidance: float | None = None, edit_spec=None, edit_prompt: str | None = None) -> RealImageResult:  # fmt: skip
+    """Invert `image` (a path or PIL image) and reconstruct it; with edit_spec also sample the edit.
+
+    prompt: the text the inversion and both reverse passes condition on (e.g. a caption of the image);
+    edit_prompt: the edited pass's base prompt (default: prompt). cfg_scale applies to every pass (1:
+    none, the most faithful reconstruction); guidance: a dev model's distilled guidance (default the
+    preset's). seed: RF-Inversion's target noise y1. Everything is checked before the model runs.
+    """
+    from flux_core.sampling import get_noise, get_schedule, pack
+
+    from .edit import encode_edit, validate
+    from .step import FluxSpaceEditor
+
+    settings.validate()
+    steps = steps if steps is not None else models.preset.default_steps
+    if guidance is None and models.flow.params.guidance_embed:
+        guidance = models.preset.default_guidance
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    fitted = fit_image(read_image(image), models.pixels_per_token, fit, size)
+    w, h = fitted.size
+    encoded = None
+    if edit_spec is not None:
+        validate(edit_spec, num_steps=steps, num_double_blocks=len(models.flow.double_blocks))
+        encoded = encode_edit(edit_spec, models.text)
+
+    x0 = encode_image(models, fitted)  # (1, N, C)
+    timesteps = get_schedule(steps, x0.shape[1], shift=models.preset.shift_schedule)
+    y1 = None
+    if settings.gamma > 0:
+        z = models.ae.params.z_channels
+        y1 = pack(get_noise(1, h, w, seed, z, models.device, torch.float32, pixels_per_token=models.pixels_per_token))
+    def velocity(text: str, edit=None) -> Velocity:
+        return model_velocity(models, text, h, w, cfg_scale, guidance=guidance, edit=edit, num_steps=steps)
+
+    noise, n_inv = invert(velocity(prompt), x0, timesteps, settings, noise=y1)
+    rec, n_rec = reconstruct(velocity(prompt), noise, timesteps, settings, y0=x0)
+    reconstruction = decode_tokens(models, rec, h, w)
+    result = RealImageResult(fitted, reconstruction, psnr(fitted, reconstruction), n_inv + n_rec, noise)
+    if edit_spec is not None:
+        editor = FluxSpaceEditor(edit_spec, encoded)
+        v = velocity(edit_prompt if edit_prompt is not None else prompt, editor)
+        edited, _ = reconstruct(v, noise, timesteps, settings, y0=x0)
+        result.edited = decode_tokens(models, edited, h, w)
+        ppt = models.pixels_per_token
+        grid = (h // ppt, w // ppt)
+        means = editor.masks.mean() if editor.masks.count else [torch.zeros(1, grid[0] * grid[1])] * len(edit_spec.concepts)
+        result.masks = [m[0].reshape(grid).cpu() for m in means]
+    return result
