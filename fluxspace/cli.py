@@ -19,6 +19,7 @@ from flux_core.loading import DTYPES, read_ae_params
 from .edit import COARSE_TARGETS, PROJECTIONS, Concept, EditSpec, validate
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
+from .inversion import FITS, FORWARD_TIMES, SOLVERS, InversionSettings, fit_image, invert_image, read_image
 from . import mini
 from .pipeline import ModelPaths, SampleSettings, generate, load_models, resolve_paths, resolve_preset
 from .sweep import SWEEPABLE, parse_values, sweep, vary
@@ -75,6 +76,38 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coarse-target", choices=COARSE_TARGETS, default="txt")
 
 
+def add_image_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_argument_group("real image (inversion)")
+    if required:
+        g.add_argument("image", help="the image to invert (PNG, JPEG, ...)")
+    else:
+        g.add_argument("--image", help="edit this image instead of a generated one (it is inverted first)")
+    g.add_argument("--fit", choices=FITS, default="resize",
+                   help="make the sides multiples of the token size by resizing (default) or centre-cropping")  # fmt: skip
+    g.add_argument("--size", type=int, help="resize the longer side to this many pixels first")
+    g.add_argument("--solver", choices=SOLVERS, default="euler", help="inversion/sampling solver (default: euler)")
+    g.add_argument("--fireflow", action="store_true", help="midpoint solver reusing the previous midpoint velocity")
+    g.add_argument("--gamma", type=float, default=0.0, help="RF-Inversion forward control in [0, 1] (0: off)")
+    g.add_argument("--eta", type=float, default=0.0, help="RF-Inversion reverse control in [0, 1] (0: off)")
+    g.add_argument("--eta-start", type=float, default=0.0, help="reverse control from this share of the steps")
+    g.add_argument("--eta-stop", type=float, default=0.25, help="reverse control until this share of the steps")
+    g.add_argument("--forward-time", choices=FORWARD_TIMES, default="schedule",
+                   help="time fed to the model in the forward pass: the schedule's (default) or linear i/N")  # fmt: skip
+
+
+def inversion_from(args) -> InversionSettings:
+    solver = "midpoint" if args.fireflow else args.solver
+    s = InversionSettings(solver=solver, reuse=args.fireflow, gamma=args.gamma, eta=args.eta, eta_start=args.eta_start,
+                          eta_stop=args.eta_stop, forward_time=args.forward_time)  # fmt: skip
+    try:
+        s.validate()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.size is not None and args.size < 1:
+        raise CLIError(f"--size must be >= 1; got {args.size}")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxspace", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,8 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("prompt", help="the base prompt")
     ed.add_argument("--out-dir", default="out/edit", help="folder for original/edited/side_by_side/mask PNGs")
     add_edit_args(ed)
+    add_image_args(ed)
     add_model_args(ed)
     add_sampling_args(ed)
+
+    inv = sub.add_parser("invert", help="invert an image and reconstruct it; prints the reconstruction PSNR")
+    add_image_args(inv, required=True)
+    inv.add_argument("--prompt", default="", help="text the passes condition on, e.g. a caption (default: empty)")
+    inv.add_argument("--out", default="out/reconstruction.png", help="output PNG (the reconstruction)")
+    add_model_args(inv)
+    add_sampling_args(inv)
 
     sw = sub.add_parser("sweep", help="a labelled grid over one or two edit parameters, from one noise")
     sw.add_argument("prompt", help="the base prompt")
@@ -312,9 +353,14 @@ def run_edit(args) -> int:
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out-dir {out} exists and is not a folder")
+    inversion = inversion_from(args) if args.image else None
+    image = _image(args) if args.image else None
     models = load_for(args, chosen)
-    result = edit_image(models, args.prompt, spec, seed=args.seed[0], settings=settings, progress=not args.quiet)
+    result = edit_image(models, args.prompt, spec, seed=args.seed[0], settings=settings, progress=not args.quiet,
+                        image=image, inversion=inversion, fit=args.fit)  # fmt: skip
     params = edit_params(result, models)
+    if image is not None:
+        params |= {"image_path": str(args.image), "inversion": dataclasses.asdict(inversion), "fit": args.fit}
     written = [
         save_png(result.original, out / "original.png", {**params, "image": "original"}),
         save_png(result.edited, out / "edited.png", {**params, "image": "edited"}),
@@ -325,6 +371,41 @@ def run_edit(args) -> int:
         written.append(save_png(overlay, out / f"mask-{slug(concept.prompt)}.png", {**params, "image": f"mask {concept.prompt}"}))
     for path in written:
         print(path)
+    return 0
+
+
+def _image(args):
+    """The image, read and fitted before any model is loaded (errors name the file and the problem)."""
+    try:
+        image = read_image(args.image)
+        if args.size:
+            image = fit_image(image, 1, "resize", args.size)
+        return image
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def run_invert(args) -> int:
+    chosen = choose_model(args)
+    settings = settings_from(args, chosen)
+    inversion = inversion_from(args)
+    (out,) = output_paths(args.out, 1)
+    image = _image(args)
+    try:
+        fit_image(image, chosen.pixels_per_token, args.fit)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    models = load_for(args, chosen)
+    s = settings.resolved(models.preset)
+    cfg = settings.cfg_scale if settings.cfg_scale is not None else 1.0
+    r = invert_image(models, image, args.prompt, steps=s.steps, settings=inversion, fit=args.fit, seed=args.seed[0],
+                     cfg_scale=cfg, guidance=s.guidance)  # fmt: skip
+    params = {"command": "invert", "image_path": str(args.image), "prompt": args.prompt, "steps": s.steps,
+              "cfg_scale": cfg, "inversion": dataclasses.asdict(inversion), "fit": args.fit, "psnr_db": r.psnr,
+              "evaluations": r.evaluations, "preset": models.preset.name, "model": str(models.paths.transformer)}  # fmt: skip
+    print(save_png(r.reconstruction, out, params))
+    print(f"reconstruction PSNR {r.psnr:.2f} dB at {r.image.width}x{r.image.height}, {s.steps} steps, "
+          f"{r.evaluations} transformer evaluations")  # fmt: skip
     return 0
 
 
@@ -375,7 +456,7 @@ def run_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": run_generate, "edit": run_edit, "sweep": run_sweep, "bench": run_bench}
+COMMANDS = {"generate": run_generate, "edit": run_edit, "invert": run_invert, "sweep": run_sweep, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

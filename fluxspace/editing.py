@@ -8,6 +8,7 @@ The steps before the edit switches on are the same in both runs, so the edited r
 plain run's latent at that step instead of computing them again.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,13 +138,22 @@ def edit_image(
     *,
     record: bool = False,
     progress: bool = True,
+    image=None,
+    inversion=None,
+    fit: str = "resize",
 ) -> EditResult:
     """Generate `prompt` from `seed` twice, plain and with the FluxSpace edit `spec`.
 
     record=True also returns a Recorder with every block's attention output during the edited steps,
     and every double block's concept masks (`block_masks`).
+    image: edit a real image instead (a path or PIL image): it is inverted (inversion: an
+    inversion.InversionSettings) and `original` is its reconstruction, `edited` the reverse pass with
+    the edit; the size comes from the image (fit: "resize" or "crop" to the token grid), `seed` is
+    RF-Inversion's target noise, and true CFG is off unless settings.cfg_scale asks for it.
     Everything is validated before any sampling starts.
     """
+    if image is not None:
+        return _edit_real_image(models, prompt, spec, seed, settings, image, inversion, fit, record)
     s = (settings or SampleSettings()).resolved(models.preset)
     s.validate(models.pixels_per_token)
     validate(spec, num_steps=s.steps, num_double_blocks=len(models.flow.double_blocks))
@@ -166,6 +176,21 @@ def edit_image(
     masks = [m[0].reshape(grid).cpu() for m in means]
     block_masks = editor.masks.entries if record else None
     return EditResult(original, edited_image, masks, spec, s, seed, prompt, recorder, block_masks)
+
+
+def _edit_real_image(models, prompt, spec, seed, settings, image, inversion, fit, record) -> EditResult:
+    from .inversion import InversionSettings, invert_image
+
+    if record:
+        raise ValueError("record=True is not available for real images yet")
+    given = settings or SampleSettings()
+    s = given.resolved(models.preset)
+    cfg = given.cfg_scale if given.cfg_scale is not None else 1.0
+    r = invert_image(models, image, prompt, steps=s.steps, settings=inversion or InversionSettings(), fit=fit,
+                     seed=seed, cfg_scale=cfg, guidance=s.guidance, edit_spec=spec)  # fmt: skip
+    w, h = r.image.size
+    s = dataclasses.replace(s, width=w, height=h, cfg_scale=cfg)
+    return EditResult(r.reconstruction, r.edited, r.masks, spec, s, seed, prompt)
 
 
 def mask_overlay(image: Image.Image, mask: torch.Tensor, alpha: float = 0.5) -> Image.Image:

@@ -65,3 +65,32 @@ def test_bad_settings_are_refused_before_the_model_runs(models, photo):
         invert_image(models, photo, settings=InversionSettings(eta=2))
     with pytest.raises(ValueError, match="steps must be an integer >= 1; got 0"):
         invert_image(models, photo, steps=0)
+
+
+def test_edit_image_takes_a_real_image(models, photo):
+    from fluxspace import SampleSettings, edit_image
+
+    spec = EditSpec(concepts=(Concept("glasses", 0.0),))
+    r = edit_image(models, "a photo", spec, settings=SampleSettings(steps=3), image=photo, fit="crop")
+    assert r.original.size == (64, 48) and r.settings.cfg_scale == 1.0
+    assert np.array_equal(np.asarray(r.original), np.asarray(r.edited))  # zero scales: the reconstruction
+
+
+def test_cli_invert_and_edit_a_real_image(tiny_checkpoint, photo, tmp_path, capsys):
+    from fluxspace.cli import main
+    from fluxspace.images import read_png_params
+
+    src = tmp_path / "photo.png"
+    photo.save(src)
+    model = ["--model", str(tiny_checkpoint.transformer), "--steps", "2", "--quiet"]
+    assert main(["invert", str(src), "--fireflow", "--out", str(tmp_path / "rec.png"), *model]) == 0
+    params = read_png_params(tmp_path / "rec.png")
+    assert params["inversion"]["solver"] == "midpoint" and params["inversion"]["reuse"] is True
+    assert f"reconstruction PSNR {params['psnr_db']:.2f} dB at 64x48" in capsys.readouterr().out
+    out = tmp_path / "edit"
+    assert main(["edit", "a photo", "--edit", "glasses", "--image", str(src), "--fit", "crop", "--gamma", "0.5",
+                 "--eta", "0.9", "--out-dir", str(out), *model]) == 0  # fmt: skip
+    assert read_png_params(out / "side_by_side.png")["fit"] == "crop"
+    with pytest.raises(SystemExit):
+        main(["invert", str(src), "--gamma", "1.5", *model])
+    assert "gamma must be in [0, 1]; got 1.5" in capsys.readouterr().err
