@@ -111,6 +111,19 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(whole.ema.parameters(), rest.ema.parameters(), strict=True))
 
 
+def test_second_stage_starts_from_the_given_weights(tmp_path):
+    latents, bank = flow_data()
+    first = train_flow(latents, bank, SMALL_FLUX, TrainConfig(steps=3, batch_size=4, lr=1e-3), tmp_path / "a", progress=False)
+    init = {"model": first.model.state_dict(), "ema": first.ema.state_dict()}
+    # lr 0: the optimizer moves nothing, so the second stage ends where the first one did.
+    second = train_flow(latents, bank, SMALL_FLUX, TrainConfig(steps=1, batch_size=4, lr=0.0, ema_decay=0.0),
+                        tmp_path / "b", progress=False, init=init)  # fmt: skip
+    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    fresh = train_flow(latents, bank, SMALL_FLUX, TrainConfig(steps=1, batch_size=4, lr=0.0), tmp_path / "c", progress=False)
+    assert not torch.equal(fresh.model.img_in.weight, first.model.img_in.weight)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     latents, bank = flow_data()
     config = TrainConfig(steps=4, batch_size=4, lr=1e-3)
@@ -124,13 +137,13 @@ def test_tiny_build_loads_and_samples(tmp_path):
     out = tmp_path / "flux-mini"
     config = BuildConfig(
         out=out, work=tmp_path / "work", steps_ae=2, steps_flow=2, batch_ae=2, batch_flow=4, images=8,
-        captions_per_image=2, eval_images=4, stats_images=8, corpus_size=200, progress=False,
+        captions_per_image=2, eval_images=4, stats_images=8, corpus_size=200, progress=False, steps_flow_extra=2,
     )  # fmt: skip
     # A time limit of 0 stops after the first step of the first stage; --resume finishes the build.
     stopped = build(BuildConfig(**{**vars(config), "time_limit": 0.0}))
     assert not stopped["complete"] and stopped["ae_steps"] == 1
     report = build(BuildConfig(**{**vars(config), "resume": True}))
-    assert report["complete"] and (report["ae_steps"], report["flow_steps"]) == (2, 2)
+    assert report["complete"] and (report["ae_steps"], report["flow_steps"], report["flow_extra_steps"]) == (2, 2, 2)
 
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["ae.safetensors", "flux-mini.safetensors", *TEXT_ENCODER_DIRS])

@@ -74,6 +74,10 @@ class BuildConfig:
     batch_flow: int = 64
     lr_ae: float = 8e-4
     lr_flow: float = 8e-4
+    # A second flow stage that goes on from the first one's weights with a fresh warmup + cosine
+    # (a warm restart): more training without redoing the first stage. 0: none.
+    steps_flow_extra: int = 0
+    lr_flow_extra: float = 4e-4
     images: int = 20_000  # training renders (train split only), each with `captions_per_image` captions
     captions_per_image: int = 4
     eval_images: int = 256  # held-out renders for the PSNR
@@ -251,6 +255,23 @@ def build(config: BuildConfig) -> dict:
     if not run.finished:
         return report
 
+    # 6b. optional second stage, from the first stage's weights
+    if config.steps_flow_extra:
+        t0 = time.monotonic()
+        extra_config = TrainConfig(
+            steps=config.steps_flow_extra, batch_size=config.batch_flow, lr=config.lr_flow_extra,
+            warmup_steps=_warmup(config.steps_flow_extra), seed=config.seed + 1, bf16=config.bf16,
+        )  # fmt: skip
+        first = {"model": run.model.state_dict(), "ema": run.ema.state_dict()}
+        run = train_flow(
+            latents, bank, preset.params, extra_config, work / "flow-extra", device, resume=config.resume,
+            time_limit=remaining(), progress=config.progress, init=first,
+        )  # fmt: skip
+        report |= {"flow_extra_steps": run.step, "flow_loss": run.loss}
+        stage_done("flow_extra", t0)
+        if not run.finished:
+            return report
+
     # 7. the transformer file: EMA weights in bf16, like the official release
     flow: Flux = run.ema
     _write_safetensors(flow, out / TRANSFORMER_FILE, torch.bfloat16, flux_metadata(flow.params, PRESET))
@@ -274,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-flow", type=int, default=d.steps_flow, help="flow transformer training steps")
     parser.add_argument("--lr-ae", type=float, default=d.lr_ae, help="autoencoder peak learning rate")
     parser.add_argument("--lr-flow", type=float, default=d.lr_flow, help="flow transformer peak learning rate")
+    parser.add_argument("--steps-flow-extra", type=int, default=d.steps_flow_extra,
+                        help="second flow stage from the first one's weights (0: none)")  # fmt: skip
+    parser.add_argument("--lr-flow-extra", type=float, default=d.lr_flow_extra, help="its peak learning rate")
     parser.add_argument("--batch-ae", type=int, default=d.batch_ae, help="images per autoencoder step")
     parser.add_argument("--batch-flow", type=int, default=d.batch_flow, help="latents per flow step")
     parser.add_argument("--images", type=int, default=d.images, help="training renders")
@@ -286,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or args.out.with_name(args.out.name + "-work")
     config = BuildConfig(
         out=args.out, work=work, device=args.device, steps_ae=args.steps_ae, steps_flow=args.steps_flow,
-        batch_ae=args.batch_ae, batch_flow=args.batch_flow, lr_ae=args.lr_ae, lr_flow=args.lr_flow, images=args.images, seed=args.seed,
+        batch_ae=args.batch_ae, batch_flow=args.batch_flow, lr_ae=args.lr_ae, lr_flow=args.lr_flow,
+        steps_flow_extra=args.steps_flow_extra, lr_flow_extra=args.lr_flow_extra, images=args.images, seed=args.seed,
         workers=args.workers, bf16=args.bf16, resume=args.resume, time_limit=args.time_limit,
     )  # fmt: skip
     report = build(config)

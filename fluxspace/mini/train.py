@@ -159,6 +159,7 @@ def train(
     time_limit: float | None = None,
     progress: bool = True,
     desc: str = "train",
+    init: dict | None = None,
 ) -> TrainResult:
     """Train `model` in place for config.steps steps of `loss_fn`, checkpointing into `folder`.
 
@@ -166,6 +167,8 @@ def train(
     run starts from step 0 and replaces an old checkpoint and log.
     stop_at: stop after this step (checkpointing), as if interrupted; a later resume finishes the run.
     time_limit: seconds; stop (checkpointing) at the first step boundary past it.
+    init: {"model": state_dict, "ema": state_dict} to start a fresh run from (a second stage that
+    goes on from an earlier run's weights with a schedule of its own); ignored when resuming.
     """
     device = torch.device(device)
     folder = Path(folder)
@@ -199,6 +202,9 @@ def train(
     else:
         log_path.unlink(missing_ok=True)
         ckpt_path.unlink(missing_ok=True)
+        if init is not None:
+            model.load_state_dict(init["model"])
+            ema.model.load_state_dict(init["ema"])
 
     def save() -> None:
         atomic_save(
