@@ -68,7 +68,7 @@ class SamplingRun:
         """Euler from latent x over `timesteps` (default: the prompt's model, txt and vec)."""
         s, inp = self.settings, self.inp
         return denoise(
-            model or self.models.flow, x.to(inp.img.dtype), inp.img_ids, inp.txt if txt is None else txt,
+            self.models.flow if model is None else model, x.to(inp.img.dtype), inp.img_ids, inp.txt if txt is None else txt,
             inp.txt_ids, inp.vec if vec is None else vec, timesteps, guidance=s.guidance, neg_txt=self.negative[0],
             neg_vec=self.negative[1], cfg_scale=s.cfg_scale, progress=self.progress, parity=s.parity, edit=edit,
             callback=callback,

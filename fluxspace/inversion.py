@@ -45,6 +45,8 @@ class InversionSettings:
 
     solver: str = "euler"  # euler | midpoint
     reuse: bool = False  # midpoint only: reuse the previous midpoint velocity (FireFlow)
+    # RF-Inversion's controlled steps are Euler steps, as in the paper: gamma > 0 makes every forward
+    # step one, eta > 0 the reverse steps in its window; the solver runs the others.
     gamma: float = 0.0  # RF-Inversion forward control strength in [0, 1]; 0: plain inversion
     eta: float = 0.0  # RF-Inversion reverse control strength in [0, 1]; 0: plain sampling
     eta_start: float = 0.0  # the reverse control is on for steps in [eta_start, eta_stop) x steps
