@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import RESULTS, write_json  # noqa: E402
 from mini_quality import adherence_cases, generate_all  # noqa: E402
 
-import fluxspace.mini  # noqa: E402
 from fluxspace import SampleSettings, load_models  # noqa: E402
 from fluxspace.images import save_png  # noqa: E402
 from fluxspace.mini.captions import prompt_for  # noqa: E402
@@ -117,7 +116,7 @@ def main(argv=None) -> dict | None:
     data = {"benchmark": "evaluator_agreement", "samples": len(images), "model_sha256": model_sha,
             "prompts": prompts, "seeds": seeds} | agreement(saved["labels"], predicted)  # fmt: skip
     write_json(RESULTS / "evaluator_agreement.json", data)
-    print(f"| family | agree / labelled | rate | unsure |\n|---|---|---|---|")
+    print("| family | agree / labelled | rate | unsure |\n|---|---|---|---|")
     for family, r in data["per_family"].items():
         rate = "-" if r["rate"] is None else f"{100 * r['rate']:.1f}%"
         print(f"| {family} | {r['agree']} / {r['labelled']} | {rate} | {r['unsure']} |")

@@ -39,6 +39,13 @@ class OutputDirection(nn.Module):
         self.branch_txt = torch.cat([edit_txt.expand(batch, -1, -1), prior_txt.expand(batch, -1, -1)])  # (2B, T, C')
         self.branch_vec = torch.cat([edit_vec.expand(batch, -1), prior_vec.expand(batch, -1)])  # (2B, C'')
 
+    @classmethod
+    def for_spec(cls, models: FluxModels, spec: EditSpec, batch: int = 1, offset: int = 0) -> "OutputDirection":
+        """Encode spec's concept and prior prompts with the models' text encoders and wrap models.flow."""
+        edit_txt, edit_vec = models.text([spec.concepts[0].prompt])
+        prior_txt, prior_vec = models.text([spec.prior_prompt])
+        return cls(models.flow, spec, edit_txt, edit_vec, prior_txt, prior_vec, batch=batch, offset=offset)
+
     @property
     def params(self):
         return self.model.params
@@ -99,9 +106,7 @@ def direction_edit(
     plain, branch = run.plain_and_branch(start)
     if start is None:
         return tuple(run.decode(plain, plain))
-    edit_txt, edit_vec = models.text([spec.concepts[0].prompt])
-    prior_txt, prior_vec = models.text([spec.prior_prompt])
-    model = OutputDirection(models.flow, spec, edit_txt, edit_vec, prior_txt, prior_vec, batch=1, offset=start)
+    model = OutputDirection.for_spec(models, spec, offset=start)
     edited = run.denoise(branch, run.timesteps[start:], edit=model, model=model)
     return tuple(run.decode(plain, edited))
 
@@ -123,10 +128,4 @@ def prompt_edit(
     s = _resolved(models, settings)
     run = SamplingRun.prepare(models, prompt, seed, s, progress)
     plain, _ = run.plain_and_branch(None)
-    txt, vec = models.text([edited_prompt])
-    if negative_prompt is not None:
-        if s.cfg_scale == 1.0:
-            raise ValueError("a negative prompt needs true CFG (cfg_scale != 1)")
-        run.negative = models.text([negative_prompt])
-    edited = run.denoise(run.inp.img, run.timesteps, txt=txt.to(run.inp.txt), vec=vec.to(run.inp.vec))
-    return tuple(run.decode(plain, edited))
+    return tuple(run.decode(plain, run.with_prompt(edited_prompt, negative_prompt)))

@@ -16,11 +16,11 @@ import tomllib
 from flux_core import PRESETS, Preset
 from flux_core.loading import DTYPES, read_ae_params
 
+from . import mini
 from .edit import COARSE_TARGETS, PROJECTIONS, Concept, EditSpec, validate
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
 from .inversion import FITS, FORWARD_TIMES, SOLVERS, InversionSettings, fit_image, invert_image, read_image
-from . import mini
 from .pipeline import ModelPaths, SampleSettings, generate, load_models, resolve_paths, resolve_preset
 from .sweep import SWEEPABLE, parse_values, sweep, vary
 

@@ -74,6 +74,17 @@ class SamplingRun:
             callback=callback,
         )  # fmt: skip
 
+    def with_prompt(self, prompt: str, negative_prompt: str | None = None) -> torch.Tensor:
+        """The whole run again from the same noise with another prompt (and optionally another CFG negative)."""
+        txt, vec = self.models.text([prompt])
+        negative = self.negative
+        if negative_prompt is not None:
+            if self.settings.cfg_scale == 1.0:
+                raise ValueError("a negative prompt needs true CFG (cfg_scale != 1)")
+            negative = self.models.text([negative_prompt])
+        run = dataclasses.replace(self, negative=negative)
+        return run.denoise(self.inp.img, self.timesteps, txt=txt.to(self.inp.txt), vec=vec.to(self.inp.vec))
+
     def plain_and_branch(self, start: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The plain run's final latent, and its latent where step `start` begins (None: no branch)."""
         branch = {0: self.inp.img}

@@ -65,6 +65,15 @@ def side_by_side(images: list[Image.Image], gap: int = 4) -> Image.Image:
     return out
 
 
+def psnr(a, b, keep: np.ndarray | None = None) -> float:
+    """PSNR in dB of two RGB images of one size (PIL images or uint8 (H, W, 3) arrays), over the
+    pixels where `keep` (H, W) is True (default all); 100 dB if identical there."""
+    x, y = (np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im, dtype=np.float64) / 255.0 for im in (a, b))
+    diff = x - y if keep is None else (x - y)[keep]
+    mse = float(np.mean(diff**2))
+    return 100.0 if mse < 1e-10 else 10 * float(np.log10(1 / mse))
+
+
 def stacked(images: list[Image.Image], gap: int = 4) -> Image.Image:
     """Images in one column, separated by white gaps."""
     w = max(im.width for im in images)

@@ -30,7 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
+from .images import psnr
 
 # v(x, t, step): (B, N, C) -> (B, N, C); step is the index of the solver step (sampling order for
 # reconstruction, so a FluxSpace edit can switch on by step), t the time fed to the model.
@@ -135,11 +138,9 @@ def reconstruct(v: Velocity, noise: Tensor, timesteps: list[float], settings: In
 FITS = ("resize", "crop")
 
 
-def read_image(image) -> "Image.Image":
+def read_image(image) -> Image.Image:
     """A path or a PIL image -> an RGB PIL image; anything else, unreadable files and non-RGB modes
     that do not convert to RGB (e.g. 16-bit integer) are refused with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
     if not isinstance(image, Image.Image):
         try:
             image = Image.open(image)
@@ -151,7 +152,7 @@ def read_image(image) -> "Image.Image":
     return image.convert("RGB")
 
 
-def fit_image(image: "Image.Image", pixels_per_token: int, fit: str = "resize", size: int | None = None) -> "Image.Image":
+def fit_image(image: Image.Image, pixels_per_token: int, fit: str = "resize", size: int | None = None) -> Image.Image:
     """Make both sides multiples of pixels_per_token.
 
     fit="resize": scale (LANCZOS) so the longer side is `size` (default: unchanged), then round each
@@ -159,8 +160,6 @@ def fit_image(image: "Image.Image", pixels_per_token: int, fit: str = "resize", 
     fit="crop": centre-crop each side down to a multiple (after the optional resize); nothing is
     stretched, a few border pixels are lost.
     """
-    from PIL import Image
-
     if fit not in FITS:
         raise ValueError(f"unknown fit {fit!r}; valid: {', '.join(FITS)}")
     w, h = image.size
@@ -200,7 +199,7 @@ def model_velocity(models, prompt: str, height: int, width: int, cfg_scale: floa
     return velocity
 
 
-def encode_image(models, image: "Image.Image") -> Tensor:
+def encode_image(models, image: Image.Image) -> Tensor:
     """An RGB image whose sides are multiples of the token size -> packed latent tokens (1, N, C), float32."""
     from flux_core.sampling import pack
 
@@ -211,7 +210,7 @@ def encode_image(models, image: "Image.Image") -> Tensor:
     return pack(z.float())
 
 
-def decode_tokens(models, x: Tensor, height: int, width: int) -> "Image.Image":
+def decode_tokens(models, x: Tensor, height: int, width: int) -> Image.Image:
     from flux_core.sampling import unpack
 
     from .pipeline import decode
@@ -219,25 +218,16 @@ def decode_tokens(models, x: Tensor, height: int, width: int) -> "Image.Image":
     return decode(models, unpack(x.float(), height, width, models.pixels_per_token))[0]
 
 
-def psnr(a: "Image.Image", b: "Image.Image") -> float:
-    """PSNR in dB of two RGB images of one size (100 dB if identical)."""
-    import numpy as np
-
-    x, y = (np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 for im in (a, b))
-    mse = float(np.mean((x - y) ** 2))
-    return 100.0 if mse < 1e-10 else 10 * float(np.log10(1 / mse))
-
-
 @dataclass
 class RealImageResult:
     """An image taken through inversion: the fitted input, its reconstruction, and the edit if asked."""
 
-    image: "Image.Image"  # the input, fitted to the token grid: what PSNR is measured against
-    reconstruction: "Image.Image"
+    image: Image.Image  # the input, fitted to the token grid: what PSNR is measured against
+    reconstruction: Image.Image
     psnr: float  # reconstruction vs image, dB
     evaluations: int  # transformer evaluations of the inversion and the reconstruction
     noise: Tensor  # (1, N, C) the inverted latent at t = 1
-    edited: "Image.Image | None" = None
+    edited: Image.Image | None = None
     masks: list | None = None  # per concept (h, w), as EditResult.masks
 
 

@@ -27,7 +27,15 @@ from flux_core.loading import (
     resolve_dtype,
 )
 from flux_core.presets import PRESETS
-from flux_core.sampling import PIXELS_PER_TOKEN, check_image_size, denoise, get_noise, get_schedule, prepare, unpack
+from flux_core.sampling import (
+    PIXELS_PER_TOKEN,
+    check_image_size,
+    denoise,
+    get_noise,
+    get_schedule,
+    prepare,
+    unpack,
+)
 
 from . import mini
 from .images import tensor_to_pil

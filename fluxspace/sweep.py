@@ -6,7 +6,6 @@ images to the shard folder, and rank 0 assembles the grid.
 """
 
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image, ImageDraw
 from .distributed import barrier, world
 from .edit import EditSpec
 from .editing import EditResult, edit_image
+from .images import save_png
 from .pipeline import FluxModels, SampleSettings
 
 SWEEPABLE = ("lambda_fine", "lambda_coarse", "tau_m", "start")
@@ -87,20 +87,12 @@ def sweep(
     for i, row in enumerate(results):
         for j, x in enumerate(row):
             if x is not None:
-                _save(x.edited, folder / f"cell-{i}-{j}.png")
+                save_png(x.edited, folder / f"cell-{i}-{j}.png", {"sweep_cell": [i, j]})
     barrier(size)
     if rank != 0:
         return None, results
     cells = [[Image.open(folder / f"cell-{i}-{j}.png").convert("RGB") for j in range(len(cols))] for i in range(len(rows))]
     return grid_image(results[0][0].original, cells, col_labels, row_labels), results
-
-
-def _save(image: Image.Image, path: Path) -> None:
-    """A shard image, written atomically (a rank killed half-way leaves no half file to merge)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        image.save(f, format="PNG")
-    os.replace(tmp, path)
 
 
 def grid_image(

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from fluxspace.images import psnr
 from fluxspace.mini.domain import Attributes, render
-from fluxspace.mini.edit_quality import METHODS, TASKS, choose_strength, psnr_outside, score_pair, summarise
+from fluxspace.mini.edit_quality import METHODS, TASKS, choose_strength, score_pair, summarise
 from fluxspace.mini.evaluator import load_evaluator
 
 BASE = Attributes("medium", "brown", "oval", "blue", "none", "none", "neutral", "beard", "flat")
@@ -52,14 +53,15 @@ def test_already_present_is_not_counted(evaluator):
     assert summarise([{"success": None, "preservation": 1.0, "feature": 1.0, "psnr_outside": 100.0, "text": 1.0}])["n"] == 0
 
 
-def test_psnr_outside_ignores_the_region():
+def test_psnr_ignores_pixels_outside_keep():
     a = np.zeros((4, 4, 3), np.uint8)
     b = a.copy()
     b[0, 0] = 255
     keep = np.ones((4, 4), bool)
-    assert psnr_outside(a, b, keep) == pytest.approx(10 * np.log10(16))  # one of 16 pixels fully off
+    assert psnr(a, b, keep) == pytest.approx(10 * np.log10(16))  # one of 16 pixels fully off
+    assert psnr(a, b) == pytest.approx(10 * np.log10(16))  # keep=None: every pixel
     keep[0, 0] = False
-    assert psnr_outside(a, b, keep) == 100.0
+    assert psnr(a, b, keep) == 100.0
 
 
 def test_tuning_rule():

@@ -12,8 +12,8 @@ from torch import nn
 
 from flux_core import Flux, get_preset
 from flux_core.sampling import (
-    ModelInputs,
     PIXELS_PER_TOKEN,
+    ModelInputs,
     check_image_size,
     denoise,
     get_noise,

@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..baselines import OutputDirection
 from ..distributed import barrier, world
 from ..edit import Concept, EditSpec, encode_edit
 from ..editing import SamplingRun, first_active_step
-from ..images import save_png, side_by_side, stacked
+from ..images import psnr, save_png, side_by_side, stacked
 from ..pipeline import SampleSettings, load_models
 from ..step import FluxSpaceEditor
 from .captions import KEYWORD, prompt_for
@@ -172,14 +171,9 @@ class Editor:
         for method, strength in settings:
             spec = method.spec(task, strength)
             if method.kind == "prompt":
-                prompt, negative = edited_prompt(task, facts)
-                txt, vec = models.text([prompt])
-                r = run if negative is None else dataclasses.replace(run, negative=models.text([negative]))
-                latents.append(r.denoise(run.inp.img, run.timesteps, txt=txt.to(run.inp.txt), vec=vec.to(run.inp.vec)))
+                latents.append(run.with_prompt(*edited_prompt(task, facts)))
             elif method.kind == "direction":
-                e_txt, e_vec = models.text([task.keyword])
-                p_txt, p_vec = models.text([""])
-                model = OutputDirection(models.flow, spec, e_txt, e_vec, p_txt, p_vec, batch=1, offset=start)
+                model = OutputDirection.for_spec(models, spec, offset=start)
                 latents.append(run.denoise(branch, run.timesteps[start:], edit=model, model=model))
             else:
                 editor = FluxSpaceEditor(spec, self.encoded(spec))
@@ -191,25 +185,17 @@ class Editor:
 # Metrics
 
 
-def psnr_outside(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
-    """PSNR in dB over the pixels where keep is True; uint8 (H, W, 3) images; 100 dB if identical."""
-    diff = (a.astype(np.float64) - b.astype(np.float64))[keep] / 255.0
-    mse = float(np.mean(diff**2))
-    return 100.0 if mse < 1e-10 else 10 * np.log10(1 / mse)
-
-
 def score_pair(evaluator, task: Task, plain, edited) -> dict:
     """The metrics of one edit; success is None where the target was already there."""
     scores = evaluator.score([plain, edited])
     before, after = scores.predicted
     others = [f for f in FAMILIES if f != task.family]
-    a, b = np.asarray(plain.convert("RGB")), np.asarray(edited.convert("RGB"))
-    keep = ~region(task.family, a.shape[0]) if KIND[task.family] == "local" else np.ones(a.shape[:2], bool)
+    keep = ~region(task.family, plain.height) if KIND[task.family] == "local" else None
     return {
         "success": None if before[task.family] == task.value else after[task.family] == task.value,
         "preservation": sum(before[f] == after[f] for f in others) / len(others),
         "feature": float(scores.embedding[0] @ scores.embedding[1]),
-        "psnr_outside": psnr_outside(a, b, keep),
+        "psnr_outside": psnr(plain, edited, keep),
         "text": float(scores.prob_of(task.family, task.value)[1]),
     }
 
@@ -276,14 +262,18 @@ def run_units(units: list[Unit], editor: Editor, evaluator, plan, rank: int, siz
     return rows
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomic: a temporary file beside `path`, then a rename."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def gather(rows: list[dict], folder: Path, name: str, rank: int, size: int) -> list[dict]:
     """Every rank's rows, in a fixed order (each rank writes its shard; all read all after a barrier)."""
     shards = folder / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    path = shards / f"{name}-rank{rank}-of{size}.json"
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(rows))
-    os.replace(tmp, path)
+    write_text(shards / f"{name}-rank{rank}-of{size}.json", json.dumps(rows))
     barrier(size)
     merged = [r for k in range(size) for r in json.loads((shards / f"{name}-rank{k}-of{size}.json").read_text())]
     return sorted(merged, key=lambda r: (r["phase"], r["task"], r["method"], r["strength"], r["index"]))
@@ -447,9 +437,7 @@ def main(argv=None) -> dict | None:
             "curves": curves, "results": results, "rows": rows, "tune_rows": tune_rows,
             "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".edit_quality.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, args.out / "edit_quality.json")
+    write_text(args.out / "edit_quality.json", json.dumps(data, indent=1))
     has_curves = any(curves.values())
     if has_curves:
         tradeoff_plot(curves, args.out / "edit_quality-tradeoff.png")
@@ -458,9 +446,7 @@ def main(argv=None) -> dict | None:
         shown = {t.name: [u.index for u in units if TASKS[u.task] == t][: args.grid_rows] for t in tasks}
         grid_paths = grids(editor, tasks, methods, chosen, args.out, shown)
     report = markdown(data, methods, has_curves, grid_paths, argv if argv is not None else sys.argv[1:])
-    tmp = args.out / ".edit_quality.md.tmp"
-    tmp.write_text(report)
-    os.replace(tmp, args.out / "edit_quality.md")
+    write_text(args.out / "edit_quality.md", report)
     print(table(results))
     return data
 
