@@ -74,12 +74,6 @@ class OutputDirection(nn.Module):
         return v + self.lambda_ * (v_edit - v_prior).repeat(n // B, 1, 1)  # (n, N, C)
 
 
-def _resolved(models: FluxModels, settings: SampleSettings | None) -> SampleSettings:
-    s = (settings or SampleSettings()).resolved(models.preset)
-    s.validate(models.pixels_per_token)
-    return s
-
-
 def direction_edit(
     models: FluxModels,
     prompt: str,
@@ -94,7 +88,7 @@ def direction_edit(
     Uses spec.concepts[0].prompt and lambda_fine, spec.prior_prompt, start and end; masks, the
     coarse edit and the block choice do not exist at the output level and must be left unset.
     """
-    s = _resolved(models, settings)
+    s = models.sample_settings(settings)
     validate(spec, num_steps=s.steps, num_double_blocks=len(models.flow.double_blocks))
     if len(spec.concepts) != 1 or spec.has_coarse or spec.blocks is not None or spec.concepts[0].tau_m != 0:
         raise ValueError(
@@ -125,7 +119,7 @@ def prompt_edit(
 
     negative_prompt: the edited run's CFG negative (e.g. the attribute to remove); default the settings'.
     """
-    s = _resolved(models, settings)
+    s = models.sample_settings(settings)
     run = SamplingRun.prepare(models, prompt, seed, s, progress)
     plain, _ = run.plain_and_branch(None)
     return tuple(run.decode(plain, run.with_prompt(edited_prompt, negative_prompt)))

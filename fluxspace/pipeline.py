@@ -138,6 +138,12 @@ class FluxModels:
         """Image pixels along the side of one image token: 2 x the autoencoder's downsampling."""
         return 2 * self.ae.params.downsampling
 
+    def sample_settings(self, settings: "SampleSettings | None") -> "SampleSettings":
+        """settings (None: all defaults) with the preset's defaults filled in, checked for this model."""
+        s = (settings or SampleSettings()).resolved(self.preset)
+        s.validate(self.pixels_per_token)
+        return s
+
 
 def load_models(
     model: str | os.PathLike | None = None,
@@ -213,8 +219,7 @@ def sample_latents(
     """Denoise one image per (prompt, seed) pair. Returns unpacked latents (B, C, h, w), float32."""
     if len(prompts) != len(seeds):
         raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
-    s = settings.resolved(models.preset)
-    s.validate(models.pixels_per_token)
+    s = models.sample_settings(settings)
     device, dtype, ppt = models.device, models.dtype, models.pixels_per_token
     txt, vec = models.text(prompts)  # (B, T, C'), (B, C'')
     z = models.ae.params.z_channels
