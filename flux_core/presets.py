@@ -166,7 +166,9 @@ PRESETS: dict[str, Preset] = {
             t5_max_length=48,  # the longest caption is 43 T5 tokens with its tokenizer; FLUX.1 uses 512
             shift_schedule=True,  # our get_schedule; at 64 tokens mu = 0.47, a mild shift
             default_steps=20,
-            default_guidance=4.0,  # the true-CFG scale (cfg_scale) recommended for flux-mini
+            # The true-CFG scale (cfg_scale) recommended for flux-mini: on 128 prompts of tuning seed 7
+            # (not the reported seed 0), adherence 97.0% at 6 against 96.0% at 4 (mini_quality's adherence section).
+            default_guidance=6.0,
             description="flux-mini: our small Flux trained on procedural cartoon faces, 64x64, true CFG",
             default_size=64,  # its training size
         ),
