@@ -28,6 +28,13 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return (a.permute(2, 0, 1)[None] / 127.5) - 1.0
 
 
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
     """Write `image` to `path` with `params` in its metadata; atomic (temp file + rename)."""
     path = Path(path)
@@ -39,6 +46,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,5 +1,6 @@
 """The fluxspace command end to end on a random tiny checkpoint set, and its refusals."""
 
+import os
 import shutil
 
 import numpy as np
@@ -31,6 +32,9 @@ def test_generate_writes_pngs_with_parameters(tiny_checkpoint, tmp_path):
     main(["generate", "a red bicycle", "--model", str(tiny_checkpoint.transformer), "--seed", "3", "--out", str(single), *SMALL])
     assert np.array_equal(pixels(single), pixels(a))
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert a.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file's mode, not mkstemp's private 0600
 
 
 def test_generate_with_true_cfg(tiny_checkpoint, tmp_path):
