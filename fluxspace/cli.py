@@ -333,6 +333,10 @@ def run_generate(args) -> int:
 
 
 def load_for(args, chosen: Chosen):
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its "Loading weights" bars too: --quiet means no bars
     t0 = time.perf_counter()
     p = chosen.paths
     models = load_models(

@@ -76,6 +76,7 @@ def test_the_readme_command_writes_a_side_by_side_png(tmp_path, monkeypatch, cap
     args = readme_main_command()
     assert "--model" not in args  # it runs on the shipped flux-mini
     assert main([*args, "--quiet"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # --quiet: no progress bars, transformers' included
     out = tmp_path / args[args.index("--out-dir") + 1]
     side = Image.open(out / "side_by_side.png")
     assert side.height == 64 and side.width > 128
