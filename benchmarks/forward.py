@@ -57,6 +57,7 @@ from flux_core.presets import PRESETS
 from flux_core.sampling import check_image_size
 from flux_core.sampling import img_ids as make_img_ids
 from flux_core.sampling import txt_ids as make_txt_ids
+from fluxspace.images import atomic_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -518,20 +519,10 @@ def table(results: list[dict], reference: str | None) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Atomic: a temp file in the same folder, then a rename (fluxspace.images.atomic_file)."""
+    with atomic_file(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
 
 
 def main(argv=None) -> dict:

@@ -38,10 +38,10 @@ from fluxspace import Concept, EditSpec, SampleSettings, edit_image, generate, l
 from fluxspace.mini.captions import KEYWORD, prompt_for  # noqa: E402
 from fluxspace.mini.domain import FAMILIES, render_batch, sample_attributes, to_tensor  # noqa: E402
 from fluxspace.mini.evaluator import load_evaluator  # noqa: E402
+from fluxspace.mini.train_ae import psnr_db  # noqa: E402
 
 DEFAULT_MODEL = fluxspace.mini.MODEL_DIR
 UNSEEN_SEED = 2**31  # training render seeds are drawn in [0, 2**31): these are never used there
-PSNR_CAP_MSE = 1e-12  # identical images: 120 dB rather than infinity (JSON has no infinity)
 TARGETS = {
     "adherence_overall": 0.90,
     "adherence_per_family": 0.80,
@@ -201,12 +201,6 @@ def run_empty(models, evaluator, args, settings) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # 3. Autoencoder reconstruction
-
-
-def psnr_db(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B,) PSNR in dB between image batches in [-1, 1], on the [0, 1] scale (as train_ae.psnr)."""
-    mse = ((a.float() - b.float()) / 2).square().flatten(1).mean(1)  # (B,)
-    return 10 * torch.log10(1 / mse.clamp_min(PSNR_CAP_MSE))
 
 
 @torch.no_grad()

@@ -2,11 +2,14 @@
 
     python benchmarks/mini_tune_edits.py [--lambdas 2,4,6,8,12] [--seeds 24]
 
-For each local edit and each lambda_fine of the grid (tau_m and start as in mini_quality.EDITS),
-edit --seeds base images drawn with a tuning seed (mini_quality's edit section with --seed
-TUNING_SEED: other prompts, other noise than the reported run) and score success and preservation
-with the evaluator. Rule: the smallest lambda whose success reaches 80% while preservation stays
->= 90%; if none does, the lambda with the best success among those keeping preservation >= 90%.
+For each local edit, edit --seeds base images drawn with a tuning seed (mini_quality's edit section
+with --seed TUNING_SEED: other prompts, other noise than the reported run) at each lambda_fine of
+the grid and score success and preservation with the evaluator. The grid is tried masked first
+(tau_m 0.5, on from t = 0.9: the paper's local edit); only an edit that no masked lambda carries to
+the goal is also tried without the mask (tau_m 0, on from the first step, --unmasked-lambdas).
+Rule: the smallest lambda whose success reaches 80% while preservation stays >= 90%,
+masked before unmasked; if none does, the setting with the best success among those keeping
+preservation >= 90%.
 The chosen values are what mini_quality.EDITS holds; this script prints the table it chose from
 and writes it to benchmarks/results/mini_tune_edits.json.
 """
@@ -25,24 +28,37 @@ from fluxspace.mini.evaluator import load_evaluator  # noqa: E402
 
 TUNING_SEED = 7  # mini_quality reports with --seed 0
 SUCCESS_GOAL, PRESERVATION_FLOOR = 0.80, 0.90
+MASKED = {"tau_m": 0.5, "start": 0.9}  # the local edit as the paper runs it
+UNMASKED = {"tau_m": 0.0, "start": 1.0}  # fallback: the whole image, from the first step
+
+
+def reaching(rows: list[dict]) -> dict | None:
+    """The smallest-lambda row reaching the goal, or None."""
+    ok = [r for r in rows if r["success"] is not None and r["success"] >= SUCCESS_GOAL
+          and r["preservation"] >= PRESERVATION_FLOOR]  # fmt: skip
+    return min(ok, key=lambda r: r["lambda_fine"]) if ok else None
 
 
 def choose(rows: list[dict]) -> dict:
+    """Rows in preference order (masked, then unmasked): the rule of the module docstring."""
     rows = [r for r in rows if r["success"] is not None]  # no base image lacked the attribute: nothing measured
+    for setting in (MASKED, UNMASKED):
+        best = reaching([r for r in rows if (r["tau_m"], r["start"]) == (setting["tau_m"], setting["start"])])
+        if best:
+            return best
     kept = [r for r in rows if r["preservation"] >= PRESERVATION_FLOOR]
-    reaching = [r for r in kept if r["success"] >= SUCCESS_GOAL]
-    if reaching:
-        return min(reaching, key=lambda r: r["lambda_fine"])
     return max(kept or rows, key=lambda r: (r["success"] or 0.0, -r["lambda_fine"]))
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lambdas", default="2,4,6,8,12", help="lambda_fine grid")
+    p.add_argument("--lambdas", default="2,4,6,8,12", help="lambda_fine grid with the mask")
+    p.add_argument("--unmasked-lambdas", default="8,12,16,24", help="lambda_fine grid without it")
     p.add_argument("--seeds", type=int, default=24, help="base images per edit and lambda")
     p.add_argument("--edits", default=",".join(mini_quality.EDITS))
     args = p.parse_args(argv)
-    lambdas = [float(x) for x in args.lambdas.split(",")]
+    grids = [(MASKED, [float(x) for x in args.lambdas.split(",")]),
+             (UNMASKED, [float(x) for x in args.unmasked_lambdas.split(",")])]  # fmt: skip
 
     models, evaluator = load_models(), load_evaluator().eval()
     settings = SampleSettings()
@@ -51,19 +67,26 @@ def main(argv=None) -> dict:
     for name in args.edits.split(","):
         base = mini_quality.EDITS[name]
         rows = []
-        for lam in lambdas:
-            mini_quality.EDITS[name] = dataclasses.replace(base, lambda_fine=lam)
-            r = mini_quality.run_edit(models, evaluator, run_args, settings, name)
-            rows.append({"lambda_fine": lam, "success": r["success"], "preservation": r["preservation"],
-                         "seeds": r["seeds"]})  # fmt: skip
-            print(f"{name} lambda {lam}: success {r['success']}, preservation {r['preservation']}", flush=True)
+        for setting, lambdas in grids:
+            if reaching(rows):
+                break  # the masked grid reached the goal: no need for the fallback
+            for lam in lambdas:
+                mini_quality.EDITS[name] = dataclasses.replace(base, lambda_fine=lam, **setting)
+                r = mini_quality.run_edit(models, evaluator, run_args, settings, name)
+                rows.append({"lambda_fine": lam, **setting, "success": r["success"],
+                             "preservation": r["preservation"], "seeds": r["seeds"]})  # fmt: skip
+                print(f"{name} lambda {lam} tau_m {setting['tau_m']} start {setting['start']}: "
+                      f"success {r['success']}, preservation {r['preservation']}", flush=True)  # fmt: skip
         mini_quality.EDITS[name] = base
-        table[name] = {"rows": rows, "chosen": choose(rows)["lambda_fine"], "tau_m": base.tau_m, "start": base.start}
+        chosen = choose(rows)
+        table[name] = {"rows": rows, "chosen": {k: chosen[k] for k in ("lambda_fine", "tau_m", "start")}}
     write_json(RESULTS / "mini_tune_edits.json", {"rule": __doc__.split("Rule: ")[1].split(".\n")[0],
                                                    "tuning_seed": TUNING_SEED, "edits": table})  # fmt: skip
     for name, t in table.items():
-        cells = ", ".join(f"{r['lambda_fine']:g}: {r['success'] or 0:.2f}/{r['preservation'] or 0:.2f}" for r in t["rows"])
-        print(f"{name}: chosen lambda {t['chosen']:g}  ({cells})")
+        cells = ", ".join(f"{r['lambda_fine']:g}{'' if r['tau_m'] else ' unmasked'}: "
+                          f"{r['success'] or 0:.2f}/{r['preservation'] or 0:.2f}" for r in t["rows"])  # fmt: skip
+        c = t["chosen"]
+        print(f"{name}: chosen lambda {c['lambda_fine']:g}, tau_m {c['tau_m']:g}, start {c['start']:g}  ({cells})")
     return table
 
 

@@ -1,5 +1,8 @@
 """Images in and out: tensors <-> PIL, and PNG files written atomically with their parameters.
 
+`atomic_file` is how every output file of the project is written (PNGs, benchmark JSON and tables):
+a temporary file beside the target, renamed over it once complete.
+
 Every PNG we write carries the settings that made it in a `fluxspace` text chunk (JSON), plus a
 human-readable `parameters` chunk, so an image found on disk can be reproduced.
 """
@@ -7,6 +10,7 @@ human-readable `parameters` chunk, so an image found on disk can be reproduced.
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +39,31 @@ def _umask() -> int:
     return mask
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
-    """Write `image` to `path` with `params` in its metadata; atomic (temp file + rename)."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside `path` for writing; on success it replaces `path` (with an
+    ordinary file's mode: 0666 minus the umask), on any error it is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(params, sort_keys=True, default=str))
-    info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in params.items()))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it a normal file's mode
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
+    """Write `image` to `path` with `params` in its metadata; atomic (temp file + rename)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(params, sort_keys=True, default=str))
+    info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in params.items()))
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 def read_png_params(path: str | os.PathLike) -> dict:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fluxspace.cli import main
-from fluxspace.images import read_png_params
+from fluxspace.images import atomic_file, read_png_params
 
 SMALL = ["--width", "64", "--height", "48", "--steps", "3", "--quiet"]
 
@@ -139,3 +139,17 @@ def test_missing_model_parts_are_named(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--preset", "flux-pro"])
     assert "invalid choice: 'flux-pro'" in capsys.readouterr().err
+
+
+def test_atomic_file_leaves_the_target_untouched_when_writing_fails(tmp_path):
+    target = tmp_path / "table.md"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_file(target, "w") as f:
+        f.write("half a tab")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["table.md"]  # no temp left
+    with atomic_file(target, "w") as f:
+        f.write("new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -12,7 +12,7 @@ from flux_core.autoencoder import AutoEncoderParams
 from flux_core.model import FluxParams
 from flux_core.presets import get_preset
 from fluxspace import SampleSettings, generate, load_models
-from fluxspace.mini.build import TEXT_ENCODER_DIRS, BuildConfig, build, folder_size
+from fluxspace.mini.build import TEXT_ENCODER_DIRS, BuildConfig, build, folder_size, parse_restarts
 from fluxspace.mini.data import cached_faces, caption_sets, make_faces
 from fluxspace.mini.train import CHECKPOINT, LOG, TrainConfig, learning_rate
 from fluxspace.mini.train_ae import train_autoencoder
@@ -137,13 +137,13 @@ def test_tiny_build_loads_and_samples(tmp_path):
     out = tmp_path / "flux-mini"
     config = BuildConfig(
         out=out, work=tmp_path / "work", steps_ae=2, steps_flow=2, batch_ae=2, batch_flow=4, images=8,
-        captions_per_image=2, eval_images=4, stats_images=8, corpus_size=200, progress=False, steps_flow_extra=2,
+        captions_per_image=2, eval_images=4, stats_images=8, corpus_size=200, progress=False, flow_restarts=((2, 1e-3), (1, 1e-3)),
     )  # fmt: skip
     # A time limit of 0 stops after the first step of the first stage; --resume finishes the build.
     stopped = build(BuildConfig(**{**vars(config), "time_limit": 0.0}))
     assert not stopped["complete"] and stopped["ae_steps"] == 1
     report = build(BuildConfig(**{**vars(config), "resume": True}))
-    assert report["complete"] and (report["ae_steps"], report["flow_steps"], report["flow_extra_steps"]) == (2, 2, 2)
+    assert report["complete"] and (report["ae_steps"], report["flow_steps"], report["flow_restart_steps"]) == (2, 2, [2, 1])
 
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["ae.safetensors", "flux-mini.safetensors", *TEXT_ENCODER_DIRS])
@@ -161,3 +161,12 @@ def test_tiny_build_loads_and_samples(tmp_path):
     images = generate(models, ["a sketch of a person with a hat", ""], [0, 1], settings, progress=False)
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     assert all(np.isfinite(np.asarray(im, dtype=np.float32)).all() for im in images)
+
+
+def test_flow_restarts_parse_and_reject_bad_input():
+    assert parse_restarts("6000:4e-4,3000:2e-4") == ((6000, 4e-4), (3000, 2e-4))
+    assert parse_restarts("none") == parse_restarts("") == ()
+    with pytest.raises(ValueError, match=r"^bad flow restart '3000': expected STEPS:LR, e.g. 6000:4e-4 \(or 'none'\)$"):
+        parse_restarts("6000:4e-4,3000")
+    with pytest.raises(ValueError, match=r"^bad flow restart '0:1e-4': steps and lr must be positive$"):
+        parse_restarts("0:1e-4")

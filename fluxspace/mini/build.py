@@ -11,6 +11,7 @@ Stages (each result cached under --work, default OUT-work, so --resume picks up 
     4. measure its latents (shift = mean, scale = 1/std) and held-out PSNR; write OUT/ae.safetensors
     5. encode the faces to latents and their captions to features, once   work/latents.pt, captions.pt
     6. train the flow transformer (train_flow.py)                         work/flow/{checkpoint.pt,log.jsonl}
+       then its warm restarts (--flow-restarts), each from the last weights  work/flow-extra, flow-extra-2
     7. write OUT/flux-mini.safetensors: the EMA weights in bf16, official key layout, with metadata
 
 OUT then holds exactly what an official release holds, and loads the same way:
@@ -74,11 +75,11 @@ class BuildConfig:
     batch_flow: int = 64
     lr_ae: float = 8e-4
     lr_flow: float = 8e-4
-    # A second flow stage that goes on from the first one's weights with a fresh warmup + cosine
-    # (a warm restart): more training without redoing the first stage. 0: none. The shipped
-    # flux-mini has one of 6,000 steps: 4,000 steps alone left it weak on the eyewear and mouth words.
-    steps_flow_extra: int = 6_000
-    lr_flow_extra: float = 4e-4
+    # Warm restarts of the flow stage: each goes on from the previous stage's weights with a fresh
+    # warmup + cosine (steps, peak lr), so more training never redoes what is done. The shipped
+    # flux-mini has two: after 4,000 steps it was weak on the eyewear and mouth words; 6,000 more
+    # fixed the mouths, and the last 3,000 at a lower rate are for the eyeglasses (thin frames).
+    flow_restarts: tuple[tuple[int, float], ...] = ((6_000, 4e-4), (3_000, 2e-4))
     images: int = 20_000  # training renders (train split only), each with `captions_per_image` captions
     captions_per_image: int = 4
     eval_images: int = 256  # held-out renders for the PSNR
@@ -90,6 +91,27 @@ class BuildConfig:
     resume: bool = False
     time_limit: float | None = None  # seconds for the whole build
     progress: bool = True
+
+
+def restart_folder(k: int) -> str:
+    """Work folder of the k-th warm restart (from 1); the first keeps its original name."""
+    return "flow-extra" if k == 1 else f"flow-extra-{k}"
+
+
+def parse_restarts(text: str) -> tuple[tuple[int, float], ...]:
+    """"6000:4e-4,3000:2e-4" -> ((6000, 4e-4), (3000, 2e-4)); "" or "none" -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    stages = []
+    for item in text.split(","):
+        try:
+            steps, lr = item.split(":")
+            stages.append((int(steps), float(lr)))
+        except ValueError:
+            raise ValueError(f"bad flow restart {item!r}: expected STEPS:LR, e.g. 6000:4e-4 (or 'none')") from None
+        if stages[-1][0] <= 0 or stages[-1][1] <= 0:
+            raise ValueError(f"bad flow restart {item!r}: steps and lr must be positive")
+    return tuple(stages)
 
 
 def _warmup(steps: int) -> int:
@@ -256,20 +278,21 @@ def build(config: BuildConfig) -> dict:
     if not run.finished:
         return report
 
-    # 6b. optional second stage, from the first stage's weights
-    if config.steps_flow_extra:
+    # 6b. warm restarts, each from the previous stage's weights (folders flow-extra, flow-extra-2, ...)
+    for k, (steps, lr) in enumerate(config.flow_restarts, start=1):
         t0 = time.monotonic()
-        extra_config = TrainConfig(
-            steps=config.steps_flow_extra, batch_size=config.batch_flow, lr=config.lr_flow_extra,
-            warmup_steps=_warmup(config.steps_flow_extra), seed=config.seed + 1, bf16=config.bf16,
+        restart_config = TrainConfig(
+            steps=steps, batch_size=config.batch_flow, lr=lr, warmup_steps=_warmup(steps), seed=config.seed + k,
+            bf16=config.bf16,
         )  # fmt: skip
-        first = {"model": run.model.state_dict(), "ema": run.ema.state_dict()}
+        previous = {"model": run.model.state_dict(), "ema": run.ema.state_dict()}
         run = train_flow(
-            latents, bank, preset.params, extra_config, work / "flow-extra", device, resume=config.resume,
-            time_limit=remaining(), progress=config.progress, init=first,
+            latents, bank, preset.params, restart_config, work / restart_folder(k), device, resume=config.resume,
+            time_limit=remaining(), progress=config.progress, init=previous,
         )  # fmt: skip
-        report |= {"flow_extra_steps": run.step, "flow_loss": run.loss}
-        stage_done("flow_extra", t0)
+        report["flow_restart_steps"] = [*report.get("flow_restart_steps", []), run.step]
+        report["flow_loss"] = run.loss
+        stage_done(f"flow_restart_{k}", t0)
         if not run.finished:
             return report
 
@@ -296,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-flow", type=int, default=d.steps_flow, help="flow transformer training steps")
     parser.add_argument("--lr-ae", type=float, default=d.lr_ae, help="autoencoder peak learning rate")
     parser.add_argument("--lr-flow", type=float, default=d.lr_flow, help="flow transformer peak learning rate")
-    parser.add_argument("--steps-flow-extra", type=int, default=d.steps_flow_extra,
-                        help="second flow stage from the first one's weights (0: none)")  # fmt: skip
-    parser.add_argument("--lr-flow-extra", type=float, default=d.lr_flow_extra, help="its peak learning rate")
+    parser.add_argument("--flow-restarts", default=",".join(f"{n}:{lr:g}" for n, lr in d.flow_restarts),
+                        help="warm restarts of the flow stage, STEPS:LR,... each from the previous weights "
+                        "(default %(default)s; 'none': no restart)")  # fmt: skip
     parser.add_argument("--batch-ae", type=int, default=d.batch_ae, help="images per autoencoder step")
     parser.add_argument("--batch-flow", type=int, default=d.batch_flow, help="latents per flow step")
     parser.add_argument("--images", type=int, default=d.images, help="training renders")
@@ -308,11 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints and caches in --work")
     parser.add_argument("--time-limit", type=float, help="seconds; stop cleanly (exit status 3), then --resume")
     args = parser.parse_args(argv)
+    try:
+        restarts = parse_restarts(args.flow_restarts)
+    except ValueError as e:
+        parser.error(str(e))
     work = args.work or args.out.with_name(args.out.name + "-work")
     config = BuildConfig(
         out=args.out, work=work, device=args.device, steps_ae=args.steps_ae, steps_flow=args.steps_flow,
         batch_ae=args.batch_ae, batch_flow=args.batch_flow, lr_ae=args.lr_ae, lr_flow=args.lr_flow,
-        steps_flow_extra=args.steps_flow_extra, lr_flow_extra=args.lr_flow_extra, images=args.images, seed=args.seed,
+        flow_restarts=restarts, images=args.images, seed=args.seed,
         workers=args.workers, bf16=args.bf16, resume=args.resume, time_limit=args.time_limit,
     )  # fmt: skip
     report = build(config)

@@ -30,7 +30,6 @@ number of processes (bit for bit at equal torch thread counts).
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from ..baselines import OutputDirection
 from ..distributed import barrier, world
 from ..edit import Concept, EditSpec, encode_edit
 from ..editing import SamplingRun, first_active_step
-from ..images import psnr, save_png, side_by_side, stacked
+from ..images import atomic_file, psnr, save_png, side_by_side, stacked
 from ..pipeline import SampleSettings, load_models
 from ..step import FluxSpaceEditor
 from .captions import KEYWORD, prompt_for
@@ -263,10 +262,8 @@ def run_units(units: list[Unit], editor: Editor, evaluator, plan, rank: int, siz
 
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic: a temporary file beside `path`, then a rename."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def gather(rows: list[dict], folder: Path, name: str, rank: int, size: int) -> list[dict]:
@@ -328,10 +325,9 @@ def tradeoff_plot(curves: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def grids(editor: Editor, tasks, methods, chosen: dict, folder: Path, indices: dict[str, list[int]]) -> list[Path]:

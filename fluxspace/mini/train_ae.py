@@ -19,7 +19,6 @@ Letters: B batch, C channels, H height, W width.
 """
 
 import dataclasses
-import math
 import os
 
 import torch
@@ -115,12 +114,18 @@ def with_normalisation(ae: AutoEncoder, scale_factor: float, shift_factor: float
 
 
 @torch.no_grad()
+def psnr_db(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) PSNR in dB between image batches in [-1, 1], on the [0, 1] scale; identical images give
+    120 dB (an MSE floor of 1e-12) rather than infinity, which JSON cannot hold."""
+    mse = ((a.float() - b.float()) / 2).square().flatten(1).mean(1)  # (B,)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
 def psnr(ae: AutoEncoder, faces: Faces, batch_size: int = 64, device="cpu") -> float:
     """Mean PSNR in dB of encode -> decode (posterior mean, as at inference) over `faces`, on [0, 1] pixels."""
     values = []
     for i in range(0, len(faces), batch_size):
         x = faces.tensor(slice(i, i + batch_size)).to(device)  # (B, 3, H, W)
         rec = ae.decode(ae.encode(x)).clamp(-1, 1)  # (B, 3, H, W)
-        mse = ((rec - x) / 2).square().flatten(1).mean(1)  # (B,) on the [0, 1] scale
-        values += [10 * math.log10(1 / max(m, 1e-12)) for m in mse.tolist()]
+        values += psnr_db(rec, x).tolist()
     return sum(values) / len(values)
