@@ -186,6 +186,18 @@ def _first(family, value):
     return (options[value] if isinstance(options, dict) else options)[0].format(v=value)
 
 
+def phrases(family: str, value: str) -> list[str]:
+    """Every phrase the captions write a value with, the bare keyword first (edit prompts to try)."""
+    found = [KEYWORD[family, value]]
+    for table in (_BARE, _WITH):
+        options = table.get(family, [])
+        for option in options[value] if isinstance(options, dict) else options:
+            text = option.format(v=value)
+            if text not in found:
+                found.append(text)
+    return found
+
+
 def states(caption_text: str, family: str, value: str) -> bool:
     """Whether the caption contains the value's keyword as whole words."""
     return re.search(rf"\b{re.escape(KEYWORD[family, value])}\b", caption_text) is not None
