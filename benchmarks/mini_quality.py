@@ -263,6 +263,7 @@ def run_edit(models, evaluator, args, settings, name: str) -> dict:
     prompts = base_prompts(attempts, args.seed + 2)
     seeds = [args.seed * 100_000 + 70_000 + i for i in range(attempts)]
     successes, preservation, tried = [], [], 0
+    changed = dict.fromkeys((f for f in FAMILIES if f != edit.family), 0)  # edits that changed each other family
     for i in range(0, attempts, args.batch):
         if len(successes) >= args.edit_seeds:
             break
@@ -277,6 +278,8 @@ def run_edit(models, evaluator, args, settings, name: str) -> dict:
             if before[edit.family] == edit.value:  # the edit's own unedited run reads otherwise: skip
                 continue
             ok, kept = edit_outcome(edit, before, after)
+            for family in changed:
+                changed[family] += before[family] != after[family]
             successes.append(ok)
             preservation.append(kept)
     n = len(successes)
@@ -285,7 +288,7 @@ def run_edit(models, evaluator, args, settings, name: str) -> dict:
     return {
         "family": edit.family, "value": edit.value, "prompt": edit.prompt, "lambda_fine": edit.lambda_fine,
         "tau_m": edit.tau_m, "start": edit.start, "seeds": n, "edited": tried, "success": success,
-        "preservation": kept,
+        "preservation": kept, "changed": changed,
         "targets": {"success": target(success, TARGETS["edit_success"]),
                     "preservation": target(kept, TARGETS["edit_preservation"])},
     }  # fmt: skip
@@ -323,13 +326,20 @@ def tables(data: dict) -> str:
     lines += ["", f"## Speed: one edit (unedited + edited, {speed['steps']} steps) median {speed['median_s']:.2f} s "
               f"on {speed['torch_threads']} threads; <= 5 s: {speed['targets']['edit_time']['result']}"]  # fmt: skip
     lines += ["", "## Local edits", "", "| edit | lambda_fine | tau_m | start | seeds | success | preservation | "
-              "success >= 70% | preservation >= 90% |", "|---" * 9 + "|"]  # fmt: skip
+              "success >= 70% | preservation >= 90% | most changed |", "|---" * 10 + "|"]  # fmt: skip
     for name, e in data["edits"].items():
         lines.append(
             f"| {name} | {e['lambda_fine']} | {e['tau_m']} | {e['start']} | {e['seeds']} | {pct(e['success'])} | "
-            f"{pct(e['preservation'])} | {e['targets']['success']['result']} | {e['targets']['preservation']['result']} |"
+            f"{pct(e['preservation'])} | {e['targets']['success']['result']} | {e['targets']['preservation']['result']} | "
+            f"{most_changed(e['changed'])} |"
         )
     return "\n".join(lines)
+
+
+def most_changed(changed: dict[str, int], top: int = 3) -> str:
+    """The families an edit changed most often, e.g. "hat 15, beard 13, mouth 10" ("-" if none)."""
+    worst = sorted((n, f) for f, n in changed.items() if n)[::-1][:top]
+    return ", ".join(f"{f} {n}" for n, f in worst) or "-"
 
 
 def all_passed(data: dict) -> bool:

@@ -98,6 +98,12 @@ def test_sharded_run_equals_single_process(tmp_path):
     assert 0 < len(one["rows"]) <= 12 and 0 < len(one["tune_rows"]) <= 8
     for key in ("rows", "tune_rows", "chosen", "curves", "results"):
         assert one[key] == two[key], key
+    # Each report names the command that made it, launcher and thread count included.
+    args = " ".join(common + ["--out"])
+    one_md, two_md = ((tmp_path / d / "edit_quality.md").read_text() for d in ("one", "two"))
+    assert f"Regenerate: `python benchmarks/edit_quality.py {args} {tmp_path / 'one'}`" in one_md
+    assert (f"Regenerate: `OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/edit_quality.py "
+            f"{args} {tmp_path / 'two'}`") in two_md  # fmt: skip
     names = {p.name for p in (tmp_path / "two" / "shards").iterdir()}
     phases = ("screen-tune-0", "tune", "screen-report-0", "report")  # screening rounds of ceil(n / 2): 1 then 1
     assert {f"{n}-rank{r}-of2.json" for n in phases for r in (0, 1)} <= names

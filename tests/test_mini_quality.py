@@ -61,6 +61,11 @@ def test_coverage_and_edit_outcome():
     assert ok and kept == pytest.approx(7 / 8)
 
 
+def test_most_changed_lists_the_most_disturbed_families_first():
+    assert mini_quality.most_changed({"hat": 15, "beard": 13, "skin": 0, "mouth": 10, "style": 3}) == "hat 15, beard 13, mouth 10"
+    assert mini_quality.most_changed({"hat": 0, "beard": 0}) == "-"
+
+
 def test_missing_model_says_how_to_build_it(tmp_path):
     with pytest.raises(SystemExit, match="python -m fluxspace.mini.build"):
         mini_quality.main(["--model", str(tmp_path / "nope"), "--quick"])
@@ -82,3 +87,5 @@ def test_quick_run_on_random_tiny_checkpoint_writes_every_section(tmp_path):
     assert set(saved["edits"]) == {"hat", "smile"}
     for e in saved["edits"].values():
         assert {t["result"] for t in e["targets"].values()} <= {"PASS", "FAIL"}
+        assert set(e["changed"]) == set(mini_quality.FAMILIES) - {e["family"]}
+        assert all(0 <= n <= e["seeds"] for n in e["changed"].values())

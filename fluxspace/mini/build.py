@@ -25,11 +25,10 @@ are trained on the captions (see tokenizer_corpus), so nearly every caption word
 --time-limit stops a stage at a step boundary (checkpointing) once the budget is spent and exits
 with status 3; rerun with --resume to go on. That splits a build over several GPU sessions.
 
-Cost, measured on 2 CPU cores (torch 2.13.0, 2 threads): rendering 20,000 faces ~20 s, the
-autoencoder 3,000 steps at batch 16 in 22 min (0.43 s a step) to 30.9 dB held-out PSNR, encoding ~1.5
-min, the flow transformer 4,000 steps at batch 64 in ~75 min (1.1 s a step): about 1 h 40 min from
-nothing. On a GPU pass --device cuda (and --bf16); the step counts stay the same. A few steps of
-each (the tests) prove the pipeline in seconds.
+Cost on 2 CPU cores (torch 2.13.0, 2 threads): the flow stages dominate, 13,000 steps at batch 64
+in all (4,000 + the two restarts' 6,000 and 3,000) at about 1 s a step; docs/flux_mini.md has the
+measured time of every stage. On a GPU pass --device cuda (and --bf16); the step counts stay the
+same. A few steps of each (the tests) prove the pipeline in seconds.
 """
 
 import argparse

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..baselines import OutputDirection
 from ..distributed import barrier, world
@@ -438,8 +439,9 @@ def main(argv=None) -> dict | None:
                     for m in methods}
         for task in tasks
     }  # fmt: skip
-    data = {"benchmark": "edit_quality", "world_size": size, "seeds": args.seeds, "tune_seeds": args.tune_seeds,
-            "steps": editor.settings.steps, "start": START, "tune_success": TUNE_SUCCESS, "chosen": chosen,
+    data = {"benchmark": "edit_quality", "world_size": size, "threads": torch.get_num_threads(),
+            "seeds": args.seeds, "tune_seeds": args.tune_seeds, "steps": editor.settings.steps, "start": START,
+            "tune_success": TUNE_SUCCESS, "chosen": chosen,
             "curves": curves, "results": results, "rows": rows, "tune_rows": tune_rows,
             "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -459,11 +461,15 @@ def main(argv=None) -> dict | None:
 
 def markdown(data: dict, methods, has_curves: bool, grid_paths: list[Path], argv: list[str]) -> str:
     """The report: how it was made, the table, the plot and the grids."""
+    size = data["world_size"]
+    threads = f"OMP_NUM_THREADS={data['threads']} " if "threads" in data else ""
+    launcher = "python" if size == 1 else f"{threads}torchrun --standalone --nproc_per_node {size}"
+    command = f"{launcher} benchmarks/edit_quality.py {' '.join(argv)}".rstrip()
     lines = [
         "# Edit quality on flux-mini: FluxSpace against baselines",
         "",
-        f"Regenerate: `python benchmarks/edit_quality.py {' '.join(argv)}`".rstrip() + " (fluxspace/mini/edit_quality.py "
-        "explains every metric). Deterministic: the same command gives the same numbers.",
+        f"Regenerate: `{command}` (fluxspace/mini/edit_quality.py explains every metric). Deterministic: the "
+        "same command gives the same numbers, for any process count at the same threads per process.",
         "",
         f"{data['seeds']} reported base images per task (screened: the evaluator reads the unedited image without "
         f"the target), {data['tune_seeds']} other ones for tuning; {data['steps']} steps; sampling-time edits from "
