@@ -1,7 +1,9 @@
 """The shipped flux-mini (fluxspace/mini/weights/flux-mini): files, strict loading, defaults, the README command."""
 
+import fnmatch
 import json
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,19 @@ def test_the_release_is_laid_out_like_the_official_one_and_small():
     assert names == sorted([AE_FILE, TRANSFORMER_FILE, *TEXT_ENCODER_DIRS])
     assert folder_size(MODEL) <= 30_000_000
     assert fluxspace.mini.model_path() == MODEL
+
+
+def test_pip_install_carries_every_shipped_file():
+    # setuptools installs a package's data files only where a package-data glob matches them; a new
+    # file or folder under weights/ that no glob covers would be missing from a non-editable install.
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(fluxspace.mini.__file__).parents[2] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["fluxspace.mini"]
+    package = Path(fluxspace.mini.__file__).parent
+    shipped = [f.relative_to(package).as_posix() for f in (package / "weights").rglob("*") if f.is_file()]
+    assert len(shipped) >= 1 + 2 + len(TEXT_ENCODER_DIRS)  # evaluator, transformer, AE, each folder's files
+    uncovered = [f for f in shipped if not any(fnmatch.fnmatchcase(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert uncovered == []
 
 
 @pytest.mark.parametrize("name", [TRANSFORMER_FILE, AE_FILE])
