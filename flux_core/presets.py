@@ -127,8 +127,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             # Our own small Flux, trained from nothing on procedural cartoon faces at 64x64
             # (issue 4; `python -m fluxspace.mini.build`). Same classes as dev, every width scaled
-            # down so that all its files stay under 30 MB and the whole build fits in about two hours
-            # on 2 CPU cores.
+            # down so that all its files stay under 30 MB and the whole build runs on 2 CPU cores
+            # (4.5 to 6 hours, measured stage by stage in docs/flux_mini.md).
             name="flux-mini",
             params=FluxParams(
                 in_channels=64,  # 16 AE channels x 2 x 2 packing, as FLUX.1

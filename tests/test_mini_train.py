@@ -109,6 +109,13 @@ def test_resume_is_bit_identical(tmp_path):
     assert torch.equal(a["generator"], b["generator"]) and a["step"] == b["step"] == 6
     assert logged(tmp_path / "whole") == logged(tmp_path / "split")
     assert all(torch.equal(p, q) for p, q in zip(whole.ema.parameters(), rest.ema.parameters(), strict=True))
+    seconds = logged(tmp_path / "split", "seconds")  # training time counts on across the resume
+    assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1] > 0
+
+    # Resuming a finished run trains nothing and reports the run's last logged loss.
+    again = train_flow(latents, bank, SMALL_FLUX, config, tmp_path / "split", resume=True, progress=False)
+    assert (again.step, again.loss) == (6, whole.loss) and not np.isnan(again.loss)
+    assert logged(tmp_path / "split") == logged(tmp_path / "whole")
 
 
 def test_second_stage_starts_from_the_given_weights(tmp_path):
@@ -144,6 +151,9 @@ def test_tiny_build_loads_and_samples(tmp_path):
     assert not stopped["complete"] and stopped["ae_steps"] == 1
     report = build(BuildConfig(**{**vars(config), "resume": True}))
     assert report["complete"] and (report["ae_steps"], report["flow_steps"], report["flow_restart_steps"]) == (2, 2, [2, 1])
+    # The resumed report keeps the first run's stage seconds (the build's wall time is their sum).
+    assert report["earlier_runs"] == [stopped["seconds"]] and "autoencoder" in stopped["seconds"]
+    assert json.loads((tmp_path / "work" / "build.json").read_text()) == report
 
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["ae.safetensors", "flux-mini.safetensors", *TEXT_ENCODER_DIRS])

@@ -49,6 +49,7 @@ from flux_core.loading import ae_metadata, flux_metadata
 from flux_core.model import Flux
 from flux_core.presets import get_preset
 
+from ..images import atomic_file
 from .captions import caption_corpus
 from .data import cached_faces, caption_sets, make_faces
 from .train import TrainConfig, atomic_save
@@ -193,13 +194,18 @@ def build(config: BuildConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     report: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "complete": False, "seconds": {}}
+    if config.resume and (work / "build.json").is_file():
+        # Keep the stage seconds of the runs this one goes on from: the build's wall time is their sum.
+        before = json.loads((work / "build.json").read_text())
+        report["earlier_runs"] = [*before.get("earlier_runs", []), before["seconds"]]
 
     def remaining() -> float | None:
         return None if config.time_limit is None else max(0.0, config.time_limit - (time.monotonic() - started))
 
     def stage_done(name: str, t0: float) -> None:
         report["seconds"][name] = round(time.monotonic() - t0, 1)
-        (work / "build.json").write_text(json.dumps(report, indent=2))
+        with atomic_file(work / "build.json", "w") as f:  # a killed run leaves the last whole report
+            f.write(json.dumps(report, indent=2))
 
     # 1. data: renders and their captions
     t0 = time.monotonic()

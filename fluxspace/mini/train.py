@@ -14,8 +14,9 @@ drawn from it directly; large noise tensors from a generator on the training dev
 (`fork_generator`), because drawing megabytes of noise on the CPU and copying them would cost a GPU
 step more than the step itself. (So a CUDA run and a CPU run of one seed see different noise.)
 
-Files in `folder`:  checkpoint.pt (model, EMA, optimizer, step, generator state, config)
+Files in `folder`:  checkpoint.pt (model, EMA, optimizer, step, generator state, seconds, config)
                     log.jsonl     one line per `log_every` steps: step, loss, lr, grad_norm, seconds
+                                  (of training so far, counted on across resumes)
 """
 
 import copy
@@ -141,11 +142,15 @@ def _plain(value):
     return list(value) if isinstance(value, tuple | list) else value
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a run killed between the two)."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+def _trim_log(path: Path, step: int) -> dict:
+    """Drop log lines written after the checkpoint we resume from (a run killed between the two);
+    returns the last line kept ({} if none)."""
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    rows = [row for row in rows if row["step"] <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows[-1] if rows else {}
 
 
 def train(
@@ -187,6 +192,9 @@ def train(
     ema = EMA(model, config.ema_decay)
     generator = torch.Generator("cpu").manual_seed(config.seed)
     step = 0
+    # Training seconds before this call (the log's "seconds" go on across resumes) and the loss of
+    # the last logged interval (what a resumed, already finished run reports).
+    elapsed, last_loss = 0.0, float("nan")
 
     if resume and ckpt_path.is_file():
         # Load on the CPU: the generator state must stay a CPU tensor; load_state_dict copies the
@@ -198,7 +206,9 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step = state["step"]
-        _trim_log(log_path, step)
+        last_row = _trim_log(log_path, step)
+        elapsed = state.get("seconds", last_row.get("seconds", 0.0))  # checkpoints before 2026-12 lack it
+        last_loss = last_row.get("loss", last_loss)
     else:
         log_path.unlink(missing_ok=True)
         ckpt_path.unlink(missing_ok=True)
@@ -214,6 +224,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(),
                 "step": step,
+                "seconds": elapsed + time.monotonic() - started,
                 "config": asdict(config),
             },
             ckpt_path,
@@ -223,7 +234,7 @@ def train(
     use_autocast = config.bf16 and device.type == "cuda"
     started = time.monotonic()
     # Sums over the current log interval, kept on the device: .item() every step would sync a GPU.
-    interval_sum, interval_steps, last_loss = {}, 0, float("nan")
+    interval_sum, interval_steps = {}, 0
     bar = tqdm(total=config.steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
     with open(log_path, "a") as log:
         while step < end:
@@ -243,7 +254,7 @@ def train(
                 interval_sum[name] = interval_sum.get(name, 0.0) + value.detach().float()
             interval_steps += 1
             if step % config.log_every == 0 or step == end:
-                row = {"step": step, "lr": lr, "seconds": round(time.monotonic() - started, 3)}
+                row = {"step": step, "lr": lr, "seconds": round(elapsed + time.monotonic() - started, 3)}
                 row |= {k: v.item() / interval_steps for k, v in interval_sum.items()}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
