@@ -26,9 +26,9 @@ are trained on the captions (see tokenizer_corpus), so nearly every caption word
 with status 3; rerun with --resume to go on. That splits a build over several GPU sessions.
 
 Cost on 2 CPU cores (torch 2.13.0, 2 threads): the flow stages dominate, 13,000 steps at batch 64
-in all (4,000 + the two restarts' 6,000 and 3,000) at 1-1.4 s a step: about 4.5 h for the whole
-build on the machine that built the shipped model, about 6 h on a slower one. docs/flux_mini.md has the
-measured time of every stage. On a GPU pass --device cuda (and --bf16); the step counts stay the
+in all (4,000 + the two restarts' 6,000 and 3,000) at 1-1.7 s a step: about 4.5 h for the whole
+build on the machine that built the shipped model, about 6 h on a slower one. docs/flux_mini.md
+has the measured time of every stage. On a GPU pass --device cuda (and --bf16); the step counts stay the
 same. A few steps of each (the tests) prove the pipeline in seconds.
 """
 

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..images import atomic_file
+
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
@@ -149,7 +151,8 @@ def _trim_log(path: Path, step: int) -> dict:
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line]
     rows = [row for row in rows if row["step"] <= step]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with atomic_file(path, "w") as f:  # killed here, the old log stays whole
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
     return rows[-1] if rows else {}
 
 
