@@ -2,7 +2,7 @@
 
 Rows (one transformer forward each, same random weights and inputs):
   plain          the model alone
-  fluxspace      one fine concept (tau_m 0.5) + coarse, our shared execution (fluxspace/edit.py)
+  fluxspace      one fine concept (tau_m 0.5) + coarse, our shared execution (fluxspace/step.py)
   fine-only      one fine concept, no coarse
   coarse-only    lambda_coarse only: no extra text streams at all
   two-concepts   two fine concepts in one pass
@@ -31,8 +31,8 @@ from forward import RESULTS, machine_info, random_official_state_dict, time_call
 
 from flux_core import Flux, get_preset  # noqa: E402
 from flux_core.sampling import img_ids, txt_ids  # noqa: E402
-from fluxspace.edit import Concept, EditSpec, EncodedEdit  # noqa: E402
-from fluxspace.step import FluxSpaceStep  # noqa: E402
+from fluxspace.spec import Concept, EditSpec, EncodedEdit  # noqa: E402
+from fluxspace.step import FluxSpaceEdit  # noqa: E402
 
 ROWS = ("plain", "fluxspace", "fine-only", "coarse-only", "two-concepts", "reference", "naive-batch3")
 
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     }
     calls = {"plain": lambda: model(**inp), "naive-batch3": lambda: model(**inp3)}
     for name, (spec, enc) in specs.items():
-        calls[name] = lambda spec=spec, enc=enc: model(**inp, edit=FluxSpaceStep(spec, enc))
+        calls[name] = lambda spec=spec, enc=enc: model(**inp, edit=FluxSpaceEdit(spec, enc))
 
     times = {name: [] for name in ROWS}
     with torch.inference_mode():

@@ -10,8 +10,10 @@ from .model import Flux, FluxParams
 from .presets import PRESETS, Preset, get_preset
 from .recorder import Recorder
 from .sampling import (
+    Velocity,
     check_image_size,
     denoise,
+    euler,
     get_noise,
     get_schedule,
     img_ids,
@@ -21,7 +23,7 @@ from .sampling import (
     txt_ids,
     unpack,
 )
-from .seam import DoubleBlockSite, Edit, ModVectors, SingleBlockSite
+from .seam import DoubleBlockSite, Edit, EditSchedule, ModVectors, SingleBlockSite
 
 
 def __getattr__(name: str):
@@ -39,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "DoubleBlockSite",
     "Edit",
+    "EditSchedule",
     "Flux",
     "FluxParams",
     "ModVectors",
@@ -47,8 +50,10 @@ __all__ = [
     "Recorder",
     "SingleBlockSite",
     "TextEncoders",
+    "Velocity",
     "check_image_size",
     "denoise",
+    "euler",
     "get_noise",
     "get_preset",
     "get_schedule",

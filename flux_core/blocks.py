@@ -69,8 +69,9 @@ class DoubleStreamBlock(nn.Module):
             txt_attn_out = self.txt_attn.proj(attn[:, :T])  # (B, T, C)
         else:
             site = DoubleBlockSite(
-                index, self, timesteps, img, txt, ModVectors(vec, txt_vec, vec), img_mod1, txt_mod1,
-                img_modulated, txt_modulated, q, k, v, pe,
+                index=index, block=self, timesteps=timesteps, img=img, txt=txt,
+                vecs=ModVectors(img=vec, txt=txt_vec, out=vec), img_mod=img_mod1, txt_mod=txt_mod1,
+                img_modulated=img_modulated, txt_modulated=txt_modulated, q=q, k=k, v=v, pe=pe,
             )  # fmt: skip
             img_attn_out, txt_attn_out = edit.double_block(site)
 
@@ -122,7 +123,11 @@ class SingleStreamBlock(nn.Module):
         if edit is None:
             attn = joint_attention(q, k, v)  # (B, L, C)
         else:
-            attn = edit.single_block(SingleBlockSite(index, self, timesteps, x, n_txt, mod, x_mod, q, k, v, pe, mlp))
+            site = SingleBlockSite(
+                index=index, block=self, timesteps=timesteps, x=x, n_txt=n_txt, mod=mod, x_modulated=x_mod,
+                q=q, k=k, v=v, pe=pe, mlp=mlp,
+            )  # fmt: skip
+            attn = edit.single_block(site)
 
         output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # (B, L, C)
         return x + mod.gate * output  # (B, L, C)

@@ -103,7 +103,7 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)  # (B, T, C)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # (B, 1, T+N, D/2, 2, 2)
         if edit is None:
-            vecs = ModVectors(vec, vec, vec)
+            vecs = ModVectors(img=vec, txt=vec, out=vec)
         else:
             vecs = edit.vectors(self, vec, timesteps, y, guidance)  # coarse edits change these
 

@@ -63,7 +63,7 @@ class Recorder:
 
     def vectors(self, model: nn.Module, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> ModVectors:
         self._forward += 1
-        return ModVectors(vec, vec, vec)
+        return ModVectors(img=vec, txt=vec, out=vec)
 
     def _record(self, kind: str, site, fields, computed: dict) -> None:
         if self.blocks is not None and (kind, site.index) not in self.blocks:
@@ -80,8 +80,8 @@ class Recorder:
 
     def double_block(self, site: DoubleBlockSite) -> tuple[Tensor, Tensor]:
         computed = {
-            "txt_attn": lambda: site.attention()[0],
-            "img_attn": lambda: site.attention()[1],
+            "img_attn": lambda: site.attention()[0],
+            "txt_attn": lambda: site.attention()[1],
             "img_attn_out": lambda: site.outputs()[0],
             "txt_attn_out": lambda: site.outputs()[1],
         }

@@ -24,6 +24,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .seam import Edit, EditSchedule
+
 # One image token covers 16x16 pixels: the autoencoder downsamples by 8, pack() joins 2x2 latents.
 # Functions that convert pixels to latents take `pixels_per_token` for autoencoders of other depths
 # (flux-mini's downsamples by 4: 8 px a token); the default is FLUX.1's.
@@ -244,8 +246,8 @@ class Velocity:
     """The model as the ODE's right-hand side: v(x, t) for a batch of latents, conditioning fixed.
 
     Holds what every step shares (ids, text, pooled vector, guidance, the negative prompt for true
-    CFG) and applies the dtype rules of denoise. denoise is an Euler loop over it; the inversion
-    solvers (fluxspace/inversion.py) call it at any x and t.
+    CFG) and applies the dtype rules of denoise. denoise is an Euler loop over it (`scheduled` then
+    `euler`); the inversion solvers (fluxspace/inversion.py) call it at any x and t.
     """
 
     def __init__(
@@ -295,7 +297,7 @@ class Velocity:
         self.img_ids, self.txt_ids = img_ids, txt_ids
         self.txt, self.vec = txt.to(self.model_dtype), vec.to(self.model_dtype)
 
-    def __call__(self, img: Tensor, t: float, edit=None) -> Tensor:
+    def __call__(self, img: Tensor, t: float, edit: Edit | None = None) -> Tensor:
         """The (guided) velocity at latent img (B, N, C) and time t, in img's dtype. edit: this step's edit or None."""
         t_vec = torch.full((self.n_model,), t, dtype=self.t_dtype, device=img.device).to(self.model_dtype)
         x = img.to(self.model_dtype)  # (B, N, C)
@@ -316,6 +318,45 @@ class Velocity:
         return pred
 
 
+# v(x, t, step): the velocity at latent x (B, N, C) and time t, for solver step `step` (counted from
+# 0 in sampling order, so that an edit can switch on by step). Euler here and the inversion solvers
+# (fluxspace/inversion.py) integrate any such function.
+StepVelocity = Callable[[Tensor, float, int], Tensor]
+
+
+def euler(
+    velocity: StepVelocity,
+    img: Tensor,  # (B, N, C) the latent at timesteps[0]
+    timesteps: Sequence[float],
+    *,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Integrate dx/dt = v from timesteps[0] to timesteps[-1] with Euler steps, in img's dtype."""
+    if len(timesteps) < 2:
+        raise ValueError(f"timesteps needs at least 2 values (start and end); got {len(timesteps)}")
+    steps = list(zip(timesteps[:-1], timesteps[1:], strict=True))
+    with torch.inference_mode():
+        for step, (t_curr, t_next) in enumerate(tqdm(steps, desc="denoise", disable=not progress)):
+            pred = velocity(img, t_curr, step)  # (B, N, C)
+            # Python-float step times a latent-dtype tensor, as in the official loop.
+            img = img + (t_next - t_curr) * pred  # (B, N, C)
+            if callback is not None:
+                callback(step, float(t_curr), float(t_next), img, pred)
+    return img
+
+
+def scheduled(v: Velocity, edit: EditSchedule | None, num_steps: int, offset: int = 0) -> StepVelocity:
+    """v as a StepVelocity whose step `i` asks `edit` for the edit of step offset + i of num_steps."""
+
+    def velocity(img: Tensor, t: float, step: int) -> Tensor:
+        step_edit = edit.at_step(step + offset, float(t), num_steps) if edit is not None else None
+        with torch.inference_mode():
+            return v(img, t, step_edit)
+
+    return velocity
+
+
 def denoise(
     model: Callable[..., Tensor],
     img: Tensor,  # (B, N, C*4) packed noise
@@ -332,7 +373,7 @@ def denoise(
     callback: StepCallback | None = None,
     progress: bool = True,
     parity: bool = False,
-    edit=None,
+    edit: EditSchedule | None = None,
 ) -> Tensor:
     """Integrate dx/dt = v from timesteps[0] to timesteps[-1] with Euler steps. Returns (B, N, C*4).
 
@@ -345,8 +386,8 @@ def denoise(
     dtype); the result is float32. parity=True reproduces the official rounding: t and
     guidance built in the latent dtype and the update done in the latent's own dtype (bf16 noise
     from get_noise gives the official bf16 loop); the result keeps that dtype.
-    edit: an object with `at_step(step, t, num_steps)` returning the edit for that step's forward
-    (flux_core.seam.Edit) or None for a plain step; FluxSpace and the recorder provide one.
+    edit: an EditSchedule (flux_core.seam): asked for each step's edit, None for a plain step;
+    FluxSpace and the recorder provide one.
     """
     if len(timesteps) < 2:
         raise ValueError(f"timesteps needs at least 2 values (start and end); got {len(timesteps)}")
@@ -361,14 +402,5 @@ def denoise(
     img = img if parity else img.float()
     v = Velocity(model, img_ids, txt, txt_ids, vec, guidance, neg_txt=neg_txt, neg_vec=neg_vec,
                  cfg_scale=cfg_scale, latent_dtype=img.dtype, parity=parity)  # fmt: skip
-
-    steps = list(zip(timesteps[:-1], timesteps[1:], strict=True))
-    with torch.inference_mode():
-        for step, (t_curr, t_next) in enumerate(tqdm(steps, desc="denoise", disable=not progress)):
-            step_edit = edit.at_step(step, float(t_curr), len(steps)) if edit is not None else None
-            pred = v(img, t_curr, step_edit)  # (B, N, C)
-            # Python-float step times a latent-dtype tensor, as in the official loop.
-            img = img + (t_next - t_curr) * pred  # (B, N, C)
-            if callback is not None:
-                callback(step, float(t_curr), float(t_next), img, pred)
-    return img
+    num_steps = len(timesteps) - 1
+    return euler(scheduled(v, edit, num_steps), img, timesteps, callback=callback, progress=progress)

@@ -11,7 +11,11 @@ Two call points:
      point, where q, k and v (normed, rotated) are ready, and uses the attention outputs the edit
      returns. `site.attention()` / `site.outputs()` compute the plain ones on request (and only
      once), so an edit that computes attention its own way never pays for the plain path.
-Sites hold views of the block's tensors: an edit that wants to keep one must clone it.
+Sites hold views of the block's tensors: an edit that wants to keep one must clone it. They are
+built with keyword arguments only, and every pair of streams comes in one order: (img, txt).
+
+A sampler asks an `EditSchedule` for each step's edit (`at_step`), so an edit can switch on and off
+in time; None means a plain step.
 
 Letters: B batch, T text tokens, N image tokens, L = T + N, C channels, H heads, D head dim.
 """
@@ -25,7 +29,7 @@ from .layers import ModulationOut
 from .math import joint_attention
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModVectors:
     """The modulation vectors of one forward: (B, C) each. The plain model uses one `vec` for all."""
 
@@ -34,7 +38,7 @@ class ModVectors:
     out: Tensor  # single blocks and final layer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DoubleBlockSite:
     """Everything a double-stream block computed up to its marked point."""
 
@@ -59,16 +63,16 @@ class DoubleBlockSite:
         return self.txt.shape[1]
 
     def attention(self) -> tuple[Tensor, Tensor]:
-        """The plain joint attention before the output projections: (txt_attn (B, T, C), img_attn (B, N, C))."""
+        """The plain joint attention before the output projections: (img_attn (B, N, C), txt_attn (B, T, C))."""
         if "attention" not in self._cache:
-            attn = joint_attention(self.q, self.k, self.v)  # (B, L, C)
-            self._cache["attention"] = (attn[:, : self.n_txt], attn[:, self.n_txt :])
+            attn = joint_attention(self.q, self.k, self.v)  # (B, L, C), [txt ; img]
+            self._cache["attention"] = (attn[:, self.n_txt :], attn[:, : self.n_txt])
         return self._cache["attention"]
 
     def outputs(self) -> tuple[Tensor, Tensor]:
         """The plain attention outputs after the projections: (img_attn_out (B, N, C), txt_attn_out (B, T, C))."""
         if "outputs" not in self._cache:
-            txt_attn, img_attn = self.attention()
+            img_attn, txt_attn = self.attention()
             self._cache["outputs"] = (self.block.img_attn.proj(img_attn), self.block.txt_attn.proj(txt_attn))
         return self._cache["outputs"]
 
@@ -77,7 +81,7 @@ class DoubleBlockSite:
         return replace(self, _cache={**self._cache, "outputs": (img_attn_out, txt_attn_out)})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SingleBlockSite:
     """Everything a single-stream block computed up to its marked point."""
 
@@ -118,4 +122,16 @@ class Edit(Protocol):
 
     def single_block(self, site: SingleBlockSite) -> Tensor:
         """Return the attention output (B, L, C) that enters `linear2` beside the MLP branch."""
+        ...
+
+
+class EditSchedule(Protocol):
+    """What a sampler needs of an edit that can change from step to step (`denoise(..., edit=...)`).
+
+    FluxSpace switches on and off in time; a Recorder records every step. step counts from 0 over
+    the run's `num_steps`; t is the step's start time (1 = noise, 0 = data).
+    """
+
+    def at_step(self, step: int, t: float, num_steps: int) -> Edit | None:
+        """The edit for this step's forward, or None for a plain step."""
         ...

@@ -3,12 +3,17 @@
     from fluxspace import Concept, EditSpec, edit_image, load_models
     models = load_models("path/to/model")
     result = edit_image(models, "a portrait", EditSpec(concepts=(Concept("eyeglasses", 5.0),)), seed=0)
+
+The flux-mini domain, evaluator and training (fluxspace.mini) sit a layer above: importing
+fluxspace does not import them.
 """
 
-from .edit import Concept, EditSpec, validate
 from .editing import EditResult, edit_image, mask_overlay
-from .pipeline import FluxModels, SampleSettings, generate, load_models
-from .step import FluxSpaceEditor, FluxSpaceStep
+from .models import FluxModels, load_models
+from .run import SamplingRun, generate
+from .settings import SampleSettings
+from .spec import Concept, EditSpec, validate
+from .step import FluxSpaceEdit, FluxSpaceSchedule
 from .sweep import sweep
 
 __all__ = [
@@ -16,9 +21,10 @@ __all__ = [
     "EditResult",
     "EditSpec",
     "FluxModels",
-    "FluxSpaceEditor",
-    "FluxSpaceStep",
+    "FluxSpaceEdit",
+    "FluxSpaceSchedule",
     "SampleSettings",
+    "SamplingRun",
     "edit_image",
     "generate",
     "load_models",

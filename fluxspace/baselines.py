@@ -17,47 +17,37 @@ of the edit-quality benchmark is compared on the same base images.
 
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 
-from .edit import EditSpec, validate
-from .editing import SamplingRun, first_active_step
-from .pipeline import FluxModels, SampleSettings
+from flux_core.sampling import StepVelocity
+
+from .models import FluxModels
+from .run import SamplingRun
+from .settings import SampleSettings
+from .spec import EditSpec, validate
 
 
-class OutputDirection(nn.Module):
-    """The model wrapper of direction_edit, and its own edit schedule.
+class WithDirection(nn.Module):
+    """The model with the output-level direction added: model(...) + lambda * (v_edit - v_prior).
 
-    As `edit` of denoise, at_step returns self while the spec is on; denoise hands that back to the
-    model call, which is this object: it then adds lambda * (v_edit - v_prior), computed in the same
-    forward as the base prediction (one batch of n + 2B rows). On other steps it is the plain model.
+    A model callable for flux_core.sampling.Velocity. The edit and prior predictions are computed in
+    the same forward as the base rows (one batch of n + 2B rows; n = B, or 2B under true CFG, whose
+    [positive; negative] rows share one x), and the direction is added to every base row, so after
+    CFG v = v_cfg + lambda * direction.
     """
 
-    def __init__(self, model, spec: EditSpec, edit_txt, edit_vec, prior_txt, prior_vec, batch: int, offset: int = 0):
+    def __init__(self, model: nn.Module, lambda_: float, edit_txt, edit_vec, prior_txt, prior_vec, batch: int = 1):
         super().__init__()
-        self.model, self.spec, self.batch, self.offset = model, spec, batch, offset
-        self.lambda_ = spec.concepts[0].lambda_fine
+        self.model, self.lambda_, self.batch = model, lambda_, batch
         self.branch_txt = torch.cat([edit_txt.expand(batch, -1, -1), prior_txt.expand(batch, -1, -1)])  # (2B, T, C')
         self.branch_vec = torch.cat([edit_vec.expand(batch, -1), prior_vec.expand(batch, -1)])  # (2B, C'')
-
-    @classmethod
-    def for_spec(cls, models: FluxModels, spec: EditSpec, batch: int = 1, offset: int = 0) -> "OutputDirection":
-        """Encode spec's concept and prior prompts with the models' text encoders and wrap models.flow."""
-        edit_txt, edit_vec = models.text([spec.concepts[0].prompt])
-        prior_txt, prior_vec = models.text([spec.prior_prompt])
-        return cls(models.flow, spec, edit_txt, edit_vec, prior_txt, prior_vec, batch=batch, offset=offset)
 
     @property
     def params(self):
         return self.model.params
 
-    def at_step(self, step: int, t: float, num_steps: int):
-        return self if self.spec.is_active(step + self.offset, t) else None
-
-    def forward(self, *, img, img_ids, txt, txt_ids, y, timesteps, guidance=None, edit=None):
-        if edit is None:
-            return self.model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=y, timesteps=timesteps,
-                              guidance=guidance)  # fmt: skip
-        n, B = img.shape[0], self.batch  # n = B, or 2B with true CFG ([positive; negative], same x)
+    def forward(self, *, img, img_ids, txt, txt_ids, y, timesteps, guidance=None) -> Tensor:
+        n, B = img.shape[0], self.batch
         x = img[:B]  # (B, N, C)
 
         def both(a, b):
@@ -70,8 +60,26 @@ class OutputDirection(nn.Module):
             guidance=None if guidance is None else torch.cat([guidance, guidance[:B], guidance[:B]]),
         )  # fmt: skip  (n + 2B, N, C)
         v, v_edit, v_prior = out[:n], out[n : n + B], out[n + B :]
-        # Added to the positive and the negative rows alike, so after CFG v = v_cfg + lambda * direction.
         return v + self.lambda_ * (v_edit - v_prior).repeat(n // B, 1, 1)  # (n, N, C)
+
+
+class DirectionVelocity:
+    """A velocity wrapper (flux_core.sampling.StepVelocity): the directed velocity on the steps where
+    `spec` is on (step offset + i of the run), the plain one elsewhere."""
+
+    def __init__(self, run: SamplingRun, spec: EditSpec, offset: int = 0):
+        models = run.models
+        edit_txt, edit_vec = models.text([spec.concepts[0].prompt])
+        prior_txt, prior_vec = models.text([spec.prior_prompt])
+        directed = WithDirection(models.flow, spec.concepts[0].lambda_fine, edit_txt, edit_vec, prior_txt, prior_vec,
+                                 batch=run.inp.img.shape[0])  # fmt: skip
+        self.spec, self.offset = spec, offset
+        self.plain: StepVelocity = run.velocity()
+        self.directed: StepVelocity = run.velocity(model=directed)
+
+    def __call__(self, x: Tensor, t: float, step: int) -> Tensor:
+        on = self.spec.is_active(step + self.offset, t)
+        return (self.directed if on else self.plain)(x, t, step)
 
 
 def direction_edit(
@@ -95,13 +103,12 @@ def direction_edit(
             "direction_edit takes one concept with tau_m=0 and no coarse edit or block choice "
             "(the output-level direction has no mask, pooled vector or blocks)"
         )
-    run = SamplingRun.prepare(models, prompt, seed, s, progress)
-    start = first_active_step(spec, run.timesteps)
+    run = SamplingRun.prepare(models, [prompt], [seed], s, progress=progress)
+    start = run.first_active_step(spec)
     plain, branch = run.plain_and_branch(start)
     if start is None:
         return tuple(run.decode(plain, plain))
-    model = OutputDirection.for_spec(models, spec, offset=start)
-    edited = run.denoise(branch, run.timesteps[start:], edit=model, model=model)
+    edited = run.branch(start, branch, DirectionVelocity(run, spec, offset=start))
     return tuple(run.decode(plain, edited))
 
 
@@ -119,7 +126,6 @@ def prompt_edit(
 
     negative_prompt: the edited run's CFG negative (e.g. the attribute to remove); default the settings'.
     """
-    s = models.sample_settings(settings)
-    run = SamplingRun.prepare(models, prompt, seed, s, progress)
+    run = SamplingRun.prepare(models, [prompt], [seed], settings, progress=progress)
     plain, _ = run.plain_and_branch(None)
     return tuple(run.decode(plain, run.with_prompt(edited_prompt, negative_prompt)))

@@ -9,20 +9,23 @@ import dataclasses
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tomllib
 
 from flux_core import PRESETS, Preset
-from flux_core.loading import DTYPES, read_ae_params
+from flux_core.loading import DTYPES, read_ae_params, read_flux_params
 
-from . import mini
-from .edit import COARSE_TARGETS, PROJECTIONS, Concept, EditSpec, validate
+from . import grammar
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
 from .inversion import FITS, FORWARD_TIMES, SOLVERS, InversionSettings, fit_image, invert_image, read_image
-from .pipeline import ModelPaths, SampleSettings, generate, load_models, resolve_paths, resolve_preset
-from .sweep import SWEEPABLE, parse_values, sweep, vary
+from .models import ModelPaths, flux_mini_path, load_models, resolve_paths, resolve_preset
+from .run import generate
+from .settings import SampleSettings
+from .spec import COARSE_TARGETS, PRIOR_REMOVALS, PROJECTIONS, Concept, EditSpec, validate
+from .sweep import sweep, vary
 
 
 class CLIError(Exception):
@@ -57,23 +60,69 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecArg:
+    """How one EditSpec field is set: its flag, and the parser its text goes through (flag and edits file)."""
+
+    flag: str
+    help: str
+    parse: Callable[[str], object] = str
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # a bare flag that sets True
+
+
+# Every field of EditSpec, by name: the edits file uses the field names as keys, the flags are listed
+# here. build_parser refuses to run if a field has no entry, so a new option cannot miss the CLI.
+SPEC_ARGS: dict[str, SpecArg] = {
+    "lambda_coarse": SpecArg("--lambda-coarse", "coarse (pooled-vector) edit strength (default 0)", float),
+    "coarse_prompt": SpecArg("--coarse-prompt", "prompt of the coarse edit (default: the edit words)"),
+    "start": SpecArg("--start", "first edited step (int) or time t in [0, 1] (float); default 0",
+                     lambda text: grammar.step_or_time("start", text)),  # fmt: skip
+    "end": SpecArg("--end", "first step no longer edited (int) or time t (float); default: the end",
+                   lambda text: grammar.step_or_time("end", text)),  # fmt: skip
+    "blocks": SpecArg("--blocks", "double blocks that edit, e.g. 0-9 or 0,3,5 (default: all)", grammar.blocks),
+    "prior_prompt": SpecArg("--prior", "prior prompt phi (default: empty)"),
+    "projection": SpecArg("--projection", "project the direction after the output projection (default) or before it",
+                          choices=PROJECTIONS),  # fmt: skip
+    "coarse_target": SpecArg("--coarse-target", "which modulation the coarse vector drives (default: txt)",
+                             choices=COARSE_TARGETS),  # fmt: skip
+    "prior_removal": SpecArg("--prior-removal", "how the prior is removed from the edit direction: the paper's "
+                             "orthogonal component (default), a plain difference, or none (ablations)",
+                             choices=PRIOR_REMOVALS),  # fmt: skip
+    "reference": SpecArg("--reference", "reproduce the unofficial implementation exactly "
+                         "(docs/fluxspace_reference_notes.md)", switch=True),  # fmt: skip
+}
+# Concepts come from --edit WORD[:LAMBDA] (prompt, lambda_fine), --tau and --mask-words, or from
+# [[concept]] tables of the edits file whose keys are Concept's field names.
+CONCEPT_FLAGS = {"prompt": "--edit", "lambda_fine": "--edit", "tau_m": "--tau", "mask_words": "--mask-words"}
+
+
+def _check_flag_tables() -> None:
+    fields = {f.name for f in dataclasses.fields(EditSpec)} - {"concepts"}
+    concept_fields = {f.name for f in dataclasses.fields(Concept)}
+    if set(SPEC_ARGS) != fields or set(CONCEPT_FLAGS) != concept_fields:
+        raise RuntimeError(
+            f"the CLI does not cover the edit's fields: EditSpec {sorted(fields ^ set(SPEC_ARGS))}, "
+            f"Concept {sorted(concept_fields ^ set(CONCEPT_FLAGS))}"
+        )
+
+
 def add_edit_args(p: argparse.ArgumentParser) -> None:
+    _check_flag_tables()
     g = p.add_argument_group("FluxSpace edit")
     g.add_argument(
         "--edit", action="append", default=[], metavar="WORD[:LAMBDA]",
         help="a concept to add (lambda > 0) or remove (lambda < 0); repeat for several (default lambda 5)",
     )  # fmt: skip
-    g.add_argument("--edits-file", help="a TOML file with [[concept]] tables and edit settings")
-    g.add_argument("--tau", type=float, default=0.5, help="mask threshold tau_m in [0, 1]; 0 = no mask (default 0.5)")
+    g.add_argument("--edits-file", help="a TOML file: EditSpec's fields as keys and [[concept]] tables; flags given "
+                   "on the command line win over it")  # fmt: skip
+    g.add_argument("--tau", type=float, help="mask threshold tau_m in [0, 1]; 0 = no mask (default 0.5)")
     g.add_argument("--mask-words", nargs="+", help="words of the edit prompt that define its mask (default: all)")
-    g.add_argument("--lambda-coarse", type=float, default=0.0, help="coarse (pooled-vector) edit strength")
-    g.add_argument("--coarse-prompt", help="prompt of the coarse edit (default: the edit words)")
-    g.add_argument("--start", default="0", help="first edited step (int) or time t in [0, 1] (float); default 0")
-    g.add_argument("--end", help="first step no longer edited (int) or time t (float); default: the end")
-    g.add_argument("--blocks", help="double blocks that edit, e.g. 0-9 or 0,3,5 (default: all)")
-    g.add_argument("--prior", default="", help="prior prompt phi (default: empty)")
-    g.add_argument("--projection", choices=PROJECTIONS, default="after_proj")
-    g.add_argument("--coarse-target", choices=COARSE_TARGETS, default="txt")
+    for name, arg in SPEC_ARGS.items():
+        if arg.switch:
+            g.add_argument(arg.flag, dest=name, action="store_true", default=None, help=arg.help)
+        else:
+            g.add_argument(arg.flag, dest=name, choices=arg.choices, help=arg.help)
 
 
 def add_image_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -136,93 +185,62 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("prompt", help="the base prompt")
     sw.add_argument(
         "--vary", action="append", required=True, metavar="NAME=V1,V2,...",
-        help=f"parameter and values; once or twice. NAME in {', '.join(SWEEPABLE)}",
+        help=f"parameter and values; once or twice. NAME in {', '.join(grammar.SWEEPABLE)}",
     )  # fmt: skip
     sw.add_argument("--out", default="out/sweep.png", help="output PNG")
-    bench = sub.add_parser("bench", help="benchmarks on flux-mini: edit-quality (options: fluxspace bench edit-quality -h)")
-    bench.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark")
-    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
     add_edit_args(sw)
     add_model_args(sw)
     add_sampling_args(sw)
     return parser
 
 
-def parse_time(name: str, text: str | None) -> int | float | None:
-    """'3' -> step 3; '0.75' -> t = 0.75."""
-    if text is None:
-        return None
-    text = text.strip()
-    if re.fullmatch(r"\d+", text):
-        return int(text)
+def _parsed(name: str, value):
+    """An EditSpec field's value from a flag's text or an edits file's TOML value."""
+    if name == "blocks" and isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str) and SPEC_ARGS[name].parse is not str:
+        return SPEC_ARGS[name].parse(value)
+    return value
+
+
+def _edits_file(path: str, tau: float) -> tuple[list[Concept], dict]:
+    """Concepts and settings of an edits file; keys are EditSpec's and Concept's field names."""
     try:
-        return float(text)
-    except ValueError:
-        raise CLIError(f"--{name} must be a step index (e.g. 2) or a time in [0, 1] (e.g. 0.8); got {text!r}") from None
-
-
-def parse_concept(text: str, tau: float, mask_words) -> Concept:
-    """'eyeglasses' or 'eyeglasses:5' or 'red hair:-3'."""
-    word, lam = text, 5.0
-    if ":" in text:
-        word, _, value = text.rpartition(":")
-        try:
-            lam = float(value)
-        except ValueError:
-            raise CLIError(f"--edit {text!r}: the part after ':' must be a number (lambda_fine)") from None
-    return Concept(prompt=word.strip(), lambda_fine=lam, tau_m=tau, mask_words=tuple(mask_words) if mask_words else None)
-
-
-def parse_blocks(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    out = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise CLIError(f"--blocks: {part!r} is not an index or a range like 0-9")
-        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-        out += range(a, b + 1)
-    return tuple(out)
-
-
-EDIT_FILE_KEYS = {"lambda_coarse", "coarse_prompt", "start", "end", "blocks", "prior_prompt", "projection", "coarse_target"}
-CONCEPT_KEYS = {"prompt", "lambda_fine", "tau_m", "mask_words"}
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CLIError(f"--edits-file {path}: {e}") from None
+    unknown = set(data) - set(SPEC_ARGS) - {"concept"}
+    if unknown:
+        raise CLIError(f"--edits-file: unknown keys {sorted(unknown)}; valid: {sorted(set(SPEC_ARGS) | {'concept'})}")
+    concepts = []
+    tables = data.pop("concept", [])
+    if not isinstance(tables, list) or not all(isinstance(c, dict) for c in tables):
+        raise CLIError("--edits-file: 'concept' must be a list of [[concept]] tables")
+    for i, c in enumerate(tables):
+        if set(c) - set(CONCEPT_FLAGS) or "prompt" not in c:
+            raise CLIError(f"--edits-file: [[concept]] {i} needs 'prompt' and may have {sorted(CONCEPT_FLAGS)}")
+        mask_words = tuple(c["mask_words"]) if "mask_words" in c else None
+        concepts.append(Concept(**{"tau_m": tau, **c, "mask_words": mask_words}))
+    return concepts, {name: _parsed(name, value) for name, value in data.items()}
 
 
 def spec_from(args) -> EditSpec:
-    """The edit from --edit flags and/or --edits-file (the file's settings win over the flags' defaults)."""
-    concepts = [parse_concept(e, args.tau, args.mask_words) for e in args.edit]
-    settings = dict(
-        lambda_coarse=args.lambda_coarse, coarse_prompt=args.coarse_prompt, start=parse_time("start", args.start),
-        end=parse_time("end", args.end), blocks=parse_blocks(args.blocks), prior_prompt=args.prior,
-        projection=args.projection, coarse_target=args.coarse_target,
-    )  # fmt: skip
-    if args.edits_file:
-        try:
-            data = tomllib.loads(Path(args.edits_file).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise CLIError(f"--edits-file {args.edits_file}: {e}") from None
-        unknown = set(data) - EDIT_FILE_KEYS - {"concept"}
-        if unknown:
-            raise CLIError(f"--edits-file: unknown keys {sorted(unknown)}; valid: {sorted(EDIT_FILE_KEYS | {'concept'})}")
-        for i, c in enumerate(data.get("concept", [])):
-            bad = set(c) - CONCEPT_KEYS
-            if bad or "prompt" not in c:
-                raise CLIError(f"--edits-file: [[concept]] {i} needs 'prompt' and may have {sorted(CONCEPT_KEYS)}")
-            concepts.append(Concept(c["prompt"], c.get("lambda_fine", 5.0), c.get("tau_m", args.tau),
-                                    tuple(c["mask_words"]) if "mask_words" in c else None))  # fmt: skip
-        settings.update({k: tuple(v) if k == "blocks" else v for k, v in data.items() if k != "concept"})
-    if not concepts and not settings["coarse_prompt"]:
+    """The edit from the --edit flags and/or --edits-file; a flag given on the command line wins over the file."""
+    tau = args.tau if args.tau is not None else Concept.__dataclass_fields__["tau_m"].default
+    concepts, settings = _edits_file(args.edits_file, tau) if args.edits_file else ([], {})
+    concepts = [grammar.concept(e, tau, args.mask_words) for e in args.edit] + concepts
+    for name in SPEC_ARGS:
+        if getattr(args, name) is not None:
+            settings[name] = _parsed(name, getattr(args, name))
+    if not concepts and not settings.get("coarse_prompt"):
         raise CLIError("give at least one --edit WORD[:LAMBDA] (or [[concept]] in --edits-file, or --coarse-prompt)")
     return EditSpec(concepts=tuple(concepts), **settings)
 
 
 def check_spec(spec: EditSpec, settings: SampleSettings, chosen: "Chosen") -> None:
-    """Validate the edit against the number of steps; the block range is checked once the model is loaded."""
-    steps = settings.steps if settings.steps is not None else chosen.preset.default_steps
+    """Validate the edit against the run's steps and the model's double blocks (read from the file header)."""
     try:
-        validate(spec, num_steps=steps, num_double_blocks=10**9)
+        validate(spec, num_steps=settings.steps, num_double_blocks=chosen.depth)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -253,7 +271,8 @@ def seeds_for(args) -> list[int]:
     return list(args.seed)
 
 
-def settings_from(args, chosen: "Chosen") -> SampleSettings:
+def settings_from(args, chosen: "Chosen", *, real_image: bool = False) -> SampleSettings:
+    """The sampling settings of the command, resolved with the model's defaults and checked."""
     s = SampleSettings(
         width=args.width,
         height=args.height,
@@ -264,10 +283,9 @@ def settings_from(args, chosen: "Chosen") -> SampleSettings:
         parity=args.parity,
     )
     try:
-        s.validate(chosen.pixels_per_token)
+        return s.resolve(chosen.preset, chosen.pixels_per_token, real_image=real_image)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    return s
 
 
 def output_paths(out: str, n: int) -> list[Path]:
@@ -286,14 +304,17 @@ class Chosen:
     paths: ModelPaths
     preset: Preset
     pixels_per_token: int  # image pixels a token covers: sizes must be multiples of it
+    depth: int  # double blocks of the transformer: the range an edit's blocks must fall in
 
 
 def choose_model(args) -> Chosen:
     """Find the model's files (default: the shipped flux-mini) and read their headers."""
     try:
-        model = args.model if args.model else mini.model_path()
+        model = args.model if args.model else flux_mini_path()
         paths = resolve_paths(model, args.ae, args.text_encoders)
-        return Chosen(paths, resolve_preset(paths, args.preset), 2 * read_ae_params(paths.ae).downsampling)
+        preset = resolve_preset(paths, args.preset)
+        depth = read_flux_params(paths.transformer).depth
+        return Chosen(paths, preset, 2 * read_ae_params(paths.ae).downsampling, depth)
     except FileNotFoundError as e:
         raise CLIError(str(e)) from None
 
@@ -307,7 +328,7 @@ def run_generate(args) -> int:
     chosen = choose_model(args)
     settings = settings_from(args, chosen)
     models = load_for(args, chosen)
-    s = settings.resolved(models.preset)
+    s = settings
     images = []
     for i in range(0, len(prompts), len(seeds)):
         images += generate(models, prompts[i : i + len(seeds)], all_seeds[i : i + len(seeds)], s, progress=not args.quiet)
@@ -350,7 +371,7 @@ def load_for(args, chosen: Chosen):
 def run_edit(args) -> int:
     spec = spec_from(args)
     chosen = choose_model(args)
-    settings = settings_from(args, chosen)
+    settings = settings_from(args, chosen, real_image=args.image is not None)
     check_spec(spec, settings, chosen)
     if len(args.seed) != 1:
         raise CLIError("edit takes one --seed")
@@ -391,7 +412,7 @@ def _image(args):
 
 def run_invert(args) -> int:
     chosen = choose_model(args)
-    settings = settings_from(args, chosen)
+    settings = settings_from(args, chosen, real_image=True)
     inversion = inversion_from(args)
     (out,) = output_paths(args.out, 1)
     image = _image(args)
@@ -400,12 +421,10 @@ def run_invert(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     models = load_for(args, chosen)
-    s = settings.resolved(models.preset)
-    cfg = settings.cfg_scale if settings.cfg_scale is not None else 1.0
-    r = invert_image(models, image, args.prompt, steps=s.steps, settings=inversion, fit=args.fit, seed=args.seed[0],
-                     cfg_scale=cfg, guidance=s.guidance)  # fmt: skip
+    r = invert_image(models, image, args.prompt, settings=settings, inversion=inversion, fit=args.fit, seed=args.seed[0])
+    s = r.settings
     params = {"command": "invert", "image_path": str(args.image), "prompt": args.prompt, "steps": s.steps,
-              "cfg_scale": cfg, "inversion": dataclasses.asdict(inversion), "fit": args.fit, "psnr_db": r.psnr,
+              "cfg_scale": s.cfg_scale, "inversion": dataclasses.asdict(inversion), "fit": args.fit, "psnr_db": r.psnr,
               "evaluations": r.evaluations, "preset": models.preset.name, "model": str(models.paths.transformer)}  # fmt: skip
     print(save_png(r.reconstruction, out, params))
     print(f"reconstruction PSNR {r.psnr:.2f} dB at {r.image.width}x{r.image.height}, {s.steps} steps, "
@@ -417,15 +436,7 @@ def run_sweep(args) -> int:
     spec = spec_from(args)
     chosen = choose_model(args)
     settings = settings_from(args, chosen)
-    axes = []
-    for item in args.vary:
-        name, sep, values = item.partition("=")
-        if not sep:
-            raise CLIError(f"--vary {item!r}: write NAME=V1,V2,... with NAME in {', '.join(SWEEPABLE)}")
-        try:
-            axes.append((name.strip(), parse_values(name.strip(), values)))
-        except ValueError as e:
-            raise CLIError(str(e)) from None
+    axes = [grammar.vary(item) for item in args.vary]
     if len(axes) > 2:
         raise CLIError(f"--vary at most twice; got {len(axes)}")
     for name, values in axes:
@@ -446,21 +457,7 @@ def run_sweep(args) -> int:
     return 0
 
 
-def run_edit_quality(options: list[str]) -> None:
-    from .mini.edit_quality import main as edit_quality
-
-    edit_quality(options)
-
-
-BENCHMARKS = {"edit-quality": run_edit_quality}
-
-
-def run_bench(args) -> int:
-    BENCHMARKS[args.benchmark](args.options)
-    return 0
-
-
-COMMANDS = {"generate": run_generate, "edit": run_edit, "invert": run_invert, "sweep": run_sweep, "bench": run_bench}
+COMMANDS = {"generate": run_generate, "edit": run_edit, "invert": run_invert, "sweep": run_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

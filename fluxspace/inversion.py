@@ -1,7 +1,8 @@
 """Real images: image latent -> noise (inversion) and noise -> image (reconstruction or edit).
 
 Time convention as everywhere here (flux_core/sampling.py): t = 1 noise, t = 0 data, the model
-predicts v = dx/dt = eps - x0. Inversion integrates dx/dt = v *upwards*, from t = 0 (the image's
+predicts v = dx/dt = eps - x0. The solvers take any v(x, t, step) (flux_core.sampling.StepVelocity);
+invert_image takes the model's from a SamplingRun (run.py), as every other entry point does. Inversion integrates dx/dt = v *upwards*, from t = 0 (the image's
 latent) to t = 1 over the sampling schedule read backwards; sampling integrates it back down.
 
 Solvers, each usable for both directions:
@@ -26,18 +27,19 @@ t (forward_time="schedule", the default): the model is asked about the point it 
 and inversion and sampling see the same times. forward_time="linear" reproduces the pipeline.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .images import psnr
+from flux_core.sampling import StepVelocity, get_noise, pack
 
-# v(x, t, step): (B, N, C) -> (B, N, C); step is the index of the solver step (sampling order for
-# reconstruction, so a FluxSpace edit can switch on by step), t the time fed to the model.
-Velocity = Callable[[Tensor, float, int], Tensor]
+from .images import pil_to_tensor, psnr
+from .models import FluxModels
+from .run import SamplingRun
+from .settings import SampleSettings
+
 SOLVERS = ("euler", "midpoint")
 FORWARD_TIMES = ("schedule", "linear")
 
@@ -71,7 +73,7 @@ class InversionSettings:
             raise ValueError(f"unknown forward_time {self.forward_time!r}; valid: {', '.join(FORWARD_TIMES)}")
 
 
-def _step(v: Velocity, x: Tensor, t: float, t_next: float, solver: str, carried: Tensor | None, feed_t: float, i: int):
+def _step(v: StepVelocity, x: Tensor, t: float, t_next: float, solver: str, carried: Tensor | None, feed_t: float, i: int):
     """One solver step from t to t_next; returns (x', the midpoint velocity to carry or None, evaluations)."""
     dt = t_next - t
     if solver == "euler":
@@ -81,7 +83,7 @@ def _step(v: Velocity, x: Tensor, t: float, t_next: float, solver: str, carried:
     return x + dt * v_mid, v_mid, 1 if carried is not None else 2
 
 
-def invert(v: Velocity, x0: Tensor, timesteps: list[float], settings: InversionSettings = InversionSettings(),
+def invert(v: StepVelocity, x0: Tensor, timesteps: list[float], settings: InversionSettings = InversionSettings(),
            noise: Tensor | None = None) -> tuple[Tensor, int]:  # fmt: skip
     """The image latent x0 (B, N, C) at t = 0 -> its noise at t = 1. Returns (noise, model evaluations).
 
@@ -107,7 +109,7 @@ def invert(v: Velocity, x0: Tensor, timesteps: list[float], settings: InversionS
     return x, evaluations
 
 
-def reconstruct(v: Velocity, noise: Tensor, timesteps: list[float], settings: InversionSettings = InversionSettings(),
+def reconstruct(v: StepVelocity, noise: Tensor, timesteps: list[float], settings: InversionSettings = InversionSettings(),
                 y0: Tensor | None = None) -> tuple[Tensor, int]:  # fmt: skip
     """Noise (B, N, C) at t = 1 -> the latent at t = 0 over `timesteps`. Returns (latent, model evaluations).
 
@@ -178,44 +180,11 @@ def fit_image(image: Image.Image, pixels_per_token: int, fit: str = "resize", si
     return image if (tw, th) == (w, h) else image.resize((tw, th), Image.LANCZOS)
 
 
-def model_velocity(models, prompt: str, height: int, width: int, cfg_scale: float = 1.0, negative_prompt: str = "",
-                   guidance: float | None = None, edit=None, num_steps: int | None = None) -> Velocity:  # fmt: skip
-    """v(x, t, step) of the loaded model for `prompt` at this image size; `edit` (an object with
-    at_step, e.g. a FluxSpaceEditor) switches on by step."""
-    from flux_core.sampling import Velocity as ModelVelocity
-    from flux_core.sampling import img_ids, txt_ids
-
-    txt, vec = models.text([prompt])  # (1, T, C'), (1, C'')
-    neg = models.text([negative_prompt]) if cfg_scale != 1.0 else (None, None)
-    ids = img_ids(1, height, width, device=models.device, pixels_per_token=models.pixels_per_token)
-    v = ModelVelocity(models.flow, ids, txt, txt_ids(1, txt.shape[1], device=models.device), vec, guidance,
-                      neg_txt=neg[0], neg_vec=neg[1], cfg_scale=cfg_scale)  # fmt: skip
-
-    def velocity(x: Tensor, t: float, step: int) -> Tensor:
-        step_edit = edit.at_step(step, float(t), num_steps) if edit is not None else None
-        with torch.inference_mode():
-            return v(x, t, step_edit)
-
-    return velocity
-
-
-def encode_image(models, image: Image.Image) -> Tensor:
+def encode_image(models: FluxModels, image: Image.Image) -> Tensor:
     """An RGB image whose sides are multiples of the token size -> packed latent tokens (1, N, C), float32."""
-    from flux_core.sampling import pack
-
-    from .images import pil_to_tensor
-
     with torch.inference_mode():
         z = models.ae.encode(pil_to_tensor(image).to(models.device, models.dtype))  # (1, Z, h, w)
     return pack(z.float())
-
-
-def decode_tokens(models, x: Tensor, height: int, width: int) -> Image.Image:
-    from flux_core.sampling import unpack
-
-    from .pipeline import decode
-
-    return decode(models, unpack(x.float(), height, width, models.pixels_per_token))[0]
 
 
 @dataclass
@@ -227,58 +196,50 @@ class RealImageResult:
     psnr: float  # reconstruction vs image, dB
     evaluations: int  # transformer evaluations of the inversion and the reconstruction
     noise: Tensor  # (1, N, C) the inverted latent at t = 1
+    settings: SampleSettings  # resolved, with the fitted image's size
     edited: Image.Image | None = None
     masks: list | None = None  # per concept (h, w), as EditResult.masks
 
 
-def invert_image(models, image, prompt: str = "", *, steps: int | None = None, settings: InversionSettings = InversionSettings(),
-                 fit: str = "resize", size: int | None = None, seed: int = 0, cfg_scale: float = 1.0,
-                 guidance: float | None = None, edit_spec=None, edit_prompt: str | None = None) -> RealImageResult:  # fmt: skip
+def invert_image(models: FluxModels, image, prompt: str = "", *, settings: SampleSettings | None = None,
+                 inversion: InversionSettings = InversionSettings(), fit: str = "resize", size: int | None = None,
+                 seed: int = 0, edit_spec=None, edit_prompt: str | None = None) -> RealImageResult:  # fmt: skip
     """Invert `image` (a path or PIL image) and reconstruct it; with edit_spec also sample the edit.
 
     prompt: the text the inversion and both reverse passes condition on (e.g. a caption of the image);
-    edit_prompt: the edited pass's base prompt (default: prompt). cfg_scale applies to every pass (1:
-    none, the most faithful reconstruction); guidance: a dev model's distilled guidance (default the
-    preset's). seed: RF-Inversion's target noise y1. Everything is checked before the model runs.
+    edit_prompt: the edited pass's base prompt (default: prompt). settings: steps, guidance and true
+    CFG as for generated images, except that CFG is off unless settings.cfg_scale is given (1: the
+    most faithful reconstruction), and that the size comes from the image and parity does not apply.
+    seed: RF-Inversion's target noise y1. Everything is checked before the model runs.
     """
-    from flux_core.sampling import get_noise, get_schedule, pack
+    from .spec import encode_edit, validate
+    from .step import FluxSpaceSchedule
 
-    from .edit import encode_edit, validate
-    from .step import FluxSpaceEditor
-
-    settings.validate()
-    steps = steps if steps is not None else models.preset.default_steps
-    if guidance is None and models.flow.params.guidance_embed:
-        guidance = models.preset.default_guidance
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    inversion.validate()
+    s = models.sample_settings(replace(settings or SampleSettings(), width=None, height=None, parity=False),
+                               real_image=True)  # fmt: skip
     fitted = fit_image(read_image(image), models.pixels_per_token, fit, size)
     w, h = fitted.size
     encoded = None
     if edit_spec is not None:
-        validate(edit_spec, num_steps=steps, num_double_blocks=len(models.flow.double_blocks))
+        validate(edit_spec, num_steps=s.steps, num_double_blocks=len(models.flow.double_blocks))
         encoded = encode_edit(edit_spec, models.text)
 
+    run = SamplingRun.prepare(models, [prompt], [seed], replace(s, width=w, height=h), real_image=True)
     x0 = encode_image(models, fitted)  # (1, N, C)
-    timesteps = get_schedule(steps, x0.shape[1], shift=models.preset.shift_schedule)
     y1 = None
-    if settings.gamma > 0:
-        z = models.ae.params.z_channels
-        y1 = pack(get_noise(1, h, w, seed, z, models.device, torch.float32, pixels_per_token=models.pixels_per_token))
-    def velocity(text: str, edit=None) -> Velocity:
-        return model_velocity(models, text, h, w, cfg_scale, guidance=guidance, edit=edit, num_steps=steps)
+    if inversion.gamma > 0:
+        z, ppt = models.ae.params.z_channels, models.pixels_per_token
+        y1 = pack(get_noise(1, h, w, seed, z, models.device, torch.float32, pixels_per_token=ppt))
 
-    noise, n_inv = invert(velocity(prompt), x0, timesteps, settings, noise=y1)
-    rec, n_rec = reconstruct(velocity(prompt), noise, timesteps, settings, y0=x0)
-    reconstruction = decode_tokens(models, rec, h, w)
-    result = RealImageResult(fitted, reconstruction, psnr(fitted, reconstruction), n_inv + n_rec, noise)
+    noise, n_inv = invert(run.velocity(), x0, run.timesteps, inversion, noise=y1)
+    rec, n_rec = reconstruct(run.velocity(), noise, run.timesteps, inversion, y0=x0)
+    (reconstruction,) = run.decode(rec)
+    result = RealImageResult(fitted, reconstruction, psnr(fitted, reconstruction), n_inv + n_rec, noise, run.settings)
     if edit_spec is not None:
-        editor = FluxSpaceEditor(edit_spec, encoded)
-        v = velocity(edit_prompt if edit_prompt is not None else prompt, editor)
-        edited, _ = reconstruct(v, noise, timesteps, settings, y0=x0)
-        result.edited = decode_tokens(models, edited, h, w)
-        ppt = models.pixels_per_token
-        grid = (h // ppt, w // ppt)
-        means = editor.masks.mean() if editor.masks.count else [torch.zeros(1, grid[0] * grid[1])] * len(edit_spec.concepts)
-        result.masks = [m[0].reshape(grid).cpu() for m in means]
+        schedule = FluxSpaceSchedule(edit_spec, encoded)
+        txt, vec = run.text(edit_prompt) if edit_prompt is not None else (None, None)
+        edited, _ = reconstruct(run.velocity(schedule, txt=txt, vec=vec), noise, run.timesteps, inversion, y0=x0)
+        (result.edited,) = run.decode(edited)
+        result.masks = schedule.mean_masks(models.token_grid(w, h))
     return result

@@ -1,4 +1,5 @@
-"""The FluxSpace edit inside the model, one sampling step at a time (flux_core.seam.Edit).
+"""The FluxSpace edit inside the model: FluxSpaceSchedule hands the sampler each step's edit
+(flux_core.seam.EditSchedule), FluxSpaceEdit is that edit for one forward (flux_core.seam.Edit).
 
 The prior and edit branches reuse the BASE image tokens (their q, k, v) and differ only in their text
 streams, which are carried through the double blocks with the block's own weights (section 3 of the
@@ -19,7 +20,6 @@ from flux_core.math import apply_rope, joint_attention
 from flux_core.seam import DoubleBlockSite, ModVectors, SingleBlockSite
 
 from .attention import attention_with_lse, merge_attention
-from .edit import EditSpec, EncodedEdit
 from .projection import (
     coarse_pooled,
     coarse_pooled_reference,
@@ -30,6 +30,7 @@ from .projection import (
     keyword_attention_reference,
     orthogonal_component_reference,
 )
+from .spec import EditSpec, EncodedEdit
 
 
 @dataclass
@@ -40,7 +41,7 @@ class MaskLog:
     sums: list[Tensor] = field(default_factory=list)  # per concept (B, N) float32
     count: int = 0
     keep: bool = False
-    step: int = -1  # set by FluxSpaceEditor before each edited step
+    step: int = -1  # set by FluxSpaceSchedule before each edited step
     entries: list[tuple[int, int, list[Tensor]]] = field(default_factory=list)
 
     def add(self, masks: list[Tensor], block: int = -1) -> None:
@@ -58,22 +59,32 @@ class MaskLog:
         return [s / max(self.count, 1) for s in self.sums]
 
 
-class FluxSpaceEditor:
-    """Hands the sampler a per-step edit while the edit is on, and None otherwise (plain steps)."""
+class FluxSpaceSchedule:
+    """Hands the sampler a per-step edit while the edit is on, and None otherwise (plain steps).
+
+    Implements flux_core.seam.EditSchedule; `masks` collects every concept's mask as the run goes.
+    """
 
     def __init__(self, spec: EditSpec, encoded: EncodedEdit, keep_masks: bool = False):
         self.spec = spec
         self.encoded = encoded
         self.masks = MaskLog(keep=keep_masks)
 
-    def at_step(self, step: int, t: float, num_steps: int):
+    def at_step(self, step: int, t: float, num_steps: int) -> "FluxSpaceEdit | None":
         if not self.spec.is_active(step, t):
             return None  # the model runs exactly as without an edit
         self.masks.step = step
-        return FluxSpaceStep(self.spec, self.encoded, self.masks)
+        return FluxSpaceEdit(self.spec, self.encoded, self.masks)
+
+    def mean_masks(self, grid: tuple[int, int]) -> list[Tensor]:
+        """Per concept (h, w) on the CPU: the share of edited blocks x steps with each token in the
+        mask (zeros where the edit never ran)."""
+        count = len(self.spec.concepts)
+        means = self.masks.mean() if self.masks.count else [torch.zeros(1, grid[0] * grid[1])] * count
+        return [m[0].reshape(grid).cpu() for m in means]
 
 
-class FluxSpaceStep:
+class FluxSpaceEdit:
     """The FluxSpace edit for one model forward (one sampling step). Implements flux_core.seam.Edit.
 
     In each double block, J = 1 + K conditions share the block's image q, k, v: the base text (row 0)
@@ -192,7 +203,7 @@ class FluxSpaceStep:
         img = [repeat(x[:, :, T:], "B H N D -> (B K) H N D", K=K) for x in (site.q, site.k, site.v)]
         branch = joint_attention(*(torch.cat((t, i), dim=2) for t, i in zip((q_s, k_s, v_s), img, strict=True)))
         branch = rearrange(branch, "(B K) L C -> B K L C", K=K)  # (B, K, T+N, C)
-        base_txt, base_img = site.attention()  # (B, T, C), (B, N, C)
+        base_img, base_txt = site.attention()  # (B, N, C), (B, T, C)
         img_attn = torch.cat((base_img[:, None], branch[:, :, T:]), dim=1)  # (B, J, N, C)
         txt_attn = torch.cat((base_txt[:, None], branch[:, :, :T]), dim=1)  # (B, J, T, C)
         return img_attn, txt_attn, None

@@ -12,10 +12,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .distributed import barrier, world
-from .edit import EditSpec
 from .editing import EditResult, edit_image
 from .images import save_png
-from .pipeline import FluxModels, SampleSettings
+from .models import FluxModels
+from .settings import SampleSettings
+from .spec import EditSpec
 
 SWEEPABLE = ("lambda_fine", "lambda_coarse", "tau_m", "start")
 SHORT = {"lambda_fine": "fine", "lambda_coarse": "coarse", "tau_m": "tau", "start": "start"}
@@ -29,22 +30,6 @@ def vary(spec: EditSpec, name: str, value) -> EditSpec:
     if name in ("lambda_coarse", "start"):
         return replace(spec, **{name: value})
     raise ValueError(f"cannot sweep {name!r}; valid: {', '.join(SWEEPABLE)}")
-
-
-def parse_values(name: str, text: str) -> list:
-    """'0,2.5,5' -> [0.0, 2.5, 5.0]; start values stay ints when written as ints (step indices)."""
-    if name not in SWEEPABLE:
-        raise ValueError(f"cannot sweep {name!r}; valid: {', '.join(SWEEPABLE)}")
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            values.append(int(part) if name == "start" and part.lstrip("-").isdigit() else float(part))
-        except ValueError:
-            raise ValueError(f"--vary {name}: {part!r} is not a number") from None
-    if not values:
-        raise ValueError(f"--vary {name}: no values")
-    return values
 
 
 def sweep(

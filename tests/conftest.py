@@ -15,3 +15,11 @@ def tiny_checkpoint(tmp_path_factory):
     from weights_tools.random_weights import write_random_checkpoint
 
     return write_random_checkpoint("tiny", tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint):
+    """The tiny checkpoint loaded as a FluxModels (transformer, autoencoder, text encoders)."""
+    from fluxspace import load_models
+
+    return load_models(tiny_checkpoint.transformer)

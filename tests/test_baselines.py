@@ -5,15 +5,10 @@ import pytest
 import torch
 from tiny import tiny_inputs, tiny_model
 
-from fluxspace import Concept, EditSpec, SampleSettings, generate, load_models
-from fluxspace.baselines import OutputDirection, direction_edit, prompt_edit
+from fluxspace import Concept, EditSpec, SampleSettings, SamplingRun, generate
+from fluxspace.baselines import DirectionVelocity, WithDirection, direction_edit, prompt_edit
 
 SETTINGS = SampleSettings(width=64, height=48, steps=4, cfg_scale=2.0)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    return load_models(tiny_checkpoint.transformer)
 
 
 def spec(lam, **kw):
@@ -28,17 +23,24 @@ def test_output_direction_adds_lambda_times_edit_minus_prior(cfg_rows):
     p = model.params
     e_txt, p_txt = (torch.randn(1, 5, p.context_in_dim, generator=g) for _ in range(2))
     e_vec, p_vec = (torch.randn(1, p.vec_in_dim, generator=g) for _ in range(2))
-    wrapped = OutputDirection(model, spec(3.0), e_txt, e_vec, p_txt, p_vec, batch=1)
+    wrapped = WithDirection(model, 3.0, e_txt, e_vec, p_txt, p_vec, batch=1)
     # With true CFG denoise stacks [positive; negative] rows of the same image.
     rows = {k: torch.cat([v] * cfg_rows) for k, v in inp.items()}
     with torch.inference_mode():
-        got = wrapped(**rows, edit=wrapped)
+        got = wrapped(**rows)
         base = model(**rows)
         v_edit = model(**{**inp, "txt": e_txt, "y": e_vec})
         v_prior = model(**{**inp, "txt": p_txt, "y": p_vec})
-        plain = wrapped(**rows)
     torch.testing.assert_close(got, base + 3.0 * (v_edit - v_prior).repeat(cfg_rows, 1, 1), rtol=1e-5, atol=1e-5)
-    assert torch.equal(plain, base)  # off: the plain model
+
+
+def test_direction_velocity_is_the_plain_velocity_where_the_edit_is_off(models):
+    run = SamplingRun.prepare(models, ["a smiling woman"], [5], SETTINGS, progress=False)
+    v = DirectionVelocity(run, spec(3.0, start=2))
+    x, t = run.inp.img.float(), run.timesteps[1]
+    plain = run.velocity()(x, t, 1)
+    assert torch.equal(v(x, t, 1), plain)  # off: the plain model
+    assert not torch.equal(v(x, run.timesteps[2], 2), run.velocity()(x, run.timesteps[2], 2))  # on from step 2
 
 
 def test_direction_edit_branches_from_the_plain_run(models):

@@ -1,22 +1,10 @@
 """Smoke tests of the benchmark scripts at toy size: they run, agree with diffusers, and write the JSON
 a reader of benchmarks/results/ relies on. No timing assertions: CI machines are shared."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script(name: str):
-    """benchmarks/ is a folder of scripts, not a package: import one by path."""
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from scripts import load_script
 
 forward = load_script("forward")
 load_memory = load_script("load_memory")

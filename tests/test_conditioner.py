@@ -215,7 +215,7 @@ def test_missing_folder_is_named(tmp_path):
 
 
 def test_reference_lookup_keeps_one_token_where_ours_keeps_all(encoders):
-    from fluxspace.edit import reference_token_position
+    from fluxspace.spec import reference_token_position
 
     tok = encoders.t5_tokenizer
     word = "portrait"

@@ -10,9 +10,9 @@ from tiny import tiny_inputs, tiny_model
 
 from flux_core import Recorder
 from flux_core.sampling import denoise, get_schedule, img_ids, txt_ids
-from fluxspace.edit import Concept, EditSpec, EncodedEdit, validate
 from fluxspace.projection import coarse_pooled, concept_mask, edit_direction, orthogonal_component
-from fluxspace.step import FluxSpaceEditor, FluxSpaceStep
+from fluxspace.spec import Concept, EditSpec, EncodedEdit, validate
+from fluxspace.step import FluxSpaceEdit, FluxSpaceSchedule
 
 B, h, w, T = 2, 3, 4, 6  # 12 image tokens, 6 text tokens
 
@@ -51,7 +51,7 @@ class Spy:
 
 
 def run_step(model, spec, enc, inp=None, spy_out=None):
-    spy = Spy(FluxSpaceStep(spec, enc))
+    spy = Spy(FluxSpaceEdit(spec, enc))
     with torch.inference_mode():
         out = model(**(inp or inputs(model)), edit=spy)
     if spy_out is not None:
@@ -194,7 +194,7 @@ def sample(model, editor=None, steps=4, seed=3):
 def test_inactive_edits_are_bit_identical_to_plain_sampling(spec):
     model = tiny_model()
     plain = sample(model)
-    edited = sample(model, FluxSpaceEditor(spec, encoded(model)))
+    edited = sample(model, FluxSpaceSchedule(spec, encoded(model)))
     assert torch.equal(plain, edited)
 
 
@@ -206,12 +206,12 @@ def test_edit_prompt_equal_to_non_empty_prior_changes_nothing():
     spec = EditSpec(concepts=(Concept("same", lambda_fine=7.0, tau_m=0.0),), prior_prompt="a face")
     # Delta is exactly zero; the base attention of an edited step is computed by the shared-key
     # merge (attention.py), equal to the plain kernel up to float32 rounding.
-    torch.testing.assert_close(sample(model), sample(model, FluxSpaceEditor(spec, enc)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sample(model), sample(model, FluxSpaceSchedule(spec, enc)), rtol=1e-5, atol=1e-5)
 
 
 def test_active_edit_changes_the_image_and_logs_masks():
     model = tiny_model()
-    editor = FluxSpaceEditor(EditSpec(concepts=(Concept("x", 4.0, tau_m=0.5),), lambda_coarse=0.5, start=1), encoded(model))
+    editor = FluxSpaceSchedule(EditSpec(concepts=(Concept("x", 4.0, tau_m=0.5),), lambda_coarse=0.5, start=1), encoded(model))
     assert not torch.allclose(sample(model), sample(model, editor))
     (mask,) = editor.masks.mean()
     assert editor.masks.count == 3 * model.params.depth  # steps 1..3, every double block
@@ -221,7 +221,7 @@ def test_active_edit_changes_the_image_and_logs_masks():
 def test_coarse_only_runs_no_branch_streams():
     model = tiny_model()
     spec = EditSpec(concepts=(Concept("x", lambda_fine=0.0),), lambda_coarse=0.8)
-    step = FluxSpaceStep(spec, encoded(model))
+    step = FluxSpaceEdit(spec, encoded(model))
     with torch.inference_mode():
         out = model(**inputs(model), edit=step)
         plain = model(**inputs(model))
@@ -235,7 +235,7 @@ def test_coarse_targets_differ():
     for target in ("txt", "both", "global"):
         spec = EditSpec(concepts=(Concept("x", lambda_fine=0.0),), lambda_coarse=0.8, coarse_target=target)
         with torch.inference_mode():
-            outs.append(model(**inputs(model), edit=FluxSpaceStep(spec, encoded(model))))
+            outs.append(model(**inputs(model), edit=FluxSpaceEdit(spec, encoded(model))))
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
 
 

@@ -1,4 +1,4 @@
-"""The edit-quality benchmark (fluxspace/mini/edit_quality.py): metrics on hand-made cases, tuning rule, sharding."""
+"""The edit-quality benchmark (benchmarks/edit_quality.py): metrics on hand-made cases, tuning rule, sharding."""
 
 import json
 import os
@@ -7,12 +7,15 @@ import sys
 
 import numpy as np
 import pytest
+from scripts import BENCHMARKS, load_script
 
 from fluxspace.images import psnr
 from fluxspace.mini.domain import Attributes, render
-from fluxspace.mini.edit_quality import METHODS, TASKS, choose_strength, score_pair, summarise
 from fluxspace.mini.evaluator import load_evaluator
 
+edit_quality = load_script("edit_quality")
+METHODS, TASKS = edit_quality.METHODS, edit_quality.TASKS
+choose_strength, score_pair, summarise = edit_quality.choose_strength, edit_quality.score_pair, edit_quality.summarise
 BASE = Attributes("medium", "brown", "oval", "blue", "none", "none", "neutral", "beard", "flat")
 TASK = {t.name: t for t in TASKS}
 
@@ -87,7 +90,7 @@ def test_sharded_run_equals_single_process(tmp_path):
     common = ["--seeds", "2", "--tune-seeds", "1", "--steps", "3", "--strengths", "2", "--methods", "acg",
               "--tasks", "eyeglasses,remove beard", "--grid-rows", "0", "--quiet"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # equal thread counts: bit-identical numbers
-    module = ["-m", "fluxspace.mini.edit_quality"]
+    module = [str(BENCHMARKS / "edit_quality.py")]
     subprocess.run([sys.executable, *module, *common, "--out", str(tmp_path / "one")], env=env, check=True,
                    capture_output=True)  # fmt: skip
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *module,

@@ -4,17 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-import fluxspace
-from fluxspace import Concept, EditSpec, SampleSettings, edit_image, generate, load_models
-from fluxspace.edit import encode_edit
+import fluxspace.run
+from fluxspace import Concept, EditSpec, SampleSettings, edit_image, generate
 from fluxspace.projection import keyword_attention
+from fluxspace.spec import encode_edit
 
 SETTINGS = SampleSettings(width=64, height=48, steps=4)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    return load_models(tiny_checkpoint.transformer)
 
 
 def test_edit_image_returns_images_masks_and_recorder(models):
@@ -63,7 +58,7 @@ def test_bad_edit_is_refused_before_sampling(models, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("sampling started")
 
-    monkeypatch.setattr(fluxspace.editing, "denoise", fail)
+    monkeypatch.setattr(fluxspace.run, "euler", fail)
     with pytest.raises(ValueError, match=r"start step 4 is past the last step: 4 steps run as steps 0..3"):
         edit_image(models, "a man", EditSpec(concepts=(Concept("hat"),), start=4), settings=SETTINGS)
     with pytest.raises(ValueError, match=r"double block indices \[5\] out of range"):

@@ -4,13 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxspace import Concept, EditSpec, load_models
+from fluxspace import Concept, EditSpec, SampleSettings
 from fluxspace.inversion import InversionSettings, fit_image, invert_image, psnr, read_image
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    return load_models(tiny_checkpoint.transformer)
 
 
 @pytest.fixture
@@ -44,27 +39,27 @@ def test_unreadable_and_non_rgb_images_are_refused(tmp_path):
 
 
 def test_reconstruction_reports_psnr_and_evaluations(models, photo):
-    r = invert_image(models, photo, "a photo", steps=3)
+    r = invert_image(models, photo, "a photo", settings=SampleSettings(steps=3))
     assert r.image.size == r.reconstruction.size == (64, 48)
     assert r.psnr == psnr(r.image, r.reconstruction) and r.evaluations == 6
-    fire = invert_image(models, photo, "a photo", steps=3, settings=InversionSettings(solver="midpoint", reuse=True))
+    fire = invert_image(models, photo, "a photo", settings=SampleSettings(steps=3), inversion=InversionSettings(solver="midpoint", reuse=True))
     assert fire.evaluations == 2 * 4  # 4 evaluations each way: 2 for the first step, 1 after
 
 
 def test_edit_with_zero_scales_returns_the_reconstruction(models, photo):
     off = EditSpec(concepts=(Concept("glasses", 0.0),))
-    r = invert_image(models, photo, "a photo", steps=3, edit_spec=off, settings=InversionSettings(gamma=0.5, eta=0.9))
+    r = invert_image(models, photo, "a photo", settings=SampleSettings(steps=3), edit_spec=off, inversion=InversionSettings(gamma=0.5, eta=0.9))
     assert np.array_equal(np.asarray(r.edited), np.asarray(r.reconstruction))
-    on = invert_image(models, photo, "a photo", steps=3, edit_spec=EditSpec(concepts=(Concept("glasses", 6.0),)))
+    on = invert_image(models, photo, "a photo", settings=SampleSettings(steps=3), edit_spec=EditSpec(concepts=(Concept("glasses", 6.0),)))
     assert not np.array_equal(np.asarray(on.edited), np.asarray(on.reconstruction))
     assert len(on.masks) == 1 and on.masks[0].shape == (3, 4)
 
 
 def test_bad_settings_are_refused_before_the_model_runs(models, photo):
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]; got 2"):
-        invert_image(models, photo, settings=InversionSettings(eta=2))
+        invert_image(models, photo, inversion=InversionSettings(eta=2))
     with pytest.raises(ValueError, match="steps must be an integer >= 1; got 0"):
-        invert_image(models, photo, steps=0)
+        invert_image(models, photo, settings=SampleSettings(steps=0))
 
 
 def test_edit_image_takes_a_real_image(models, photo):

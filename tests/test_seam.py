@@ -56,7 +56,7 @@ class ZeroImageAttention:
     def vectors(self, model, vec, timesteps, y, guidance):
         from flux_core.seam import ModVectors
 
-        return ModVectors(vec, vec, vec)
+        return ModVectors(img=vec, txt=vec, out=vec)
 
     def double_block(self, site):
         img_out, txt_out = site.outputs()

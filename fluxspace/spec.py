@@ -20,7 +20,7 @@ Letters: B batch, K branches (prior + concepts), T text tokens, N image tokens, 
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -193,11 +193,3 @@ def reference_token_position(tokenizer, edit_prompt: str, keyword: str) -> list[
     start = edit_prompt.index(ch)
     offsets = tokenizer(edit_prompt, return_offsets_mapping=True)["offset_mapping"]
     return [i for i, (a, b) in enumerate(offsets) if b > start and a < start + 1]
-
-
-def with_scale(spec: EditSpec, lambda_fine: float | None = None, lambda_coarse: float | None = None) -> EditSpec:
-    """The same edit with every concept's lambda_fine and/or lambda_coarse replaced (for sweeps)."""
-    concepts = spec.concepts
-    if lambda_fine is not None:
-        concepts = tuple(replace(c, lambda_fine=lambda_fine) for c in concepts)
-    return replace(spec, concepts=concepts, lambda_coarse=spec.lambda_coarse if lambda_coarse is None else lambda_coarse)

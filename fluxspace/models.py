@@ -1,9 +1,8 @@
-"""Prompts -> images: load the four parts of a Flux model and sample with them.
+"""A loaded model: find the four parts of a Flux model, read which preset they are, load them.
 
 The pieces (transformer, autoencoder, text encoders) come from flux_core; this file only decides
-where to find them, which defaults apply, and strings sampling together:
-
-    text encoders -> noise -> prepare -> schedule -> denoise -> unpack -> decode
+where to find them and which preset gives their defaults. Without a model the shipped flux-mini is
+used: the library finds its files without importing the flux-mini domain (fluxspace/mini/).
 """
 
 import os
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 
 from flux_core import Flux, Preset, get_preset
 from flux_core.autoencoder import AutoEncoder
@@ -27,23 +25,26 @@ from flux_core.loading import (
     resolve_dtype,
 )
 from flux_core.presets import PRESETS
-from flux_core.sampling import (
-    PIXELS_PER_TOKEN,
-    check_image_size,
-    denoise,
-    get_noise,
-    get_schedule,
-    prepare,
-    unpack,
-)
 
-from . import mini
-from .images import tensor_to_pil
+from .settings import SampleSettings
 
 if TYPE_CHECKING:  # the text encoders pull in `transformers`: imported when a model is loaded
     from flux_core.conditioner import TextEncoders
 
 TEXT_ENCODER_DIRS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+# The shipped flux-mini (transformer, ae.safetensors, text encoders), laid out like the official
+# release. Package data of fluxspace.mini, which builds it (`python -m fluxspace.mini.build`).
+FLUX_MINI_DIR = Path(__file__).resolve().parent / "mini" / "weights" / "flux-mini"
+
+
+def flux_mini_path() -> Path:
+    """The shipped flux-mini folder; a clear error if this install lacks it."""
+    if not (FLUX_MINI_DIR / "flux-mini.safetensors").is_file():
+        raise FileNotFoundError(
+            f"flux-mini is missing from this install ({FLUX_MINI_DIR}); reinstall the package, or build it with "
+            "`python -m fluxspace.mini.build --out FOLDER` and pass --model FOLDER"
+        )
+    return FLUX_MINI_DIR
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,13 @@ class FluxModels:
         """Image pixels along the side of one image token: 2 x the autoencoder's downsampling."""
         return 2 * self.ae.params.downsampling
 
-    def sample_settings(self, settings: "SampleSettings | None") -> "SampleSettings":
+    def token_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of image tokens for an image of width x height pixels."""
+        return height // self.pixels_per_token, width // self.pixels_per_token
+
+    def sample_settings(self, settings: SampleSettings | None, *, real_image: bool = False) -> SampleSettings:
         """settings (None: all defaults) with the preset's defaults filled in, checked for this model."""
-        s = (settings or SampleSettings()).resolved(self.preset)
-        s.validate(self.pixels_per_token)
-        return s
+        return (settings or SampleSettings()).resolve(self.preset, self.pixels_per_token, real_image=real_image)
 
 
 def load_models(
@@ -160,108 +163,10 @@ def load_models(
     """
     from flux_core.conditioner import load_text_encoders
 
-    paths = resolve_paths(model if model is not None else mini.model_path(), ae, text_encoders)
+    paths = resolve_paths(model if model is not None else flux_mini_path(), ae, text_encoders)
     chosen = resolve_preset(paths, preset)
     dtype = resolve_dtype(dtype, device)
     flow = load_flow_model(paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype)
     autoencoder = load_autoencoder(paths.ae, device=device, dtype=dtype)
     text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=device, dtype=dtype)
     return FluxModels(flow, autoencoder, text, chosen, paths, torch.device(device))
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """Everything besides the prompt that decides an image. None means the preset's default."""
-
-    width: int | None = None  # pixels; None: the preset's default_size (FLUX.1 1024, flux-mini 64)
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    cfg_scale: float | None = None  # None: the preset's scale for models trained for true CFG, else 1 (off)
-    negative_prompt: str = ""
-    parity: bool = False
-
-    def resolved(self, preset: Preset) -> "SampleSettings":
-        steps = self.steps if self.steps is not None else preset.default_steps
-        guidance = self.guidance if self.guidance is not None else preset.default_guidance
-        cfg = self.cfg_scale
-        if cfg is None:  # dev models distil guidance into the model; the others need true CFG
-            cfg = 1.0 if preset.params.guidance_embed else preset.default_guidance
-        width = self.width if self.width is not None else preset.default_size
-        height = self.height if self.height is not None else preset.default_size
-        return SampleSettings(width, height, steps, guidance, cfg, self.negative_prompt, self.parity)
-
-    def validate(self, pixels_per_token: int = PIXELS_PER_TOKEN) -> None:
-        """Check what can be checked; sizes only once given (pixels_per_token: the model's, see FluxModels)."""
-        if self.width is not None or self.height is not None:
-            check_image_size(
-                self.height if self.height is not None else pixels_per_token,
-                self.width if self.width is not None else pixels_per_token,
-                pixels_per_token,
-            )
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
-        for name in ("guidance", "cfg_scale"):
-            value = getattr(self, name)
-            if value is not None and not torch.isfinite(torch.tensor(float(value))):
-                raise ValueError(f"{name} must be a finite number; got {value!r}")
-
-
-def sample_latents(
-    models: FluxModels,
-    prompts: list[str],
-    seeds: list[int],
-    settings: SampleSettings,
-    *,
-    progress: bool = True,
-    callback=None,
-) -> torch.Tensor:
-    """Denoise one image per (prompt, seed) pair. Returns unpacked latents (B, C, h, w), float32."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
-    s = models.sample_settings(settings)
-    device, dtype, ppt = models.device, models.dtype, models.pixels_per_token
-    txt, vec = models.text(prompts)  # (B, T, C'), (B, C'')
-    z = models.ae.params.z_channels
-    noise = get_noise(len(seeds), s.height, s.width, seeds, z, device, torch.bfloat16, pixels_per_token=ppt)
-    inp = prepare(noise if s.parity else noise.to(dtype), txt, vec)
-    timesteps = get_schedule(s.steps, inp.img.shape[1], shift=models.preset.shift_schedule)
-    neg_txt = neg_vec = None
-    if s.cfg_scale != 1.0:
-        neg_txt, neg_vec = models.text([s.negative_prompt])
-    x = denoise(
-        models.flow,
-        inp.img,
-        inp.img_ids,
-        inp.txt,
-        inp.txt_ids,
-        inp.vec,
-        timesteps,
-        guidance=s.guidance,
-        neg_txt=neg_txt,
-        neg_vec=neg_vec,
-        cfg_scale=s.cfg_scale,
-        callback=callback,
-        progress=progress,
-        parity=s.parity,
-    )
-    return unpack(x.float(), s.height, s.width, ppt)
-
-
-def decode(models: FluxModels, latents: torch.Tensor) -> list[Image.Image]:
-    with torch.inference_mode():
-        x = models.ae.decode(latents.to(models.dtype))  # (B, 3, H, W)
-    return tensor_to_pil(x)
-
-
-def generate(
-    models: FluxModels,
-    prompts: list[str],
-    seeds: list[int],
-    settings: SampleSettings | None = None,
-    *,
-    progress: bool = True,
-) -> list[Image.Image]:
-    """One image per (prompt, seed). Same seed, same image, whatever the batch around it."""
-    latents = sample_latents(models, prompts, seeds, settings or SampleSettings(), progress=progress)
-    return decode(models, latents)

@@ -1,0 +1,61 @@
+"""What decides an image besides the prompt, and the one place a model's defaults fill it in.
+
+Every entry point (generate, edit_image, inversion, the baselines, sweeps, the CLI before it loads
+anything) calls `SampleSettings.resolve`: None fields take the preset's defaults, then everything is
+checked against the model's token size. Resolving twice changes nothing.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+from flux_core import Preset
+from flux_core.sampling import PIXELS_PER_TOKEN, check_image_size
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Everything besides the prompt that decides an image. None means the preset's default."""
+
+    width: int | None = None  # pixels; None: the preset's default_size (FLUX.1 1024, flux-mini 64)
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    cfg_scale: float | None = None  # None: the preset's scale for models trained for true CFG, else 1 (off)
+    negative_prompt: str = ""
+    parity: bool = False
+
+    def resolved(self, preset: Preset, *, real_image: bool = False) -> "SampleSettings":
+        """The preset's defaults filled in. real_image: true CFG stays off unless cfg_scale is given
+        (a real image is inverted and reconstructed, and CFG pulls the reconstruction off the image)."""
+        cfg = self.cfg_scale
+        if cfg is None:  # dev models distil guidance into the model; the others need true CFG
+            cfg = 1.0 if real_image or preset.params.guidance_embed else preset.default_guidance
+        return replace(
+            self,
+            width=self.width if self.width is not None else preset.default_size,
+            height=self.height if self.height is not None else preset.default_size,
+            steps=self.steps if self.steps is not None else preset.default_steps,
+            guidance=self.guidance if self.guidance is not None else preset.default_guidance,
+            cfg_scale=cfg,
+        )
+
+    def validate(self, pixels_per_token: int = PIXELS_PER_TOKEN) -> None:
+        """Check what can be checked; sizes only once given (pixels_per_token: the model's, see FluxModels)."""
+        if self.width is not None or self.height is not None:
+            check_image_size(
+                self.height if self.height is not None else pixels_per_token,
+                self.width if self.width is not None else pixels_per_token,
+                pixels_per_token,
+            )
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
+        for name in ("guidance", "cfg_scale"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(float(value)):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
+
+    def resolve(self, preset: Preset, pixels_per_token: int, *, real_image: bool = False) -> "SampleSettings":
+        """resolved() then validate(): the settings a run uses, checked for this model."""
+        s = self.resolved(preset, real_image=real_image)
+        s.validate(pixels_per_token)
+        return s
