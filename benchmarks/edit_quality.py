@@ -464,7 +464,7 @@ def markdown(data: dict, methods, has_curves: bool, grid_paths: list[Path], argv
     lines = [
         "# Edit quality on flux-mini: FluxSpace against baselines",
         "",
-        f"Regenerate: `{command}` (fluxspace/mini/edit_quality.py explains every metric). Deterministic: the "
+        f"Regenerate: `{command}` (benchmarks/edit_quality.py explains every metric). Deterministic: the "
         "same command gives the same numbers, for any process count at the same threads per process.",
         "",
         f"{data['seeds']} reported base images per task (screened: the evaluator reads the unedited image without "

@@ -125,52 +125,43 @@ PRESETS: dict[str, Preset] = {
             default_size=128,
         ),
         Preset(
-            # Our own small Flux, trained from nothing on procedural cartoon faces at 64x64
-            # (issue 4; `python -m fluxspace.mini.build`). Same classes as dev, every width scaled
-            # down so that all its files stay under 30 MB and the whole build runs on 2 CPU cores
-            # (4.5 to 6 hours, measured stage by stage in docs/flux_mini.md).
+            # Our own small Flux, trained from nothing on procedural cartoon faces at 64x64 by
+            # `python -m fluxspace.mini.build`. Same classes as dev, every width scaled down; why
+            # each size, and how it was built and measured: docs/flux_mini.md.
             name="flux-mini",
             params=FluxParams(
-                in_channels=64,  # 16 AE channels x 2 x 2 packing, as FLUX.1
+                in_channels=64,
                 out_channels=64,
-                vec_in_dim=128,  # width of our small CLIP text model (pooled vector)
-                context_in_dim=128,  # width of our small T5 encoder (token features)
-                # 3x the 64 values of a token: the model must carry both the clean image and the
-                # noise part of the velocity target (a 128-wide pixel model with 192-value tokens
-                # could not, issue 4).
+                vec_in_dim=128,
+                context_in_dim=128,
                 hidden_size=192,
                 mlp_ratio=4.0,
-                num_heads=3,  # head dim 64: half of FLUX.1's 128
-                depth=2,  # double-stream blocks: text and image with their own weights
-                depth_single_blocks=4,  # single-stream blocks, as FLUX.1's 19:38 ratio
-                axes_dim=(8, 28, 28),  # FLUX.1's (16, 56, 56) halved with the head dim
+                num_heads=3,
+                depth=2,
+                depth_single_blocks=4,
+                axes_dim=(8, 28, 28),
                 theta=10_000,
                 qkv_bias=True,
-                # No distilled guidance: flux-mini is trained with caption dropout and sampled
-                # with true classifier-free guidance (denoise's cfg_scale).
-                guidance_embed=False,
+                guidance_embed=False,  # true classifier-free guidance instead (denoise's cfg_scale)
             ),
             ae_params=AutoEncoderParams(
                 resolution=64,
                 in_channels=3,
-                ch=32,  # the smallest width GroupNorm(32) allows
+                ch=32,
                 out_ch=3,
-                ch_mult=(1, 2, 2),  # 3 levels: downsampling 4, 64 px -> 16x16 latents -> 64 tokens
+                ch_mult=(1, 2, 2),  # 3 levels: downsampling 4, 8 px a token
                 num_res_blocks=1,
                 z_channels=16,
-                # Measured by the build (shift = mean, scale = 1 / std of the trained encoder's
-                # latents over 2,048 renders) and recorded in ae.safetensors' metadata too.
+                # The trained encoder's latent normalisation, also in ae.safetensors' metadata.
                 scale_factor=0.9234506943220233,
                 shift_factor=-0.10634428896250404,
             ),
-            t5_max_length=48,  # the longest caption is 43 T5 tokens with its tokenizer; FLUX.1 uses 512
-            shift_schedule=True,  # our get_schedule; at 64 tokens mu = 0.47, a mild shift
+            t5_max_length=48,
+            shift_schedule=True,
             default_steps=20,
-            # The true-CFG scale (cfg_scale) recommended for flux-mini: on 128 prompts of tuning seed 7
-            # (not the reported seed 0), adherence 97.0% at 6 against 96.0% at 4 (mini_quality's adherence section).
-            default_guidance=6.0,
+            default_guidance=6.0,  # the true-CFG scale
             description="flux-mini: our small Flux trained on procedural cartoon faces, 64x64, true CFG",
-            default_size=64,  # its training size
+            default_size=64,
         ),
     ]
 }
