@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from fluxspace import grammar
-from fluxspace.cli import CONCEPT_FLAGS, SPEC_ARGS, build_parser, spec_from
+from fluxspace.arguments import CONCEPT_FLAGS, SPEC_ARGS, build_parser, spec_from
 from fluxspace.spec import Concept, EditSpec
 
 
