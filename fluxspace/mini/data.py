@@ -1,9 +1,9 @@
 """Training data of flux-mini: rendered faces, their attributes and captions, deterministic by seed.
 
-The domain is procedural (domain.py), so the data set is not downloaded but drawn: image i has
-attributes from `sample_attributes` and a render seed, both from one numpy generator seeded with
-`seed`, so (n, seed, size, split) fixes every pixel. Training uses the "train" split only: the
-held-out attribute combinations (domain.is_held_out) are what prompt adherence is measured on.
+The domain is procedural (attributes.py, render.py), so the data set is not downloaded but drawn:
+image i has attributes from `sample_attributes` and a render seed, both from one numpy generator
+seeded with `seed`, so (n, seed, size, split) fixes every pixel. Training uses the "train" split only: the
+held-out attribute combinations (attributes.is_held_out) are what prompt adherence is measured on.
 
 The images are rendered once and kept in memory as uint8 (49 KB each at 128 px), and saved to an
 .npz so a resumed build does not render them again. Captions are drawn separately (`caption_sets`),
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from .attributes import FAMILIES, SPLITS, Attributes, sample_attributes
 from .captions import caption_with_facts
-from .domain import FAMILIES, SPLITS, Attributes, render_batch, sample_attributes, to_tensor
+from .render import render_batch, to_tensor
 
 RENDER_CHUNK = 256  # images per task when rendering in several processes
 

@@ -31,9 +31,10 @@ from einops import rearrange, repeat
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .attributes import FAMILIES, Attributes, sample_attributes
 from .data import make_faces
-from .domain import FAMILIES, Attributes, render_batch, sample_attributes, to_tensor
 from .evaluator import AttributeEvaluator, EvaluatorConfig, metadata_of
+from .render import render_batch, to_tensor
 from .train import TrainConfig, train
 
 # Render seeds of evaluation sets start here; training pools draw theirs below 2**31 (data.draw_attributes).
