@@ -77,6 +77,12 @@ def check_family(family: str, kinds: tuple[str, ...] = ("identity", "local", "gl
         raise ValueError(f"unknown family {family!r} here; valid: {', '.join(valid)}")
 
 
+def check_split(split: str) -> None:
+    """Raise unless `split` is one of SPLITS (sample_attributes and data.draw_attributes share it)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+
+
 def all_combinations() -> Iterator[Attributes]:
     """Every attribute set, N_COMBINATIONS of them, in a fixed order."""
     for values in itertools.product(*FAMILIES.values()):
@@ -94,8 +100,7 @@ def is_held_out(attrs: Attributes) -> bool:
 
 def sample_attributes(rng: np.random.Generator, split: str = "all") -> Attributes:
     """Uniform over each family's values (independently), restricted to a split by rejection."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    check_split(split)
     while True:
         attrs = Attributes(*(values[rng.integers(len(values))] for values in FAMILIES.values()))
         if split == "all" or is_held_out(attrs) == (split == "held_out"):

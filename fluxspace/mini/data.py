@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from .attributes import FAMILIES, SPLITS, Attributes, sample_attributes
+from .attributes import FAMILIES, Attributes, check_split, sample_attributes
 from .captions import caption_with_facts
 from .render import render_batch, to_tensor
 
@@ -55,8 +55,7 @@ class Faces:
 
 def draw_attributes(n: int, seed: int, split: str = "train") -> tuple[list[Attributes], list[int]]:
     """The attributes and render seeds of images 0..n-1 of the data set `seed`."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    check_split(split)
     rng = np.random.default_rng(seed)
     attrs, seeds = [], []
     for _ in range(n):

@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from PIL import Image
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from .attributes import FAMILIES
+from .render import to_tensor
 
 INPUT_SIZE = 128  # the renders' size; flux-mini generates at 128 px too
 RANGE_TOLERANCE = 1e-3  # float inputs may leave [-1, 1] by this much (rounding), no more
@@ -141,9 +141,8 @@ def prepare(images) -> Tensor:
             raise ValueError(
                 f"numpy images must be (B, H, W, 3) uint8; got shape {images.shape} dtype {images.dtype}"
             )
-        # The same arithmetic as render.to_tensor, so a render scores the same in every format.
-        x = torch.from_numpy(rearrange(images, "b h w c -> b c h w").astype(np.float32)) / 127.5 - 1.0
-        return _resize(x)
+        # to_tensor itself, so a render scores the same in every format.
+        return _resize(to_tensor(images))
     if isinstance(images, Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"image tensors must be (B, 3, H, W); got shape {tuple(images.shape)}")
