@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from ..images import atomic_file
 from .attributes import FAMILIES, Attributes, check_split, sample_attributes
 from .captions import caption_with_facts
 from .render import render_batch, to_tensor
@@ -98,17 +99,15 @@ def _decode_attrs(codes: np.ndarray) -> tuple[Attributes, ...]:
 def save_faces(faces: Faces, path: str | os.PathLike) -> Path:
     """Write an .npz (uncompressed, so loading is quick), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(
-        tmp,
-        images=faces.images,
-        attrs=_encode_attrs(faces.attrs),
-        seeds=np.array(faces.seeds, dtype=np.int64),
-        meta=np.array([faces.seed, len(faces)], dtype=np.int64),
-        split=np.array(faces.split),
-    )
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        np.savez(
+            f,
+            images=faces.images,
+            attrs=_encode_attrs(faces.attrs),
+            seeds=np.array(faces.seeds, dtype=np.int64),
+            meta=np.array([faces.seed, len(faces)], dtype=np.int64),
+            split=np.array(faces.split),
+        )
     return path
 
 

@@ -25,12 +25,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..images import atomic_file
 from .attributes import FAMILIES, Attributes, sample_attributes
 from .data import make_faces
 from .evaluator import AttributeEvaluator, EvaluatorConfig, metadata_of
@@ -164,12 +165,11 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: Tensor, augmented: bo
 def save_evaluator(model: AttributeEvaluator, path: str | os.PathLike, extra: dict) -> Path:
     """float32 safetensors with the metadata load_evaluator checks, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=metadata_of(model.config, extra))
-    os.chmod(tmp, 0o644)  # package data must be readable by everyone; the writer makes it private
-    os.replace(tmp, path)
+    # atomic_file gives the file an ordinary mode (0644 under the usual umask): package data must be
+    # readable by everyone.
+    with atomic_file(path) as f:
+        f.write(safetensors.torch.save(state, metadata=metadata_of(model.config, extra)))
     return path
 
 
