@@ -70,11 +70,9 @@ def _render_chunk(job: tuple[list[Attributes], list[int], int]) -> np.ndarray:
     return render_batch(attrs, seeds, size)
 
 
-def make_faces(n: int, seed: int, size: int = 128, split: str = "train", workers: int = 1) -> Faces:
-    """Render n faces of `split`. workers > 1 renders in that many processes (same pixels)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}")
-    attrs, seeds = draw_attributes(n, seed, split)
+def render_many(attrs: list[Attributes], seeds: list[int], size: int = 128, workers: int = 1) -> np.ndarray:
+    """render_batch in chunks of RENDER_CHUNK, in `workers` processes when > 1 (the same pixels)."""
+    n = len(attrs)
     jobs = [
         (attrs[i : i + RENDER_CHUNK], seeds[i : i + RENDER_CHUNK], size) for i in range(0, n, RENDER_CHUNK)
     ]
@@ -83,7 +81,15 @@ def make_faces(n: int, seed: int, size: int = 128, split: str = "train", workers
             chunks = list(pool.map(_render_chunk, jobs))
     else:
         chunks = [_render_chunk(job) for job in jobs]
-    return Faces(np.concatenate(chunks), tuple(attrs), tuple(seeds), seed, split)
+    return np.concatenate(chunks)
+
+
+def make_faces(n: int, seed: int, size: int = 128, split: str = "train", workers: int = 1) -> Faces:
+    """Render n faces of `split`. workers > 1 renders in that many processes (same pixels)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1; got {n}")
+    attrs, seeds = draw_attributes(n, seed, split)
+    return Faces(render_many(attrs, seeds, size, workers), tuple(attrs), tuple(seeds), seed, split)
 
 
 # Attributes are stored as one small integer per family: the value's index in FAMILIES.

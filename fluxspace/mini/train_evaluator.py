@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +32,9 @@ from torch import Tensor, nn
 
 from ..images import atomic_file
 from .attributes import FAMILIES, Attributes, sample_attributes
-from .data import make_faces
+from .data import make_faces, render_many
 from .evaluator import AttributeEvaluator, EvaluatorConfig, metadata_of
-from .render import render_batch, to_tensor
+from .render import to_tensor
 from .train import TrainConfig, train
 
 # Render seeds of evaluation sets start here; training pools draw theirs below 2**31 (data.draw_attributes).
@@ -55,22 +54,12 @@ def labels_of(attrs: list[Attributes] | tuple[Attributes, ...]) -> Tensor:
     return torch.tensor([[FAMILIES[f].index(v) for f, v in a.as_dict().items()] for a in attrs])
 
 
-def _render_job(job):
-    return render_batch(*job)
-
-
 def fresh_renders(n: int, attrs_seed: int, first_seed: int, size: int = 128, workers: int = 1):
     """n renders with attributes drawn uniformly over ALL combinations and render seeds first_seed + i."""
     rng = np.random.default_rng(attrs_seed)
     attrs = [sample_attributes(rng, "all") for _ in range(n)]
     seeds = [first_seed + i for i in range(n)]
-    jobs = [(attrs[i : i + 256], seeds[i : i + 256], size) for i in range(0, n, 256)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            chunks = list(pool.map(_render_job, jobs))
-    else:
-        chunks = [_render_job(job) for job in jobs]
-    return np.concatenate(chunks), attrs
+    return render_many(attrs, seeds, size, workers), attrs
 
 
 def augment(x: Tensor, generator: torch.Generator) -> Tensor:
