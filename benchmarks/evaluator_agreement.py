@@ -31,8 +31,8 @@ from mini_quality import adherence_cases, generate_all  # noqa: E402
 
 from fluxspace import SampleSettings, load_models  # noqa: E402
 from fluxspace.images import save_png  # noqa: E402
+from fluxspace.mini.attributes import FAMILIES  # noqa: E402
 from fluxspace.mini.captions import prompt_for  # noqa: E402
-from fluxspace.mini.domain import FAMILIES  # noqa: E402
 from fluxspace.mini.evaluator import load_evaluator  # noqa: E402
 
 LABELS = RESULTS / "evaluator_agreement-labels.json"

@@ -30,9 +30,10 @@ from forward import RESULTS, write_json  # noqa: E402
 
 from fluxspace import load_models  # noqa: E402
 from fluxspace.inversion import InversionSettings, invert_image  # noqa: E402
+from fluxspace.mini.attributes import sample_attributes  # noqa: E402
 from fluxspace.mini.captions import prompt_for  # noqa: E402
-from fluxspace.mini.domain import render, sample_attributes  # noqa: E402
 from fluxspace.mini.evaluator import load_evaluator  # noqa: E402
+from fluxspace.mini.render import render  # noqa: E402
 
 UNSEEN_SEED = 2**31 + 500_000  # render seeds above every training seed
 METHODS = {

@@ -35,9 +35,10 @@ from forward import RESULTS, machine_info, write_json  # noqa: E402
 
 import fluxspace.mini  # noqa: E402
 from fluxspace import Concept, EditSpec, SampleSettings, edit_image, generate, load_models  # noqa: E402
+from fluxspace.mini.attributes import FAMILIES, sample_attributes  # noqa: E402
 from fluxspace.mini.captions import KEYWORD, prompt_for  # noqa: E402
-from fluxspace.mini.domain import FAMILIES, render_batch, sample_attributes, to_tensor  # noqa: E402
 from fluxspace.mini.evaluator import load_evaluator  # noqa: E402
+from fluxspace.mini.render import render_batch, to_tensor  # noqa: E402
 from fluxspace.mini.train_ae import psnr_db  # noqa: E402
 
 DEFAULT_MODEL = fluxspace.mini.MODEL_DIR

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fluxspace.mini.domain import FAMILIES, LOCAL_FAMILIES, Attributes, render, render_batch, to_tensor
+from fluxspace.mini.attributes import FAMILIES, LOCAL_FAMILIES, Attributes
 from fluxspace.mini.evaluator import load_evaluator, shipped_path
+from fluxspace.mini.render import render, render_batch, to_tensor
 from fluxspace.mini.train_evaluator import TEST_SEEDS, fresh_renders
 
 N_FRESH = 200

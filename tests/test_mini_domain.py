@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fluxspace.mini import captions as cap
-from fluxspace.mini.domain import (
+from fluxspace.mini.attributes import (
     FAMILIES,
     KIND,
     LOCAL_FAMILIES,
@@ -18,13 +18,10 @@ from fluxspace.mini.domain import (
     Attributes,
     all_combinations,
     is_held_out,
-    nuisance,
-    region,
-    render,
-    render_batch,
     sample_attributes,
-    to_tensor,
 )
+from fluxspace.mini.regions import region
+from fluxspace.mini.render import nuisance, render, render_batch, to_tensor
 
 BASE = Attributes("medium", "brown", "oval", "blue", "none", "none", "neutral", "none", "flat")
 

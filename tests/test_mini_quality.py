@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fluxspace.mini.domain import Attributes, render_batch, to_tensor
+from fluxspace.mini.attributes import Attributes
 from fluxspace.mini.evaluator import load_evaluator
+from fluxspace.mini.render import render_batch, to_tensor
 from weights_tools.random_weights import write_random_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mini_quality.py"

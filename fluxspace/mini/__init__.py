@@ -1,13 +1,15 @@
 """flux-mini: a small Flux trained on a procedural domain of captioned cartoon faces (issue 4).
 
-domain.py: attributes, the renderer and the regions of the local attributes; captions.py: captions.
+The domain: attributes.py (families, values, kinds, the held-out split, sampling), render.py (a face
+from attributes and a seed, drawn with pen.py), regions.py (where each local attribute can change
+pixels), sheet.py (the contact sheet of docs/mini_domain.md); captions.py: captions.
 The trained model ships in weights/flux-mini/ (built by `python -m fluxspace.mini.build`) and is the
 default model of `fluxspace generate | edit | sweep` and `fluxspace.load_models()`.
 """
 
 from pathlib import Path
 
-from .domain import (
+from .attributes import (
     FAMILIES,
     KIND,
     LOCAL_FAMILIES,
@@ -15,12 +17,10 @@ from .domain import (
     Attributes,
     all_combinations,
     is_held_out,
-    region,
-    render,
-    render_batch,
     sample_attributes,
-    to_tensor,
 )
+from .regions import region
+from .render import render, render_batch, to_tensor
 
 MODEL_DIR = Path(__file__).resolve().parent / "weights" / "flux-mini"
 

@@ -53,7 +53,7 @@ from flux_core.presets import get_preset
 from ..images import atomic_file
 from .captions import caption_corpus
 from .data import cached_faces, caption_sets, make_faces
-from .train import TrainConfig, atomic_save
+from .train import TrainConfig
 from .train_ae import latent_normalisation, psnr, train_autoencoder, with_normalisation
 from .train_flow import CaptionBank, encode_captions, train_flow
 
@@ -263,8 +263,10 @@ def build(config: BuildConfig) -> dict:
                 [ae.encode(faces.tensor(slice(i, i + 64)).to(device)).cpu() for i in range(0, len(faces), 64)]
             )  # (N, Z, h, w), normalised: what the flow model learns to produce
         bank = encode_captions(text, captions)
-        atomic_save(latents, latents_path)
-        atomic_save(vars(bank), captions_path)
+        with atomic_file(latents_path) as f:
+            torch.save(latents, f)
+        with atomic_file(captions_path) as f:
+            torch.save(vars(bank), f)
     report["unique_captions"] = len(bank.captions)
     del text
     stage_done("encode", t0)

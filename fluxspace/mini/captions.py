@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from .domain import FAMILIES, Attributes, sample_attributes
+from .attributes import FAMILIES, Attributes, sample_attributes
 
 EMPTY_FRACTION = 0.10
 FULL_FRACTION = 0.3  # non-empty captions that state every (present) attribute

@@ -1,9 +1,9 @@
 """Training data of flux-mini: rendered faces, their attributes and captions, deterministic by seed.
 
-The domain is procedural (domain.py), so the data set is not downloaded but drawn: image i has
-attributes from `sample_attributes` and a render seed, both from one numpy generator seeded with
-`seed`, so (n, seed, size, split) fixes every pixel. Training uses the "train" split only: the
-held-out attribute combinations (domain.is_held_out) are what prompt adherence is measured on.
+The domain is procedural (attributes.py, render.py), so the data set is not downloaded but drawn:
+image i has attributes from `sample_attributes` and a render seed, both from one numpy generator
+seeded with `seed`, so (n, seed, size, split) fixes every pixel. Training uses the "train" split only: the
+held-out attribute combinations (attributes.is_held_out) are what prompt adherence is measured on.
 
 The images are rendered once and kept in memory as uint8 (49 KB each at 128 px), and saved to an
 .npz so a resumed build does not render them again. Captions are drawn separately (`caption_sets`),
@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from ..images import atomic_file
+from .attributes import FAMILIES, Attributes, check_split, sample_attributes
 from .captions import caption_with_facts
-from .domain import FAMILIES, SPLITS, Attributes, render_batch, sample_attributes, to_tensor
+from .render import render_batch, to_tensor
 
 RENDER_CHUNK = 256  # images per task when rendering in several processes
 
@@ -54,8 +56,7 @@ class Faces:
 
 def draw_attributes(n: int, seed: int, split: str = "train") -> tuple[list[Attributes], list[int]]:
     """The attributes and render seeds of images 0..n-1 of the data set `seed`."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    check_split(split)
     rng = np.random.default_rng(seed)
     attrs, seeds = [], []
     for _ in range(n):
@@ -69,11 +70,9 @@ def _render_chunk(job: tuple[list[Attributes], list[int], int]) -> np.ndarray:
     return render_batch(attrs, seeds, size)
 
 
-def make_faces(n: int, seed: int, size: int = 128, split: str = "train", workers: int = 1) -> Faces:
-    """Render n faces of `split`. workers > 1 renders in that many processes (same pixels)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}")
-    attrs, seeds = draw_attributes(n, seed, split)
+def render_many(attrs: list[Attributes], seeds: list[int], size: int = 128, workers: int = 1) -> np.ndarray:
+    """render_batch in chunks of RENDER_CHUNK, in `workers` processes when > 1 (the same pixels)."""
+    n = len(attrs)
     jobs = [
         (attrs[i : i + RENDER_CHUNK], seeds[i : i + RENDER_CHUNK], size) for i in range(0, n, RENDER_CHUNK)
     ]
@@ -82,7 +81,15 @@ def make_faces(n: int, seed: int, size: int = 128, split: str = "train", workers
             chunks = list(pool.map(_render_chunk, jobs))
     else:
         chunks = [_render_chunk(job) for job in jobs]
-    return Faces(np.concatenate(chunks), tuple(attrs), tuple(seeds), seed, split)
+    return np.concatenate(chunks)
+
+
+def make_faces(n: int, seed: int, size: int = 128, split: str = "train", workers: int = 1) -> Faces:
+    """Render n faces of `split`. workers > 1 renders in that many processes (same pixels)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1; got {n}")
+    attrs, seeds = draw_attributes(n, seed, split)
+    return Faces(render_many(attrs, seeds, size, workers), tuple(attrs), tuple(seeds), seed, split)
 
 
 # Attributes are stored as one small integer per family: the value's index in FAMILIES.
@@ -98,17 +105,15 @@ def _decode_attrs(codes: np.ndarray) -> tuple[Attributes, ...]:
 def save_faces(faces: Faces, path: str | os.PathLike) -> Path:
     """Write an .npz (uncompressed, so loading is quick), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(
-        tmp,
-        images=faces.images,
-        attrs=_encode_attrs(faces.attrs),
-        seeds=np.array(faces.seeds, dtype=np.int64),
-        meta=np.array([faces.seed, len(faces)], dtype=np.int64),
-        split=np.array(faces.split),
-    )
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        np.savez(
+            f,
+            images=faces.images,
+            attrs=_encode_attrs(faces.attrs),
+            seeds=np.array(faces.seeds, dtype=np.int64),
+            meta=np.array([faces.seed, len(faces)], dtype=np.int64),
+            split=np.array(faces.split),
+        )
     return path
 
 

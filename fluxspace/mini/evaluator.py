@@ -1,7 +1,7 @@
 """The attribute evaluator of flux-mini (issue 4 item 2): the referee of prompt adherence and edit quality.
 
 A small CNN trained on renders of the procedural domain (train_evaluator.py). For a batch of images it
-gives, for every attribute family in `domain.FAMILIES`, a probability over that family's values, and an
+gives, for every attribute family in `attributes.FAMILIES`, a probability over that family's values, and an
 embedding (the pooled feature, L2-normalised) that the edit benchmark uses as its stand-in for the
 CLIP-I / DINO similarity of the paper's Table 1.
 
@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from PIL import Image
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .domain import FAMILIES
+from .attributes import FAMILIES
+from .render import to_tensor
 
 INPUT_SIZE = 128  # the renders' size; flux-mini generates at 128 px too
 RANGE_TOLERANCE = 1e-3  # float inputs may leave [-1, 1] by this much (rounding), no more
@@ -126,7 +126,7 @@ def prepare(images) -> Tensor:
     """Any accepted image batch -> (B, 3, 128, 128) float32 in [-1, 1].
 
     Accepted: a (B, 3, H, W) float tensor in [-1, 1]; a (B, H, W, 3) uint8 numpy array (as
-    domain.render_batch returns); a list of RGB PIL images (sizes may differ). Sizes other than
+    render.render_batch returns); a list of RGB PIL images (sizes may differ). Sizes other than
     128 are resized with antialiasing.
     """
     if isinstance(images, list | tuple):
@@ -141,9 +141,8 @@ def prepare(images) -> Tensor:
             raise ValueError(
                 f"numpy images must be (B, H, W, 3) uint8; got shape {images.shape} dtype {images.dtype}"
             )
-        # The same arithmetic as domain.to_tensor, so a render scores the same in every format.
-        x = torch.from_numpy(rearrange(images, "b h w c -> b c h w").astype(np.float32)) / 127.5 - 1.0
-        return _resize(x)
+        # to_tensor itself, so a render scores the same in every format.
+        return _resize(to_tensor(images))
     if isinstance(images, Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"image tensors must be (B, 3, H, W); got shape {tuple(images.shape)}")

@@ -119,13 +119,6 @@ class TrainResult:
         return self.step >= self.total
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     now = asdict(config)
     diff = [
@@ -220,18 +213,17 @@ def train(
             ema.model.load_state_dict(init["ema"])
 
     def save() -> None:
-        atomic_save(
-            {
-                "model": model.state_dict(),
-                "ema": ema.model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "step": step,
-                "seconds": elapsed + time.monotonic() - started,
-                "config": asdict(config),
-            },
-            ckpt_path,
-        )
+        checkpoint = {
+            "model": model.state_dict(),
+            "ema": ema.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "step": step,
+            "seconds": elapsed + time.monotonic() - started,
+            "config": asdict(config),
+        }
+        with atomic_file(ckpt_path) as f:  # a temporary file, then a rename: never half a checkpoint
+            torch.save(checkpoint, f)
 
     end = config.steps if stop_at is None else min(config.steps, stop_at)
     use_autocast = config.bf16 and device.type == "cuda"

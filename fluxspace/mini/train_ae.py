@@ -82,7 +82,7 @@ def train_autoencoder(
 
     def loss_fn(model: AutoEncoder, generator: torch.Generator):
         index = torch.randint(len(faces), (config.batch_size,), generator=generator).to(device)
-        x = rearrange(images[index], "B H W C -> B C H W").float() / 127.5 - 1.0  # (B, 3, H, W), as domain.to_tensor
+        x = rearrange(images[index], "B H W C -> B C H W").float() / 127.5 - 1.0  # (B, 3, H, W), as render.to_tensor
         return autoencoder_loss(model, x, generator)
 
     return train(ae, loss_fn, config, folder, device, resume=resume, desc="autoencoder", **kwargs)

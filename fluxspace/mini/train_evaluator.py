@@ -21,19 +21,20 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .data import make_faces
-from .domain import FAMILIES, Attributes, render_batch, sample_attributes, to_tensor
+from ..images import atomic_file
+from .attributes import FAMILIES, Attributes, sample_attributes
+from .data import make_faces, render_many
 from .evaluator import AttributeEvaluator, EvaluatorConfig, metadata_of
+from .render import to_tensor
 from .train import TrainConfig, train
 
 # Render seeds of evaluation sets start here; training pools draw theirs below 2**31 (data.draw_attributes).
@@ -53,22 +54,12 @@ def labels_of(attrs: list[Attributes] | tuple[Attributes, ...]) -> Tensor:
     return torch.tensor([[FAMILIES[f].index(v) for f, v in a.as_dict().items()] for a in attrs])
 
 
-def _render_job(job):
-    return render_batch(*job)
-
-
 def fresh_renders(n: int, attrs_seed: int, first_seed: int, size: int = 128, workers: int = 1):
     """n renders with attributes drawn uniformly over ALL combinations and render seeds first_seed + i."""
     rng = np.random.default_rng(attrs_seed)
     attrs = [sample_attributes(rng, "all") for _ in range(n)]
     seeds = [first_seed + i for i in range(n)]
-    jobs = [(attrs[i : i + 256], seeds[i : i + 256], size) for i in range(0, n, 256)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            chunks = list(pool.map(_render_job, jobs))
-    else:
-        chunks = [_render_job(job) for job in jobs]
-    return np.concatenate(chunks), attrs
+    return render_many(attrs, seeds, size, workers), attrs
 
 
 def augment(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -163,12 +154,11 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: Tensor, augmented: bo
 def save_evaluator(model: AttributeEvaluator, path: str | os.PathLike, extra: dict) -> Path:
     """float32 safetensors with the metadata load_evaluator checks, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=metadata_of(model.config, extra))
-    os.chmod(tmp, 0o644)  # package data must be readable by everyone; the writer makes it private
-    os.replace(tmp, path)
+    # atomic_file gives the file an ordinary mode (0644 under the usual umask): package data must be
+    # readable by everyone.
+    with atomic_file(path) as f:
+        f.write(safetensors.torch.save(state, metadata=metadata_of(model.config, extra)))
     return path
 
 
