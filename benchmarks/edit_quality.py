@@ -41,9 +41,10 @@ from fluxspace import FluxSpaceSchedule, SampleSettings, SamplingRun, load_model
 from fluxspace.baselines import DirectionVelocity
 from fluxspace.distributed import barrier, world
 from fluxspace.images import atomic_file, psnr, save_png, side_by_side, stacked
+from fluxspace.mini.attributes import FAMILIES, KIND, sample_attributes
 from fluxspace.mini.captions import KEYWORD, prompt_for
-from fluxspace.mini.domain import FAMILIES, KIND, region, sample_attributes
 from fluxspace.mini.evaluator import load_evaluator
+from fluxspace.mini.regions import region
 from fluxspace.spec import Concept, EditSpec, encode_edit
 
 START = 0.9  # time t at which every sampling-time edit switches on (t = 1 noise, 0 data)

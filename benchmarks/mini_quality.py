@@ -33,15 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import RESULTS, machine_info, write_json  # noqa: E402
 
-import fluxspace.mini  # noqa: E402
 from fluxspace import Concept, EditSpec, SampleSettings, edit_image, generate, load_models  # noqa: E402
 from fluxspace.mini.attributes import FAMILIES, sample_attributes  # noqa: E402
 from fluxspace.mini.captions import KEYWORD, prompt_for  # noqa: E402
 from fluxspace.mini.evaluator import load_evaluator  # noqa: E402
 from fluxspace.mini.render import render_batch, to_tensor  # noqa: E402
 from fluxspace.mini.train_ae import psnr_db  # noqa: E402
+from fluxspace.models import FLUX_MINI_DIR  # noqa: E402
 
-DEFAULT_MODEL = fluxspace.mini.MODEL_DIR
+DEFAULT_MODEL = FLUX_MINI_DIR
 UNSEEN_SEED = 2**31  # training render seeds are drawn in [0, 2**31): these are never used there
 TARGETS = {
     "adherence_overall": 0.90,

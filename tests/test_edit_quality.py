@@ -10,8 +10,9 @@ import pytest
 from scripts import BENCHMARKS, load_script
 
 from fluxspace.images import psnr
-from fluxspace.mini.domain import Attributes, render
+from fluxspace.mini.attributes import Attributes
 from fluxspace.mini.evaluator import load_evaluator
+from fluxspace.mini.render import render
 
 edit_quality = load_script("edit_quality")
 METHODS, TASKS = edit_quality.METHODS, edit_quality.TASKS

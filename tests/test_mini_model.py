@@ -16,14 +16,15 @@ from fluxspace import SampleSettings, generate, load_models
 from fluxspace.cli import main
 from fluxspace.images import METADATA_KEY
 from fluxspace.mini.build import AE_FILE, TEXT_ENCODER_DIRS, TRANSFORMER_FILE, folder_size
+from fluxspace.models import FLUX_MINI_DIR, flux_mini_path
 from weights_tools.verify import verify_file
 
-MODEL = fluxspace.mini.MODEL_DIR
+MODEL = FLUX_MINI_DIR
 PRESET = get_preset("flux-mini")
 
 
 @pytest.fixture(scope="module")
-def models():
+def mini_models():
     return load_models()  # no argument: the shipped flux-mini
 
 
@@ -31,7 +32,7 @@ def test_the_release_is_laid_out_like_the_official_one_and_small():
     names = sorted(p.name for p in MODEL.iterdir())
     assert names == sorted([AE_FILE, TRANSFORMER_FILE, *TEXT_ENCODER_DIRS])
     assert folder_size(MODEL) <= 30_000_000
-    assert fluxspace.mini.model_path() == MODEL
+    assert flux_mini_path() == MODEL
 
 
 def test_pip_install_carries_every_shipped_file():
@@ -65,7 +66,8 @@ def test_shipped_files_load_strictly_against_the_preset():
     assert float(metadata["fluxspace.shift_factor"]) == PRESET.ae_params.shift_factor
 
 
-def test_defaults_come_from_the_preset_and_the_same_seed_gives_the_same_image(models):
+def test_defaults_come_from_the_preset_and_the_same_seed_gives_the_same_image(mini_models):
+    models = mini_models
     assert models.preset.name == "flux-mini" and models.pixels_per_token == 8
     prompt = "a cartoon face with red hair and a hat"
     a = generate(models, [prompt], [3], SampleSettings(steps=4), progress=False)[0]
@@ -78,7 +80,7 @@ def test_defaults_come_from_the_preset_and_the_same_seed_gives_the_same_image(mo
 
 def readme_main_command() -> list[str]:
     """The `fluxspace edit` part of the README's first command, as arguments."""
-    text = (fluxspace.mini.MODEL_DIR.parents[3] / "README.md").read_text()
+    text = (FLUX_MINI_DIR.parents[3] / "README.md").read_text()
     line = next(line for line in text.splitlines() if "pip install -e" in line and "fluxspace edit" in line)
     command = line.split("&&")[-1].strip()
     words = shlex.split(command)
