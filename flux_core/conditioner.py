@@ -27,6 +27,7 @@ LAYOUT = {
     "tokenizer": "the CLIP tokenizer",
     "tokenizer_2": "the T5 tokenizer",
 }
+TEXT_ENCODER_FOLDERS = tuple(LAYOUT)  # text_encoder, text_encoder_2, tokenizer, tokenizer_2
 # T5 overflows in float16 (its feed-forward activations exceed 65504), so fp16 is refused.
 VALID_DTYPES = (torch.bfloat16, torch.float32)
 
