@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from flux_core.autoencoder import AutoEncoder
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 from flux_core.files import CheckpointError, dtype_named
 from flux_core.loading import ae_metadata, flux_metadata
 from flux_core.model import Flux
@@ -140,8 +141,6 @@ def write_random_checkpoint(
     if not transformer_only:
         check_writable(ae_path, force)
     if with_text and not force:
-        from flux_core.conditioner import TEXT_ENCODER_FOLDERS  # pulls in transformers: only when needed
-
         for name in TEXT_ENCODER_FOLDERS:
             if (out / name).exists():
                 raise CheckpointError(f"{out / name} already exists; pass --force to overwrite it")
