@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from flux_core import Flux, FluxParams, get_preset
+from flux_core.files import DTYPES
 from flux_core.presets import PRESETS
 from flux_core.sampling import check_image_size
 from flux_core.sampling import img_ids as make_img_ids
@@ -60,7 +61,6 @@ from flux_core.sampling import txt_ids as make_txt_ids
 from fluxspace.images import atomic_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = ("ours", "diffusers")
 MODES = ("eager", "compiled")
 GIB = 1024**3

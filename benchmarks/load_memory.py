@@ -42,11 +42,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import machine_info, reset_rss_peak, write_json  # noqa: E402  (the shared harness)
 
+from flux_core.files import DTYPES as ALL_DTYPES  # noqa: E402
 from flux_core.loading import load_flow_model  # noqa: E402
 from flux_core.presets import PRESETS, get_preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The dtypes measured, files and loads (weights_tools.random_weights writes files in these two).
+DTYPES = {name: ALL_DTYPES[name] for name in ("float32", "bfloat16")}
 GIB = 1024**3
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 SAMPLE_S = 0.002

@@ -13,10 +13,13 @@ Letters: B batch, T text tokens, C channels.
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only load_text_encoders needs it to run
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 CLIP_MAX_LENGTH = 77  # CLIP-L position table; official `load_clip` uses max_length=77
 
@@ -27,6 +30,8 @@ LAYOUT = {
     "tokenizer": "the CLIP tokenizer",
     "tokenizer_2": "the T5 tokenizer",
 }
+# The layout itself, for code that writes or checks these folders (cheap to import: no transformers).
+TEXT_ENCODER_FOLDERS = tuple(LAYOUT)  # text_encoder, text_encoder_2, tokenizer, tokenizer_2
 # T5 overflows in float16 (its feed-forward activations exceed 65504), so fp16 is refused.
 VALID_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -36,10 +41,10 @@ class TextEncoders(nn.Module):
 
     def __init__(
         self,
-        t5: T5EncoderModel,
-        clip: CLIPTextModel,
-        t5_tokenizer: T5Tokenizer,
-        clip_tokenizer: CLIPTokenizer,
+        t5: "T5EncoderModel",
+        clip: "CLIPTextModel",
+        t5_tokenizer: "T5Tokenizer",
+        clip_tokenizer: "CLIPTokenizer",
         t5_max_length: int,
         clip_max_length: int = CLIP_MAX_LENGTH,
     ):
@@ -166,6 +171,7 @@ def load_text_encoders(
             f"t5_max_length must be a positive int (512 dev, 256 schnell), got {t5_max_length!r}"
         )
     folder = check_text_encoder_folder(folder)
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtype, local_files_only=True)
     clip = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)

@@ -26,6 +26,12 @@ from torch import Tensor
 # Some single-file checkpoints (ComfyUI / LDM style) prefix every transformer key with this.
 BFL_PREFIX = "model.diffusion_model."
 
+
+def strip_prefix(key: str) -> str:
+    """`key` without the `model.diffusion_model.` prefix, if it has it (the module key it names)."""
+    return key.removeprefix(BFL_PREFIX)
+
+
 # ----------------------------------------------------------------------------------------------
 # Transformer (flux1-dev / flux1-schnell.safetensors <-> diffusers FluxTransformer2DModel)
 
@@ -205,10 +211,6 @@ def _modules(sd: dict[str, Tensor], pattern: str) -> dict[str, dict[str, str]]:
     return found
 
 
-def _strip_bfl_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {(k[len(BFL_PREFIX) :] if k.startswith(BFL_PREFIX) else k): v for k, v in sd.items()}
-
-
 def _swap_halves(t: Tensor) -> Tensor:
     first, second = t.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)
@@ -220,7 +222,7 @@ def _swap_halves(t: Tensor) -> Tensor:
 
 def bfl_to_diffusers_transformer(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Official Flux transformer keys (optionally `model.diffusion_model.`-prefixed) -> diffusers."""
-    sd = _strip_bfl_prefix(sd)
+    sd = {strip_prefix(k): v for k, v in sd.items()}
     out: dict[str, Tensor] = {}
     for fused in TRANSFORMER_FUSED:
         for module, fields in _modules(sd, fused.bfl).items():
@@ -329,7 +331,7 @@ def diffusers_to_bfl_ae(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def detect_format(keys) -> tuple[str, str] | None:
     """(layout, model) with layout 'bfl' or 'diffusers' and model 'transformer' or 'ae'; None if unknown."""
-    keys = {k[len(BFL_PREFIX) :] if k.startswith(BFL_PREFIX) else k for k in keys}
+    keys = {strip_prefix(k) for k in keys}
     if any(k.startswith(("double_blocks.", "single_blocks.", "img_in.")) for k in keys):
         return "bfl", "transformer"
     if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for k in keys):

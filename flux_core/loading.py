@@ -6,7 +6,8 @@ key checking. Peak memory is therefore one model in the target dtype, never a fl
 
 Module names equal the official keys (see layers.py), so an official single file needs no renaming;
 a `model.diffusion_model.` prefix is accepted. A diffusers folder (transformer/ and vae/, sharded
-or not) is converted on load with the one rename table in formats.py.
+or not) is converted on load with the one rename table in formats.py. Finding and reading the files
+(headers, shards, the prefix, dtype names) is files.py's; this file builds the models.
 
 With no preset, the whole shape of the model is read from the file: pruned community models, our
 own small model and test checkpoints load the same way. RoPE axes and theta are not in any tensor:
@@ -16,17 +17,23 @@ they come from the file's metadata when we wrote it, and from the official value
 import json
 import os
 import re
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from torch import Tensor
 
 from .autoencoder import AutoEncoder, AutoEncoderParams
+from .files import (
+    DTYPES,  # noqa: F401  re-exported: fluxspace imports it from here
+    CheckpointError,
+    Shapes,
+    WeightFiles,
+    dtype_named,
+    open_weights,
+    read_header,  # noqa: F401  re-exported: fluxspace imports it from here
+)
+from .formats import detect_format
 from .model import Flux, FluxParams
 from .presets import FLUX_AE, Preset, get_preset
 
-OFFICIAL_PREFIX = "model.diffusion_model."
 # safetensors metadata keys our writers record (everything else is inferred from tensor shapes).
 META_PRESET = "fluxspace.preset"
 META_AXES_DIM = "fluxspace.axes_dim"
@@ -37,117 +44,6 @@ META_RESOLUTION = "fluxspace.resolution"
 # Official RoPE layout of the 128-dim heads of FLUX.1 (flux/util.py configs).
 OFFICIAL_AXES_DIM = (16, 56, 56)
 OFFICIAL_THETA = 10_000
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-Shapes = dict[str, tuple[int, ...]]
-
-
-class CheckpointError(ValueError):
-    """A weight file that cannot be used as asked; the message says why and what is valid."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading files
-
-
-def read_header(path: str | os.PathLike) -> tuple[Shapes, dict[str, str], dict[str, str]]:
-    """Shapes, dtypes and metadata of a .safetensors file, checked for truncation and corruption."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no such weight file: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file: only {size} bytes")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or n > size - 8:
-            raise CheckpointError(
-                f"{path} is not a valid safetensors file (header length {n} for a file of {size} bytes): "
-                "corrupt or not a .safetensors file"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    shapes, dtypes, end = {}, {}, 0
-    for key, info in header.items():
-        try:
-            shapes[key] = tuple(int(s) for s in info["shape"])
-            dtypes[key] = str(info["dtype"])
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise CheckpointError(f"{path} has a corrupt safetensors header entry for {key!r}") from None
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}; "
-            "download or copy it again"
-        )
-    return shapes, dtypes, metadata
-
-
-def strip_prefix(keys, prefix: str = OFFICIAL_PREFIX) -> dict[str, str]:
-    """Map file keys to module keys, dropping the `model.diffusion_model.` prefix some files carry."""
-    return {(k[len(prefix) :] if k.startswith(prefix) else k): k for k in keys}
-
-
-def _diffusers_files(folder: Path) -> list[Path]:
-    """The safetensors files of one diffusers component folder (one file, or shards + index json)."""
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        weight_map = json.loads(index[0].read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder} holds no .safetensors file (expected diffusion_pytorch_model.safetensors)")
-    return files
-
-
-class _Source:
-    """Where a model's tensors come from: one or more safetensors files, and the layout they use."""
-
-    def __init__(self, files: list[Path], layout: str):
-        self.files = files
-        self.layout = layout  # "bfl" or "diffusers"
-        self.shapes: Shapes = {}
-        self.metadata: dict[str, str] = {}
-        self._where: dict[str, tuple[Path, str]] = {}  # module-or-file key -> (file, key in file)
-        for file in files:
-            shapes, _, metadata = read_header(file)
-            self.metadata.update(metadata)
-            for key, file_key in strip_prefix(shapes).items():
-                self.shapes[key] = shapes[file_key]
-                self._where[key] = (file, file_key)
-
-    def tensors(self, device, dtype) -> dict[str, Tensor]:
-        """Read every tensor (memory-mapped, one at a time) into `dtype` on `device`."""
-        out = {}
-        by_file: dict[Path, list[tuple[str, str]]] = {}
-        for key, (file, file_key) in self._where.items():
-            by_file.setdefault(file, []).append((key, file_key))
-        for file, keys in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key, file_key in keys:
-                    out[key] = f.get_tensor(file_key).to(device=device, dtype=dtype)
-        return out
-
-
-def _source(path: str | os.PathLike, component: str) -> _Source:
-    """Resolve a file or a diffusers folder for `component` ("transformer" or "vae")."""
-    path = Path(path)
-    if path.is_file():
-        src = _Source([path], layout="bfl")
-        if file_kind(src.shapes).startswith("diffusers-"):
-            src.layout = "diffusers"  # a single diffusers-layout file, e.g. from `flux-weights convert`
-        return src
-    if path.is_dir():
-        sub = path / component
-        folder = sub if sub.is_dir() else path
-        return _Source(_diffusers_files(folder), layout="diffusers")
-    raise CheckpointError(f"no such weight file or folder: {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,14 +51,14 @@ def _source(path: str | os.PathLike, component: str) -> _Source:
 
 
 def file_kind(shapes: Shapes) -> str:
-    """'flux' (official transformer), 'ae' (official autoencoder), 'diffusers-flux', 'diffusers-ae' or 'unknown'."""
-    if "img_in.weight" in shapes:
-        return "flux"
-    if "x_embedder.weight" in shapes:
-        return "diffusers-flux"
-    if "encoder.conv_in.weight" in shapes:
-        return "diffusers-ae" if any(k.startswith("decoder.up_blocks.") for k in shapes) else "ae"
-    return "unknown"
+    """'flux', 'ae', 'diffusers-flux', 'diffusers-ae' or 'unknown': formats.detect_format's answer in
+    the older words that fluxspace/pipeline.py still uses (new code: detect_format)."""
+    fmt = detect_format(shapes)
+    if fmt is None:
+        return "unknown"
+    layout, model = fmt
+    name = "flux" if model == "transformer" else "ae"
+    return name if layout == "bfl" else f"diffusers-{name}"
 
 
 def detect_variant(shapes: Shapes) -> str:
@@ -298,20 +194,46 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
+    """A torch dtype, a name from files.DTYPES, or None for the device's default."""
     if dtype is None:
         return default_dtype(device)
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-        return DTYPES[dtype]
+        return dtype_named(dtype)
     return dtype
 
 
-def _bfl_shapes(src: _Source, convert) -> Shapes:
-    if src.layout == "bfl":
-        return src.shapes
-    meta = {k: torch.empty(s, device="meta") for k, s in src.shapes.items()}
-    return {k: tuple(v.shape) for k, v in convert(meta).items()}
+_MODEL_NAMES = {"transformer": "Flux transformer", "ae": "Flux autoencoder"}
+# What to say when the files hold the other model: the loader to use instead.
+_OTHER_MODEL_HINTS = {
+    "transformer": " (it looks like an autoencoder: use load_autoencoder)",
+    "ae": " (it looks like a Flux transformer: use load_flow_model)",
+}
+
+
+def _open(path: str | os.PathLike, model: str) -> tuple[WeightFiles, Shapes]:
+    """The files of `model` ('transformer' or 'ae') at `path` and their shapes under official names;
+    raises if they hold something else."""
+    files = open_weights(path, model)
+    fmt = files.format
+    if fmt is None or fmt[1] != model:
+        hint = "" if fmt is None else _OTHER_MODEL_HINTS[model]
+        raise CheckpointError(f"{path} is not a {_MODEL_NAMES[model]}{hint}")
+    return files, files.bfl_shapes()
+
+
+def _build(cls, params, files: WeightFiles, shapes: Shapes, device, dtype, mismatch: str):
+    """`cls(params)` on the meta device, checked against the file's shapes, then given its tensors."""
+    with torch.device("meta"):
+        model = cls(params)
+    check_shapes(_meta_shapes(model), shapes, mismatch)
+    model.load_state_dict(files.bfl_tensors(device, dtype), strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def read_flux_params(path: str | os.PathLike) -> FluxParams:
+    """The transformer config of a file or diffusers folder, from its header alone (nothing is loaded)."""
+    files, shapes = _open(path, "transformer")
+    return flux_params_from_shapes(shapes, files.metadata)
 
 
 def load_flow_model(
@@ -325,17 +247,10 @@ def load_flow_model(
     preset: None infers the shape from the file; a name is checked against the file (dev vs
     schnell, and every key and shape) and refused, saying what was found, if they disagree.
     """
-    from .formats import diffusers_to_bfl_transformer
-
     if isinstance(preset, str):
         preset = get_preset(preset)
     dtype = resolve_dtype(dtype, device)
-    src = _source(path, "transformer")
-    kind = file_kind(src.shapes)
-    if kind not in ("flux", "diffusers-flux"):
-        hint = " (it looks like an autoencoder: use load_autoencoder)" if kind in ("ae", "diffusers-ae") else ""
-        raise CheckpointError(f"{path} is not a Flux transformer{hint}")
-    shapes = _bfl_shapes(src, diffusers_to_bfl_transformer)
+    files, shapes = _open(path, "transformer")
     variant = detect_variant(shapes)
     if preset is not None:
         wanted = "dev" if preset.params.guidance_embed else "schnell"
@@ -347,33 +262,15 @@ def load_flow_model(
             )
         params = preset.params
     else:
-        params = flux_params_from_shapes(shapes, src.metadata)
-    with torch.device("meta"):
-        model = Flux(params)
-    check_shapes(_meta_shapes(model), shapes, f"{path} does not match {preset.name if preset else 'its inferred shape'}")
-    state = src.tensors(device, dtype)
-    if src.layout == "diffusers":
-        state = diffusers_to_bfl_transformer(state)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
-def _ae_source(path: str | os.PathLike) -> tuple[_Source, Shapes]:
-    """The autoencoder's source and its shapes in the official layout; raises if it is not an autoencoder."""
-    from .formats import diffusers_to_bfl_ae
-
-    src = _source(path, "vae")
-    kind = file_kind(src.shapes)
-    if kind not in ("ae", "diffusers-ae"):
-        hint = " (it looks like a Flux transformer: use load_flow_model)" if kind.endswith("flux") else ""
-        raise CheckpointError(f"{path} is not a Flux autoencoder{hint}")
-    return src, _bfl_shapes(src, diffusers_to_bfl_ae)
+        params = flux_params_from_shapes(shapes, files.metadata)
+    mismatch = f"{path} does not match {preset.name if preset else 'its inferred shape'}"
+    return _build(Flux, params, files, shapes, device, dtype, mismatch)
 
 
 def read_ae_params(path: str | os.PathLike) -> AutoEncoderParams:
     """The autoencoder config of a file or diffusers folder, from its header alone (nothing is loaded)."""
-    src, shapes = _ae_source(path)
-    return ae_params_from_shapes(shapes, src.metadata)
+    files, shapes = _open(path, "ae")
+    return ae_params_from_shapes(shapes, files.metadata)
 
 
 def load_autoencoder(
@@ -386,17 +283,8 @@ def load_autoencoder(
 
     Channels and levels are read from the file; pass `params` to check the file against a config.
     """
-    from .formats import diffusers_to_bfl_ae
-
     dtype = resolve_dtype(dtype, device)
-    src, shapes = _ae_source(path)
+    files, shapes = _open(path, "ae")
     if params is None:
-        params = ae_params_from_shapes(shapes, src.metadata)
-    with torch.device("meta"):
-        ae = AutoEncoder(params)
-    check_shapes(_meta_shapes(ae), shapes, f"{path} does not match the autoencoder config")
-    state = src.tensors(device, dtype)
-    if src.layout == "diffusers":
-        state = diffusers_to_bfl_ae(state)
-    ae.load_state_dict(state, strict=True, assign=True)
-    return ae.eval().requires_grad_(False)
+        params = ae_params_from_shapes(shapes, files.metadata)
+    return _build(AutoEncoder, params, files, shapes, device, dtype, f"{path} does not match the autoencoder config")

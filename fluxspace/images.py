@@ -1,7 +1,8 @@
 """Images in and out: tensors <-> PIL, and PNG files written atomically with their parameters.
 
-`atomic_file` is how every output file of the project is written (PNGs, benchmark JSON and tables):
-a temporary file beside the target, renamed over it once complete.
+`atomic_file` (from flux_core/atomic.py, importable from here) is how every output file of the
+project is written (PNGs, benchmark JSON and tables): a temporary file beside the target, renamed
+over it once complete.
 
 Every PNG we write carries the settings that made it in a `fluxspace` text chunk (JSON), plus a
 human-readable `parameters` chunk, so an image found on disk can be reproduced.
@@ -9,13 +10,13 @@ human-readable `parameters` chunk, so an image found on disk can be reproduced.
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+
+from flux_core.atomic import atomic_file
 
 METADATA_KEY = "fluxspace"
 
@@ -30,30 +31,6 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL RGB image -> (1, 3, H, W) float32 in [-1, 1]."""
     a = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))  # (H, W, 3)
     return (a.permute(2, 0, 1)[None] / 127.5) - 1.0
-
-
-def _umask() -> int:
-    """The process's file-creation mask (reading it means setting it, so it is set back at once)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file beside `path` for writing; on success it replaces `path` (with an
-    ordinary file's mode: 0666 minus the umask), on any error it is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from flux_core import CheckpointError, Flux, get_preset, load_autoencoder, load_flow_model
 from flux_core.formats import bfl_to_diffusers_ae, bfl_to_diffusers_transformer
-from flux_core.loading import flux_metadata, flux_params_from_shapes, read_header
+from flux_core.loading import flux_metadata, flux_params_from_shapes, read_flux_params, read_header
 
 
 def test_loads_without_a_preset_and_infers_the_shape(tiny_checkpoint):
@@ -103,8 +103,10 @@ def test_autoencoder_shape_and_scale_are_inferred(tiny_checkpoint):
     assert z.shape == (1, 16, 8, 8)
 
 
-def write_diffusers_folder(root, tiny_checkpoint, shards: int):
-    """transformer/ (sharded with an index json when shards > 1) and vae/, as diffusers lays them out."""
+def write_diffusers_folder(root, tiny_checkpoint, shards: int, metadata: dict | None = None):
+    """transformer/ (sharded with an index json when shards > 1) and vae/, as diffusers lays them out.
+
+    metadata: written into every transformer shard (diffusers writes none)."""
     sd = bfl_to_diffusers_transformer(load_file(tiny_checkpoint.transformer))
     (root / "transformer").mkdir(parents=True)
     keys = sorted(sd)
@@ -112,7 +114,7 @@ def write_diffusers_folder(root, tiny_checkpoint, shards: int):
     weight_map = {}
     for i, name in enumerate(names):
         part = {k: sd[k].contiguous() for k in keys[i::shards]}
-        save_file(part, root / "transformer" / name)
+        save_file(part, root / "transformer" / name, metadata=metadata)
         weight_map.update({k: name for k in part})
     (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (root / "vae").mkdir()
@@ -134,6 +136,20 @@ def test_diffusers_folder_is_converted_on_load(tiny_checkpoint, tmp_path):
     ref_ae = load_autoencoder(tiny_checkpoint.ae)
     for (k, a), (_, b) in zip(ae.state_dict().items(), ref_ae.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_read_flux_params_equals_the_loaded_models(tiny_checkpoint, tmp_path):
+    assert read_flux_params(tiny_checkpoint.transformer) == load_flow_model(tiny_checkpoint.transformer).params
+    # A diffusers folder: read from the shards' headers; without our metadata the tiny RoPE axes are
+    # unknown, as for the loader.
+    folder = write_diffusers_folder(tmp_path / "plain", tiny_checkpoint, shards=2)
+    with pytest.raises(CheckpointError, match="cannot infer the RoPE axes for head dim 32"):
+        read_flux_params(folder)
+    metadata = read_header(tiny_checkpoint.transformer)[2]
+    folder = write_diffusers_folder(tmp_path / "with-metadata", tiny_checkpoint, shards=2, metadata=metadata)
+    assert read_flux_params(folder) == load_flow_model(folder).params == get_preset("tiny").params
+    with pytest.raises(CheckpointError, match=r"is not a Flux transformer \(it looks like an autoencoder"):
+        read_flux_params(tiny_checkpoint.ae)
 
 
 def test_metadata_round_trip():

@@ -22,7 +22,7 @@ from flux_core.loading import CheckpointError
 
 from .convert import convert_file
 from .inspect import format_report, inspect_path
-from .random_weights import DTYPES, write_random_checkpoint
+from .random_weights import DTYPE_CHOICES, write_random_checkpoint
 from .verify import verify_file
 
 MODELS = ("transformer", "ae")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="bfloat16", help="transformer dtype (the AE is float32)"
+        "--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="transformer dtype (the AE is float32)"
     )
     p.add_argument("--transformer-only", action="store_true", help="skip the autoencoder and text encoders")
     p.add_argument("--depth", type=int, help="override the number of double blocks (a pruned model)")

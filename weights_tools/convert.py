@@ -5,8 +5,8 @@ diffusers folders on load with the same functions). This file adds the file hand
 
 - `write_safetensors` streams tensors into a file whose header is planned up front, so writing a
   24 GB model holds one tensor in memory at a time. It writes a temporary file in the target folder
-  and renames it into place (os.replace): a failure never leaves a half-written file, and an
-  existing file is replaced only with force=True.
+  and renames it into place (flux_core.atomic.atomic_file): a failure never leaves a half-written
+  file, and an existing file is replaced only with force=True.
 - `convert_file` converts block by block: the conversion of each transformer block only needs that
   block's tensors, so the plan is made on meta tensors first and the data then flows one block at
   a time (the autoencoder, 335 MB, is one group).
@@ -15,7 +15,6 @@ diffusers folders on load with the same functions). This file adds the file hand
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from flux_core.atomic import atomic_file
+from flux_core.files import TORCH_TO_SAFETENSORS, CheckpointError, WeightFiles, open_weights
 from flux_core.formats import CONVERTERS
-from flux_core.loading import CheckpointError
 
-from .inspect import TORCH_TO_SAFETENSORS, WeightSet, open_weights, require_format
+from .inspect import require_format
 
 # One planned tensor: name, shape, dtype, in the order the data will be written.
 Plan = list[tuple[str, tuple[int, ...], torch.dtype]]
@@ -39,12 +39,6 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for s in shape:
         n *= s
     return n * dtype.itemsize
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
@@ -83,25 +77,18 @@ def write_safetensors(
         raise CheckpointError("the plan names a tensor twice")
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            produced = iter(tensors)
-            for name, shape, dtype in plan:
-                got_name, t = next(produced, (None, None))
-                if got_name != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                    got = "nothing" if got_name is None else f"{got_name} {tuple(t.shape)} {t.dtype}"
-                    raise AssertionError(f"planned {name} {tuple(shape)} {dtype}, got {got}")
-                # (N,) uint8 view of the bytes; numpy exposes it to write() without a copy.
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            assert next(produced, None) is None, "more tensors than planned"
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        produced = iter(tensors)
+        for name, shape, dtype in plan:
+            got_name, t = next(produced, (None, None))
+            if got_name != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                got = "nothing" if got_name is None else f"{got_name} {tuple(t.shape)} {t.dtype}"
+                raise AssertionError(f"planned {name} {tuple(shape)} {dtype}, got {got}")
+            # (N,) uint8 view of the bytes; numpy exposes it to write() without a copy.
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        assert next(produced, None) is None, "more tensors than planned"
     return path
 
 
@@ -112,7 +99,7 @@ def write_safetensors(
 _BLOCK = re.compile(r"(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\.")
 
 
-def _groups(ws: WeightSet, model: str) -> list[list[str]]:
+def _groups(ws: WeightFiles, model: str) -> list[list[str]]:
     """Sets of keys that convert on their own: one per block and one per module outside the blocks."""
     if model == "ae":  # the up-block reversal needs every decoder key at once; 335 MB is fine
         return [list(ws.shapes)]
@@ -121,8 +108,6 @@ def _groups(ws: WeightSet, model: str) -> list[list[str]]:
         m = _BLOCK.match(key)
         groups.setdefault(m.group(0) if m else key.rsplit(".", 1)[0], []).append(key)
     return list(groups.values())
-
-
 
 
 @dataclass

@@ -1,156 +1,27 @@
 """What a weight file holds: keys, shapes, dtypes, layout, variant and the inferred model shape.
 
-Reads only the safetensors headers (flux_core.loading.read_header), never the tensors, so a 24 GB
+Reads only the safetensors headers (flux_core.files.open_weights), never the tensors, so a 24 GB
 file is inspected in milliseconds. A diffusers folder (transformer/ and vae/, sharded or not) is
 inspected component by component; diffusers keys are converted on meta tensors to infer params.
 """
 
-import json
 import math
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from flux_core.formats import BFL_PREFIX, CONVERTERS, ConversionError, detect_format
-from flux_core.loading import (
+from flux_core.files import (
     CheckpointError,
-    ae_params_from_shapes,
-    detect_variant,
-    flux_params_from_shapes,
-    read_header,
+    WeightFiles,
+    component_folders,
+    open_weights,
+    shard_files,
 )
+from flux_core.formats import BFL_PREFIX, ConversionError
+from flux_core.loading import ae_params_from_shapes, detect_variant, flux_params_from_shapes
 from flux_core.presets import PRESETS
-
-# safetensors dtype names -> torch dtypes (the names in a file's header).
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-# diffusers component subfolders for our two model kinds.
-COMPONENT_FOLDERS = {"transformer": "transformer", "ae": "vae"}
-
-
-@dataclass
-class WeightSet:
-    """The tensors of one model: one file or the shards of one diffusers component folder.
-
-    `shapes`/`dtypes` are keyed by module key (the `model.diffusion_model.` prefix removed);
-    `where` maps each module key to (file, key in that file).
-    """
-
-    path: Path
-    files: list[Path]
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    dtypes: dict[str, str] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)
-    where: dict[str, tuple[Path, str]] = field(default_factory=dict)
-    prefixed: bool = False
-
-    @property
-    def format(self) -> tuple[str, str] | None:
-        return detect_format(self.shapes)
-
-    def meta_tensors(self, keys=None) -> dict[str, torch.Tensor]:
-        """Shape-and-dtype-only tensors (no memory), to run the converters on."""
-        keys = self.shapes if keys is None else keys
-        return {
-            k: torch.empty(self.shapes[k], dtype=torch_dtype(self.dtypes[k]), device="meta") for k in keys
-        }
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"unsupported tensor dtype {name!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
-    return SAFETENSORS_DTYPES[name]
-
-
-def _shard_files(folder: Path) -> list[Path]:
-    """The .safetensors files of one folder: the shards an index json names, else every file."""
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        try:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"{index[0]} is not a valid safetensors index (needs a weight_map): {e}"
-            ) from None
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    return sorted(folder.glob("*.safetensors"))
-
-
-def component_folders(path: Path) -> dict[str, Path]:
-    """For a diffusers pipeline folder: {'transformer': path/transformer, 'ae': path/vae} as present."""
-    return {model: path / sub for model, sub in COMPONENT_FOLDERS.items() if _shard_files(path / sub)}
-
-
-def open_weights(path: str | os.PathLike, model: str | None = None) -> WeightSet:
-    """Read the headers of a .safetensors file, a folder of shards, or one component of a pipeline folder.
-
-    model ('transformer' or 'ae') picks the component of a diffusers pipeline folder; it is needed
-    only when the folder holds both.
-    """
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = _shard_files(path)
-        if not files:
-            components = component_folders(path)
-            if model is not None:
-                if model not in components:
-                    raise CheckpointError(
-                        f"{path} has no {COMPONENT_FOLDERS[model]}/ folder with .safetensors files"
-                    )
-                components = {model: components[model]}
-            if not components:
-                raise CheckpointError(
-                    f"{path} holds no .safetensors file, and no transformer/ or vae/ folder that does"
-                )
-            if len(components) > 1:
-                raise CheckpointError(
-                    f"{path} holds both transformer/ and vae/: choose one with --model transformer or --model ae"
-                )
-            (folder,) = components.values()
-            files = _shard_files(folder)
-    else:
-        raise CheckpointError(f"no such weight file or folder: {path}")
-    ws = WeightSet(path=path, files=files)
-    for file in files:
-        shapes, dtypes, metadata = read_header(file)
-        ws.metadata.update(metadata)
-        for file_key, shape in shapes.items():
-            key = file_key
-            if key.startswith(BFL_PREFIX):
-                key = key[len(BFL_PREFIX) :]
-                ws.prefixed = True
-            if key in ws.shapes:
-                raise CheckpointError(f"{path}: key {key!r} appears twice (in {ws.where[key][0]} and {file})")
-            ws.shapes[key], ws.dtypes[key], ws.where[key] = shape, dtypes[file_key], (file, file_key)
-    return ws
-
-
-def bfl_shapes(ws: WeightSet) -> dict[str, tuple[int, ...]]:
-    """Shapes under official key names, converting diffusers keys on meta tensors. Raises ConversionError."""
-    fmt = ws.format
-    if fmt is None or fmt[0] == "bfl":
-        return dict(ws.shapes)
-    converted = CONVERTERS[(fmt[1], "bfl")](ws.meta_tensors())
-    return {k: tuple(v.shape) for k, v in converted.items()}
 
 
 def num_params(shapes) -> int:
@@ -199,7 +70,7 @@ def _natural(key: str):
     return [int(p) if p.isdigit() else p for p in key.split(".")]
 
 
-def inspect_weights(ws: WeightSet, with_keys: bool = False) -> dict:
+def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
     """Everything `flux-weights inspect` reports, as a JSON-ready dict."""
     fmt = ws.format
     report = {
@@ -221,7 +92,7 @@ def inspect_weights(ws: WeightSet, with_keys: bool = False) -> dict:
     }
     if fmt is not None:
         try:
-            shapes = bfl_shapes(ws)
+            shapes = ws.bfl_shapes()
             if fmt[1] == "transformer":
                 params = flux_params_from_shapes(shapes, ws.metadata)
                 report["variant"] = detect_variant(shapes)
@@ -243,7 +114,7 @@ def inspect_weights(ws: WeightSet, with_keys: bool = False) -> dict:
 def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | None = None) -> list[dict]:
     """One report per model: a file or shard folder gives one, a diffusers pipeline folder one per component."""
     path = Path(path)
-    if path.is_dir() and not _shard_files(path) and model is None:
+    if path.is_dir() and not shard_files(path) and model is None:
         components = component_folders(path)
         if components:
             return [inspect_weights(open_weights(path, m), with_keys) for m in components]
@@ -294,7 +165,7 @@ def format_report(report: dict) -> str:
 MODEL_NAMES = {"transformer": "a Flux transformer", "ae": "an autoencoder"}
 
 
-def require_format(ws: "WeightSet", path, model: str | None) -> tuple[str, str]:
+def require_format(ws: WeightFiles, path, model: str | None) -> tuple[str, str]:
     """(layout, model) of a weight set, or a CheckpointError saying what it is not."""
     if ws.format is None:
         raise CheckpointError(

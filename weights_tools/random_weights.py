@@ -5,7 +5,7 @@
                                    a pruned model: flux1-dev-d2s1.safetensors for --depth 2 --depth-single 1)
     DIR/ae.safetensors             the autoencoder, float32 like the official file
     DIR/text_encoder*/, tokenizer*/  small random T5 / CLIP folders (small presets only), sized from
-                                   the preset (weights_tools.text_encoders.write_random_text_encoders)
+                                   the preset (weights_tools.text_encoders.install_text_encoders)
 
 Keys and shapes are those of the preset's meta-device model; the metadata records what no tensor
 shape says (RoPE axes and theta, the AE's scale/shift, the preset name; see flux_core.loading), so
@@ -23,8 +23,6 @@ Tensors are generated and written one at a time (float32 for one tensor, then ca
 import dataclasses
 import hashlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,18 +30,20 @@ import torch
 from torch import Tensor
 
 from flux_core.autoencoder import AutoEncoder
-from flux_core.loading import CheckpointError, ae_metadata, flux_metadata
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS
+from flux_core.files import CheckpointError, dtype_named
+from flux_core.loading import ae_metadata, flux_metadata
 from flux_core.model import Flux
 from flux_core.presets import Preset, get_preset
 
 from .convert import check_writable, write_safetensors
 
 WEIGHT_STD = 0.02
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Transformer dtypes offered (names of flux_core.files.DTYPES): float16 is not how FLUX.1 ships.
+DTYPE_CHOICES = ("float32", "bfloat16")
 # Presets up to this many transformer parameters also get random text encoders (the 12B ones would
 # need a 4.7B T5: pointless for tests, and the real encoders are what one benchmarks with).
 SMALL_PRESET_PARAMS = 100_000_000
-TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def tensor_seed(seed: int, key: str) -> int:
@@ -110,8 +110,7 @@ def write_random_checkpoint(
 ) -> RandomCheckpoint:
     """Write the random checkpoint set of a preset into the folder `out` (see the module docstring)."""
     p = get_preset(preset)
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    torch_dtype = dtype_named(dtype, DTYPE_CHOICES)
     for name, value in (("--depth", depth), ("--depth-single", depth_single)):
         if value is not None and value < 0:
             raise CheckpointError(f"{name} must be >= 0; got {value}")
@@ -149,40 +148,26 @@ def write_random_checkpoint(
     metadata = flux_metadata(params, preset=None if pruned else p.name)
     if pruned:
         metadata["fluxspace.pruned_from"] = p.name
-    result = RandomCheckpoint(write_random_file(flux_path, flux_shapes, seed, DTYPES[dtype], metadata, force))
+    result = RandomCheckpoint(write_random_file(flux_path, flux_shapes, seed, torch_dtype, metadata, force))
     if transformer_only:
         return result
     with torch.device("meta"):
         ae_shapes = meta_shapes(AutoEncoder(p.ae_params))
     result.ae = write_random_file(ae_path, ae_shapes, seed, torch.float32, ae_metadata(p.ae_params), force)
     if with_text:
-        result.text_encoders = _write_text_encoders(p, out, seed, force)
-    else:
-        result.notes.append(
-            f"no text encoders for {p.name} (only for presets up to {SMALL_PRESET_PARAMS:,} parameters)"
-        )
-    return result
+        # Imported here: it pulls in transformers and tokenizers, which the other commands do not need.
+        from .text_encoders import install_text_encoders
 
-
-def _write_text_encoders(p: Preset, out: Path, seed: int, force: bool) -> Path:
-    """The four text-encoder folders, built in a temporary sibling and moved into `out`."""
-    # Imported here: it pulls in transformers and tokenizers, which the other commands do not need.
-    from .text_encoders import write_random_text_encoders
-
-    tmp = Path(tempfile.mkdtemp(prefix=".text-encoders.", dir=out))
-    try:
-        built = write_random_text_encoders(
-            tmp / "te",
+        result.text_encoders = install_text_encoders(
+            out,
+            overwrite=force,
             t5_dim=p.params.context_in_dim,
             clip_dim=p.params.vec_in_dim,
             t5_max_length=p.t5_max_length,
             seed=seed,
         )
-        for name in TEXT_ENCODER_FOLDERS:
-            target = out / name
-            if target.exists() and force:
-                shutil.rmtree(target)
-            os.replace(built / name, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    else:
+        result.notes.append(
+            f"no text encoders for {p.name} (only for presets up to {SMALL_PRESET_PARAMS:,} parameters)"
+        )
+    return result

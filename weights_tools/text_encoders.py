@@ -9,9 +9,10 @@
 Tests use `write_random_text_encoders` (seeded random weights, tiny widths); a small trained model
 reuses the two tokenizer trainers on its own caption corpus.
 
-Every writer builds its folder in a temporary sibling and renames it into place at the end, so a
-failure never leaves a half-written folder, and refuses to replace a non-empty folder unless
-overwrite=True.
+Every writer builds its folder in a temporary sibling and renames it into place at the end
+(flux_core.atomic.atomic_folder), so a failure never leaves a half-written folder, and refuses to
+replace a non-empty folder unless overwrite=True. `install_text_encoders` puts the four folders
+into a folder that holds other files too (a checkpoint set), the same way.
 """
 
 import io
@@ -20,8 +21,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 
@@ -29,6 +29,9 @@ import sentencepiece as spm
 import torch
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from flux_core.atomic import atomic_folder, make_readable
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 
 CLIP_MAX_LENGTH = 77  # CLIP-L position table (openai/clip-vit-large-patch14 config)
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
@@ -141,34 +144,7 @@ BUILTIN_CORPUS: tuple[str, ...] = (
 
 
 # ---------------------------------------------------------------------------------------------------
-# Folder plumbing
-
-
-def _refuse_to_overwrite(folder: Path, overwrite: bool) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} already exists and is not empty; pass overwrite=True to replace it")
-
-
-@contextmanager
-def _atomic_folder(folder: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `folder` to fill; on success it becomes `folder` by rename."""
-    _refuse_to_overwrite(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        yield tmp
-        _refuse_to_overwrite(folder, overwrite)  # it may have appeared while we worked
-        if folder.exists():  # move the old one aside first: rename cannot replace a non-empty folder
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already on success
+# Corpus
 
 
 def _check_corpus(corpus: Sequence[str]) -> list[str]:
@@ -201,7 +177,7 @@ def train_t5_tokenizer(
     """
     texts = _check_corpus(corpus)
     folder = Path(folder)
-    with _atomic_folder(folder, overwrite) as tmp:
+    with atomic_folder(folder, overwrite) as tmp:
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
@@ -294,7 +270,7 @@ def train_clip_tokenizer(
     vocab = {token: i for i, token in enumerate([*tokens, CLIP_BOS, CLIP_EOS])}
 
     folder = Path(folder)
-    with _atomic_folder(folder, overwrite) as tmp:
+    with atomic_folder(folder, overwrite) as tmp:
         # vocab.json + merges.txt are what the official folder holds (and what older transformers read).
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
         merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
@@ -333,7 +309,7 @@ def write_random_text_encoders(
             raise ValueError(f"{name} {dim} is not divisible by num_heads {num_heads}")
     texts = BUILTIN_CORPUS if corpus is None else corpus
     folder = Path(folder)
-    with _atomic_folder(folder, overwrite) as tmp:
+    with atomic_folder(folder, overwrite) as tmp:
         t5_tokenizer = train_t5_tokenizer(
             texts, tmp / "tokenizer_2", t5_vocab_size, model_max_length=t5_max_length
         )
@@ -373,3 +349,29 @@ def write_random_text_encoders(
         t5.save_pretrained(tmp / "text_encoder_2")
         clip.save_pretrained(tmp / "text_encoder")
     return folder
+
+
+def install_text_encoders(out: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
+    """The four folders of random text encoders (`write_random_text_encoders`' arguments) put into
+    `out`, beside whatever else it holds (a checkpoint's transformer and AE).
+
+    All four are built in a temporary folder inside `out` and only then moved in, so a failure while
+    building leaves `out` as it was. Existing ones are replaced only with overwrite=True. They get
+    ordinary modes (temporary folders are private), so others can read them like the files beside them.
+    """
+    out = Path(out)
+    taken = [name for name in TEXT_ENCODER_FOLDERS if (out / name).exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{out} already has {', '.join(taken)}; pass overwrite=True to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".text-encoders.", dir=out))
+    try:
+        built = write_random_text_encoders(tmp / "te", **kwargs)
+        for name in TEXT_ENCODER_FOLDERS:
+            make_readable(built / name)
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            os.replace(built / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -16,11 +16,12 @@ from importlib import resources
 import torch
 
 from flux_core.autoencoder import AutoEncoder
+from flux_core.files import open_weights
 from flux_core.formats import ConversionError
 from flux_core.model import Flux
 from flux_core.presets import get_preset
 
-from .inspect import bfl_shapes, open_weights, require_format
+from .inspect import require_format
 
 INVENTORIES = ("flux1-dev", "flux1-schnell", "ae")
 SHOW = 10  # keys listed per kind of problem
@@ -88,7 +89,7 @@ def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) 
     layout, found_model = require_format(ws, path, model)
     result = VerifyResult(str(path), preset, found_model, layout, len(ws.shapes))
     try:
-        found = bfl_shapes(ws)
+        found = ws.bfl_shapes()
     except ConversionError as e:
         result.problem = str(e)
         return result

@@ -1,0 +1,82 @@
+"""Files and folders written atomically: built beside their target, renamed into place when complete.
+
+Every output of the project goes through these two (weight files, text-encoder folders, PNGs,
+benchmark JSON): a failure or a kill part-way leaves the old target untouched and no half-written
+one, because os.replace within one folder is atomic on POSIX and Windows.
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside `path` for writing; on success it replaces `path` (with an
+    ordinary file's mode: 0666 minus the umask), on any error it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _refuse_to_overwrite(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} already exists and is not empty; pass overwrite=True to replace it")
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `folder` to fill; on success it becomes `folder` by rename.
+
+    A non-empty `folder` is refused (FileExistsError) unless overwrite=True, checked before and after
+    the work; on any error the temporary folder is removed and `folder` is untouched.
+    """
+    folder = Path(folder)
+    _refuse_to_overwrite(folder, overwrite)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        _refuse_to_overwrite(folder, overwrite)  # it may have appeared while we worked
+        if folder.exists():  # move the old one aside first: rename cannot replace a non-empty folder
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already on success
+
+
+def make_readable(folder: str | os.PathLike) -> None:
+    """Give a folder and everything in it an ordinary mode (0777 / 0666 minus the umask).
+
+    Temporary folders and files are private to their creator; a folder built in one and installed
+    for others (package data, a shared test checkpoint) would stay unreadable to them otherwise.
+    """
+    folder = Path(folder)
+    umask = _umask()
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
