@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flux_core.atomic import atomic_file
 from fluxspace import FluxSpaceSchedule, SampleSettings, SamplingRun, load_models
 from fluxspace.baselines import DirectionVelocity
 from fluxspace.distributed import barrier, world
-from fluxspace.images import atomic_file, psnr, save_png, side_by_side, stacked
+from fluxspace.images import psnr, save_png, side_by_side, stacked
 from fluxspace.mini.attributes import FAMILIES, KIND, sample_attributes
 from fluxspace.mini.captions import KEYWORD, prompt_for
 from fluxspace.mini.evaluator import load_evaluator

@@ -53,12 +53,12 @@ from pathlib import Path
 import torch
 
 from flux_core import Flux, FluxParams, get_preset
+from flux_core.atomic import atomic_file
 from flux_core.files import DTYPES
 from flux_core.presets import PRESETS
 from flux_core.sampling import check_image_size
 from flux_core.sampling import img_ids as make_img_ids
 from flux_core.sampling import txt_ids as make_txt_ids
-from fluxspace.images import atomic_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("ours", "diffusers")

@@ -5,6 +5,7 @@ the text encoders and the sampling functions.
 """
 
 from .autoencoder import AutoEncoder, AutoEncoderParams
+from .conditioner import TextEncoders, load_text_encoders  # transformers is imported when they are loaded
 from .loading import CheckpointError, load_autoencoder, load_flow_model
 from .model import Flux, FluxParams
 from .presets import PRESETS, Preset, get_preset
@@ -24,16 +25,6 @@ from .sampling import (
     unpack,
 )
 from .seam import DoubleBlockSite, Edit, EditSchedule, ModVectors, SingleBlockSite
-
-
-def __getattr__(name: str):
-    # The text encoders pull in `transformers` (seconds to import): load them only when asked for.
-    if name in ("TextEncoders", "load_text_encoders"):
-        from . import conditioner
-
-        return getattr(conditioner, name)
-    raise AttributeError(f"module 'flux_core' has no attribute {name!r}")
-
 
 __all__ = [
     "AutoEncoder",

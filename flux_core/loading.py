@@ -21,16 +21,7 @@ import re
 import torch
 
 from .autoencoder import AutoEncoder, AutoEncoderParams
-from .files import (
-    DTYPES,  # noqa: F401  re-exported: fluxspace imports it from here
-    CheckpointError,
-    Shapes,
-    WeightFiles,
-    dtype_named,
-    open_weights,
-    read_header,  # noqa: F401  re-exported: fluxspace imports it from here
-)
-from .formats import detect_format
+from .files import CheckpointError, Shapes, WeightFiles, dtype_named, open_weights
 from .model import Flux, FluxParams
 from .presets import FLUX_AE, Preset, get_preset
 
@@ -48,17 +39,6 @@ OFFICIAL_THETA = 10_000
 
 # ----------------------------------------------------------------------------------------------
 # What a file is, and the shape of the model it holds
-
-
-def file_kind(shapes: Shapes) -> str:
-    """'flux', 'ae', 'diffusers-flux', 'diffusers-ae' or 'unknown': formats.detect_format's answer in
-    the older words that fluxspace/pipeline.py still uses (new code: detect_format)."""
-    fmt = detect_format(shapes)
-    if fmt is None:
-        return "unknown"
-    layout, model = fmt
-    name = "flux" if model == "transformer" else "ae"
-    return name if layout == "bfl" else f"diffusers-{name}"
 
 
 def detect_variant(shapes: Shapes) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import tomllib
 
 from flux_core import PRESETS
-from flux_core.loading import DTYPES
+from flux_core.files import DTYPES
 
 from . import grammar
 from .inversion import FITS, FORWARD_TIMES, SOLVERS, InversionSettings

@@ -14,16 +14,9 @@ import torch
 
 from flux_core import Flux, Preset, get_preset
 from flux_core.autoencoder import AutoEncoder
-from flux_core.loading import (
-    META_PRESET,
-    CheckpointError,
-    detect_variant,
-    file_kind,
-    load_autoencoder,
-    load_flow_model,
-    read_header,
-    resolve_dtype,
-)
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS
+from flux_core.files import CheckpointError, open_weights
+from flux_core.loading import META_PRESET, detect_variant, load_autoencoder, load_flow_model, resolve_dtype
 from flux_core.presets import PRESETS
 
 from .settings import SampleSettings
@@ -31,7 +24,6 @@ from .settings import SampleSettings
 if TYPE_CHECKING:  # the text encoders pull in `transformers`: imported when a model is loaded
     from flux_core.conditioner import TextEncoders
 
-TEXT_ENCODER_DIRS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 # The shipped flux-mini (transformer, ae.safetensors, text encoders), laid out like the official
 # release. Package data of fluxspace.mini, which builds it (`python -m fluxspace.mini.build`).
 FLUX_MINI_DIR = Path(__file__).resolve().parent / "mini" / "weights" / "flux-mini"
@@ -57,7 +49,7 @@ class ModelPaths:
 
 
 def _is_text_encoder_folder(folder: Path) -> bool:
-    return all((folder / d).is_dir() for d in TEXT_ENCODER_DIRS)
+    return all((folder / d).is_dir() for d in TEXT_ENCODER_FOLDERS)
 
 
 def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders: str | None = None) -> ModelPaths:
@@ -88,7 +80,7 @@ def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders
     if not ae_path.exists():
         raise FileNotFoundError(f"autoencoder not found at {ae_path}; pass --ae PATH/TO/ae.safetensors")
     if not _is_text_encoder_folder(te_path):
-        missing = [d for d in TEXT_ENCODER_DIRS if not (te_path / d).is_dir()]
+        missing = [d for d in TEXT_ENCODER_FOLDERS if not (te_path / d).is_dir()]
         raise FileNotFoundError(
             f"text encoders not found in {te_path} (missing {', '.join(d + '/' for d in missing)}); "
             "pass --text-encoders FOLDER laid out like the official repositories "
@@ -101,22 +93,12 @@ def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
     """An explicit preset wins; else the preset our writers record in the file; else dev or schnell by keys."""
     if preset is not None:
         return get_preset(preset)
-    if paths.transformer.is_file():
-        shapes, _, metadata = read_header(paths.transformer)
-        if metadata.get(META_PRESET) in PRESETS:
-            return PRESETS[metadata[META_PRESET]]
-        if file_kind(shapes) != "flux":
-            raise CheckpointError(f"{paths.transformer} is not a Flux transformer")
-        return PRESETS["flux-dev" if detect_variant(shapes) == "dev" else "flux-schnell"]
-    has_guidance = _diffusers_has_guidance(paths.transformer / "transformer")
-    return PRESETS["flux-dev" if has_guidance else "flux-schnell"]
-
-
-def _diffusers_has_guidance(folder: Path) -> bool:
-    return any(
-        any(k.startswith("time_text_embed.guidance_embedder.") for k in read_header(f)[0])
-        for f in folder.glob("*.safetensors")
-    )
+    files = open_weights(paths.transformer, "transformer")
+    if files.metadata.get(META_PRESET) in PRESETS:
+        return PRESETS[files.metadata[META_PRESET]]
+    if files.format is None or files.format[1] != "transformer":
+        raise CheckpointError(f"{paths.transformer} is not a Flux transformer")
+    return PRESETS["flux-dev" if detect_variant(files.bfl_shapes()) == "dev" else "flux-schnell"]
 
 
 @dataclass

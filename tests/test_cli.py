@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flux_core.atomic import atomic_file
 from fluxspace.cli import main
-from fluxspace.images import atomic_file, read_png_params
+from fluxspace.images import read_png_params
 
 SMALL = ["--width", "64", "--height", "48", "--steps", "3", "--quiet"]
 

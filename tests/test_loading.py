@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux_core import CheckpointError, Flux, get_preset, load_autoencoder, load_flow_model
+from flux_core.files import read_header
 from flux_core.formats import bfl_to_diffusers_ae, bfl_to_diffusers_transformer
-from flux_core.loading import flux_metadata, flux_params_from_shapes, read_flux_params, read_header
+from flux_core.loading import flux_metadata, flux_params_from_shapes, read_flux_params
 
 
 def test_loads_without_a_preset_and_infers_the_shape(tiny_checkpoint):

@@ -11,11 +11,13 @@ from PIL import Image
 
 import fluxspace.mini
 from flux_core import get_preset
-from flux_core.loading import load_autoencoder, load_flow_model, read_header
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS
+from flux_core.files import read_header
+from flux_core.loading import load_autoencoder, load_flow_model
 from fluxspace import SampleSettings, generate, load_models
 from fluxspace.cli import main
 from fluxspace.images import METADATA_KEY
-from fluxspace.mini.build import AE_FILE, TEXT_ENCODER_DIRS, TRANSFORMER_FILE, folder_size
+from fluxspace.mini.build import AE_FILE, TRANSFORMER_FILE, folder_size
 from fluxspace.models import FLUX_MINI_DIR, flux_mini_path
 from weights_tools.verify import verify_file
 
@@ -30,7 +32,7 @@ def mini_models():
 
 def test_the_release_is_laid_out_like_the_official_one_and_small():
     names = sorted(p.name for p in MODEL.iterdir())
-    assert names == sorted([AE_FILE, TRANSFORMER_FILE, *TEXT_ENCODER_DIRS])
+    assert names == sorted([AE_FILE, TRANSFORMER_FILE, *TEXT_ENCODER_FOLDERS])
     assert folder_size(MODEL) <= 30_000_000
     assert flux_mini_path() == MODEL
 
@@ -43,7 +45,7 @@ def test_pip_install_carries_every_shipped_file():
     globs = pyproject["tool"]["setuptools"]["package-data"]["fluxspace.mini"]
     package = Path(fluxspace.mini.__file__).parent
     shipped = [f.relative_to(package).as_posix() for f in (package / "weights").rglob("*") if f.is_file()]
-    assert len(shipped) >= 1 + 2 + len(TEXT_ENCODER_DIRS)  # evaluator, transformer, AE, each folder's files
+    assert len(shipped) >= 1 + 2 + len(TEXT_ENCODER_FOLDERS)  # evaluator, transformer, AE, each folder's files
     uncovered = [f for f in shipped if not any(fnmatch.fnmatchcase(f, g) and f.count("/") == g.count("/") for g in globs)]
     assert uncovered == []
 

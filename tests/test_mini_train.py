@@ -9,10 +9,11 @@ import torch
 
 from flux_core import load_flow_model
 from flux_core.autoencoder import AutoEncoderParams
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 from flux_core.model import FluxParams
 from flux_core.presets import get_preset
 from fluxspace import SampleSettings, generate, load_models
-from fluxspace.mini.build import TEXT_ENCODER_DIRS, BuildConfig, build, folder_size, parse_restarts
+from fluxspace.mini.build import BuildConfig, build, folder_size, parse_restarts
 from fluxspace.mini.data import cached_faces, caption_sets, make_faces
 from fluxspace.mini.train import CHECKPOINT, LOG, TrainConfig, learning_rate
 from fluxspace.mini.train_ae import train_autoencoder
@@ -156,7 +157,7 @@ def test_tiny_build_loads_and_samples(tmp_path):
     assert json.loads((tmp_path / "work" / "build.json").read_text()) == report
 
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["ae.safetensors", "flux-mini.safetensors", *TEXT_ENCODER_DIRS])
+    assert names == sorted(["ae.safetensors", "flux-mini.safetensors", *TEXT_ENCODER_FOLDERS])
     assert folder_size(out) <= 30_000_000
     preset = get_preset("flux-mini")
     flow = load_flow_model(out / "flux-mini.safetensors")  # no preset: shape and RoPE from the file

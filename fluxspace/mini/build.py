@@ -34,23 +34,21 @@ same. A few steps of each (the tests) prove the pipeline in seconds.
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from flux_core.conditioner import TextEncoders, load_text_encoders
+from flux_core.atomic import atomic_file
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS, TextEncoders, load_text_encoders
 from flux_core.loading import ae_metadata, flux_metadata
 from flux_core.model import Flux
 from flux_core.presets import get_preset
+from weights_tools.text_encoders import install_text_encoders
 
-from ..images import atomic_file
 from .captions import caption_corpus
 from .data import cached_faces, caption_sets, make_faces
 from .train import TrainConfig
@@ -60,7 +58,6 @@ from .train_flow import CaptionBank, encode_captions, train_flow
 PRESET = "flux-mini"
 TRANSFORMER_FILE = "flux-mini.safetensors"
 AE_FILE = "ae.safetensors"
-TEXT_ENCODER_DIRS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 TEXT_LAYERS, TEXT_HEADS = 2, 2  # small T5 / CLIP: depth and heads (their widths come from the preset)
 INCOMPLETE = 3  # exit status when --time-limit stopped the build before the end
 
@@ -127,26 +124,6 @@ def _write_safetensors(module: torch.nn.Module, path: Path, dtype: torch.dtype, 
     return write_safetensors(path, plan, state.items(), metadata={"format": "pt", **metadata}, force=True)
 
 
-def write_text_encoders(out: Path, corpus: list[str], t5_dim: int, clip_dim: int, t5_max_length: int, seed: int) -> None:
-    """The four text-encoder folders in `out`, built in a temporary folder and moved in one by one."""
-    from weights_tools.text_encoders import write_random_text_encoders
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".text-encoders.", dir=out))
-    try:
-        built = write_random_text_encoders(
-            tmp / "te", t5_dim=t5_dim, clip_dim=clip_dim, t5_max_length=t5_max_length, seed=seed,
-            corpus=corpus, num_layers=TEXT_LAYERS, num_heads=TEXT_HEADS,
-        )  # fmt: skip
-        for name in TEXT_ENCODER_DIRS:
-            _readable(built / name)
-            if (out / name).exists():
-                shutil.rmtree(out / name)
-            os.replace(built / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def tokenizer_corpus(n: int, seed: int) -> list[str]:
     """n captions, then every word they use once on a line of its own.
 
@@ -158,19 +135,9 @@ def tokenizer_corpus(n: int, seed: int) -> list[str]:
     return corpus + sorted({word for text in corpus for word in re.findall(r"[\w-]+", text)})
 
 
-def _readable(folder: Path) -> None:
-    """Give a folder and its files the modes of ordinary ones (temp folders and files are private),
-    so the model stays readable when installed as package data for other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.rglob("*"):
-        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-
-
 def folder_size(out: Path) -> int:
     """Bytes of the released files (transformer, AE, text-encoder folders)."""
-    files = [out / TRANSFORMER_FILE, out / AE_FILE] + [f for d in TEXT_ENCODER_DIRS for f in (out / d).rglob("*")]
+    files = [out / TRANSFORMER_FILE, out / AE_FILE] + [f for d in TEXT_ENCODER_FOLDERS for f in (out / d).rglob("*")]
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
@@ -217,10 +184,13 @@ def build(config: BuildConfig) -> dict:
 
     # 2. text encoders (first, as they need no training: a caption too long for them fails at once)
     t0 = time.monotonic()
-    if not (config.resume and all((out / d).is_dir() for d in TEXT_ENCODER_DIRS)):
+    if not (config.resume and all((out / d).is_dir() for d in TEXT_ENCODER_FOLDERS)):
         p = preset.params
         corpus = tokenizer_corpus(config.corpus_size, config.seed)
-        write_text_encoders(out, corpus, p.context_in_dim, p.vec_in_dim, preset.t5_max_length, config.seed)
+        install_text_encoders(
+            out, overwrite=True, t5_dim=p.context_in_dim, clip_dim=p.vec_in_dim, t5_max_length=preset.t5_max_length,
+            seed=config.seed, corpus=corpus, num_layers=TEXT_LAYERS, num_heads=TEXT_HEADS,
+        )  # fmt: skip
     text = load_text_encoders(out, t5_max_length=preset.t5_max_length, device=device)
     report["longest_caption_tokens"] = check_caption_lengths(text, captions)
     stage_done("text_encoders", t0)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from ..images import atomic_file
+from flux_core.atomic import atomic_file
+
 from .attributes import FAMILIES, Attributes, check_split, sample_attributes
 from .captions import caption_with_facts
 from .render import render_batch, to_tensor

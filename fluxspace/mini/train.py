@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..images import atomic_file
+from flux_core.atomic import atomic_file
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"

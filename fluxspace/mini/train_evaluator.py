@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from ..images import atomic_file
+from flux_core.atomic import atomic_file
+
 from .attributes import FAMILIES, Attributes, sample_attributes
 from .data import make_faces, render_many
 from .evaluator import AttributeEvaluator, EvaluatorConfig, metadata_of
