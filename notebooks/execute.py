@@ -4,10 +4,12 @@ repository sees the figures.
     .venv/bin/python notebooks/execute.py [NAME.ipynb ...]      # default: all of them
 
 Each notebook is executed from scratch (outputs cleared first) in the notebooks/ folder, then
-written back atomically. Run-to-run noise is kept out of the stored file: no execution timings,
-execution counts from 1. tests/test_notebooks.py executes the same notebooks the same way.
+written back atomically. Run-to-run noise is kept out of the stored file (no execution timings, no
+loading bars, execution counts from 1): a rerun changes only what a notebook prints of its own
+timing (03's training seconds and its temporary folder). tests/test_notebooks.py executes the same notebooks the same way.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +24,8 @@ CELL_TIMEOUT = 600  # seconds; the longest cell (03's training run) takes about 
 
 def execute(path: Path) -> nbformat.NotebookNode:
     """The notebook at `path`, cleared and executed in its folder."""
+    # No download bars from transformers' loaders in the stored outputs (they only add timings).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         if cell.cell_type == "code":
