@@ -1,7 +1,7 @@
 """Files and folders written atomically: built beside their target, renamed into place when complete.
 
-Every output of the project goes through these two (weight files, text-encoder folders, PNGs,
-benchmark JSON): a failure or a kill part-way leaves the old target untouched and no half-written
+Every output of the project goes through these (weight files, text-encoder folders, PNGs, notebooks,
+benchmark JSON, training checkpoints): a failure or a kill part-way leaves the old target untouched and no half-written
 one, because os.replace within one folder is atomic on POSIX and Windows.
 """
 
@@ -58,15 +58,25 @@ def atomic_folder(folder: str | os.PathLike, overwrite: bool = False) -> Iterato
     try:
         yield tmp
         _refuse_to_overwrite(folder, overwrite)  # it may have appeared while we worked
-        if folder.exists():  # move the old one aside first: rename cannot replace a non-empty folder
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already on success
+
+
+def replace_folder(built: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Move the finished folder `built` to `folder` (same file system), replacing what is there.
+
+    An existing folder is moved aside first (rename cannot replace a non-empty folder) and removed
+    only once the new one is in place, so `folder` is at every moment the old or the new one whole.
+    """
+    built, folder = Path(built), Path(folder)
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        os.replace(folder, old)
+        os.replace(built, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(built, folder)
 
 
 def make_readable(folder: str | os.PathLike) -> None:

@@ -18,7 +18,6 @@ into a folder that holds other files too (a checkpoint set), the same way.
 import io
 import json
 import os
-import shutil
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from flux_core.atomic import atomic_folder, make_readable
+from flux_core.atomic import atomic_folder, make_readable, replace_folder
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 
 CLIP_MAX_LENGTH = 77  # CLIP-L position table (openai/clip-vit-large-patch14 config)
@@ -364,14 +363,9 @@ def install_text_encoders(out: str | os.PathLike, overwrite: bool = False, **kwa
     if taken and not overwrite:
         raise FileExistsError(f"{out} already has {', '.join(taken)}; pass overwrite=True to replace them")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".text-encoders.", dir=out))
-    try:
-        built = write_random_text_encoders(tmp / "te", **kwargs)
+    with tempfile.TemporaryDirectory(prefix=".text-encoders.", dir=out) as tmp:
+        built = write_random_text_encoders(Path(tmp) / "te", **kwargs)
         for name in TEXT_ENCODER_FOLDERS:
             make_readable(built / name)
-            if (out / name).exists():
-                shutil.rmtree(out / name)
-            os.replace(built / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            replace_folder(built / name, out / name)
     return out
