@@ -347,7 +347,7 @@ def grids(editor: Editor, tasks, methods, chosen: dict, folder: Path, indices: d
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fluxspace bench edit-quality", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="benchmarks/edit_quality.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--seeds", type=int, default=128, help="reported base images per task")
     p.add_argument("--tune-seeds", type=int, default=32, help="tuning base images per task (other seeds)")
