@@ -1,5 +1,7 @@
 """Files and folders written atomically: built beside their target, renamed into place when complete.
 
+A command's outputs form a FileSet: all renamed into place at the end, or none.
+
 Every output of the project goes through these (weight files, text-encoder folders, PNGs, notebooks,
 benchmark JSON, training checkpoints): a failure or a kill part-way leaves the old target untouched and no half-written
 one, because os.replace within one folder is atomic on POSIX and Windows.
@@ -7,6 +9,7 @@ one, because os.replace within one folder is atomic on POSIX and Windows.
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,23 +21,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file beside `path` for writing; on success it replaces `path` (with an
-    ordinary file's mode: 0666 minus the umask), on any error it is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _refuse_to_overwrite(folder: Path, overwrite: bool) -> None:
@@ -90,3 +76,96 @@ def make_readable(folder: str | os.PathLike) -> None:
     folder.chmod(0o777 & ~umask)
     for f in folder.rglob("*"):
         f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+
+
+class FileSet:
+    """Files written as a set, all or nothing: each to a temporary file beside its target, and all
+    renamed into place only by `commit()`.
+
+        with FileSet() as outputs:
+            with outputs.file("out/a.png") as f: ...
+            with outputs.file("out/b.png") as f: ...
+        # here both exist, or (on any error, or a SIGTERM turned into an exception) neither was written
+
+    The renames run with SIGTERM held back (delivered right after), so a kill by SIGTERM leaves the
+    complete set or nothing; only SIGKILL can leave a temporary file (hidden: `.NAME.XXXX.tmp`).
+    """
+
+    def __init__(self):
+        self.pending: list[tuple[Path, Path]] = []  # (temporary, target)
+
+    def __enter__(self) -> "FileSet":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+    @contextmanager
+    def file(self, path: str | os.PathLike, mode: str = "wb"):
+        """An open temporary file for `path`; it joins the set once written without error."""
+        path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"cannot write {path}: a folder of that name is in the way")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.pending.append((Path(tmp), path))
+
+    def discard(self) -> None:
+        """Remove every temporary file of the set; nothing was renamed into place."""
+        for tmp, _ in self.pending:
+            tmp.unlink(missing_ok=True)
+        self.pending = []
+
+    def commit(self) -> list[Path]:
+        """Rename every file into place (SIGTERM held until done); on a failure, remove the ones
+        already renamed and the remaining temporaries, then raise."""
+        in_the_way = [target for _, target in self.pending if target.is_dir()]
+        if in_the_way:
+            self.discard()
+            raise IsADirectoryError(f"cannot write {in_the_way[0]}: a folder of that name is in the way")
+        done: list[Path] = []
+        blocked = _hold_sigterm()
+        try:
+            for tmp, target in self.pending:
+                os.replace(tmp, target)
+                done.append(target)
+        except BaseException:
+            for target in done:
+                target.unlink(missing_ok=True)
+            self.discard()
+            raise
+        finally:
+            _release_sigterm(blocked)
+        self.pending = []
+        return done
+
+
+def _hold_sigterm() -> bool:
+    """Block SIGTERM for this thread (main thread, POSIX); True if it was blocked here."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return False
+    return signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _release_sigterm(blocked_here: bool) -> None:
+    if blocked_here:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside `path` for writing; on success it replaces `path` (with an
+    ordinary file's mode: 0666 minus the umask), on any error it is removed and `path` is untouched.
+    A FileSet of one file."""
+    with FileSet() as files, files.file(path, mode) as f:
+        yield f

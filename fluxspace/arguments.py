@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import tomllib
+import torch
 
 from flux_core import PRESETS
+from flux_core.conditioner import VALID_DTYPES
 from flux_core.files import DTYPES
 
 from . import grammar
@@ -23,6 +25,30 @@ from .spec import COARSE_TARGETS, PRIOR_REMOVALS, PROJECTIONS, Concept, EditSpec
 
 class CLIError(Exception):
     """A bad argument: printed as `fluxspace: error: ...` with exit status 2."""
+
+
+# One dtype for the whole model: the ones the text encoders take too (T5 overflows in float16).
+MODEL_DTYPES = tuple(name for name, dtype in DTYPES.items() if dtype in VALID_DTYPES)
+SEED_RANGE = 2**64  # torch.Generator seeds: one seed, one image
+
+
+def check_device(text: str) -> str:
+    """`--device`: a device torch knows and this machine has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {text!r} is not a device; valid: cpu, cuda, cuda:N, mps")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CLIError(f"--device {text}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device {text}: this machine has CUDA devices 0..{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    return text
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,8 +61,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS), help="check the file against this preset (default: inferred)")
     g.add_argument("--ae", help="autoencoder file (default: ae.safetensors beside the model)")
     g.add_argument("--text-encoders", help="folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ..., mps (default: cpu)")
+    g.add_argument("--dtype", choices=MODEL_DTYPES, help="default: bfloat16 on a GPU, float32 on the CPU")
+    g.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too "
+                   "(or set FLUXSPACE_DEBUG=1)")  # fmt: skip
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -62,18 +90,36 @@ class SpecArg:
     parse: Callable[[str], object] = str
     choices: tuple[str, ...] | None = None
     switch: bool = False  # a bare flag that sets True
+    kind: str = "text"  # what the edits file may hold: a key of FILE_TYPES
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# The TOML value types of the edits file, by kind: (what the message calls it, test).
+FILE_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "text": ("a string", lambda v: isinstance(v, str)),
+    "number": ("a number", _number),
+    "step or time": ("an integer step or a time in [0, 1]", _number),
+    "blocks": ("a list of block indices or a range string like \"0-9\"",
+               lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in v))),  # fmt: skip
+    "switch": ("true or false", lambda v: isinstance(v, bool)),
+    "words": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(w, str) for w in v)),
+}
 
 
 # Every field of EditSpec, by name: the edits file uses the field names as keys, the flags are listed
 # here. build_parser refuses to run if a field has no entry, so a new option cannot miss the CLI.
 SPEC_ARGS: dict[str, SpecArg] = {
-    "lambda_coarse": SpecArg("--lambda-coarse", "coarse (pooled-vector) edit strength (default 0)", float),
+    "lambda_coarse": SpecArg("--lambda-coarse", "coarse (pooled-vector) edit strength (default 0)", float, kind="number"),
     "coarse_prompt": SpecArg("--coarse-prompt", "prompt of the coarse edit (default: the edit words)"),
     "start": SpecArg("--start", "first edited step (int) or time t in [0, 1] (float); default 0",
-                     lambda text: grammar.step_or_time("start", text)),  # fmt: skip
+                     lambda text: grammar.step_or_time("start", text), kind="step or time"),  # fmt: skip
     "end": SpecArg("--end", "first step no longer edited (int) or time t (float); default: the end",
-                   lambda text: grammar.step_or_time("end", text)),  # fmt: skip
-    "blocks": SpecArg("--blocks", "double blocks that edit, e.g. 0-9 or 0,3,5 (default: all)", grammar.blocks),
+                   lambda text: grammar.step_or_time("end", text), kind="step or time"),  # fmt: skip
+    "blocks": SpecArg("--blocks", "double blocks that edit, e.g. 0-9 or 0,3,5 (default: all)", grammar.blocks,
+                      kind="blocks"),  # fmt: skip
     "prior_prompt": SpecArg("--prior", "prior prompt phi (default: empty)"),
     "projection": SpecArg("--projection", "project the direction after the output projection (default) or before it",
                           choices=PROJECTIONS),  # fmt: skip
@@ -83,17 +129,18 @@ SPEC_ARGS: dict[str, SpecArg] = {
                              "orthogonal component (default), a plain difference, or none (ablations)",
                              choices=PRIOR_REMOVALS),  # fmt: skip
     "reference": SpecArg("--reference", "reproduce the unofficial implementation exactly "
-                         "(docs/fluxspace_reference_notes.md)", switch=True),  # fmt: skip
+                         "(docs/fluxspace_reference_notes.md)", switch=True, kind="switch"),  # fmt: skip
 }
 # Concepts come from --edit WORD[:LAMBDA] (prompt, lambda_fine), --tau and --mask-words, or from
 # [[concept]] tables of the edits file whose keys are Concept's field names.
 CONCEPT_FLAGS = {"prompt": "--edit", "lambda_fine": "--edit", "tau_m": "--tau", "mask_words": "--mask-words"}
+CONCEPT_KINDS = {"prompt": "text", "lambda_fine": "number", "tau_m": "number", "mask_words": "words"}
 
 
 def _check_flag_tables() -> None:
     fields = {f.name for f in dataclasses.fields(EditSpec)} - {"concepts"}
     concept_fields = {f.name for f in dataclasses.fields(Concept)}
-    if set(SPEC_ARGS) != fields or set(CONCEPT_FLAGS) != concept_fields:
+    if set(SPEC_ARGS) != fields or not set(CONCEPT_FLAGS) == set(CONCEPT_KINDS) == concept_fields:
         raise RuntimeError(
             f"the CLI does not cover the edit's fields: EditSpec {sorted(fields ^ set(SPEC_ARGS))}, "
             f"Concept {sorted(concept_fields ^ set(CONCEPT_FLAGS))}"
@@ -201,22 +248,41 @@ def _parsed(name: str, value):
 def _edits_file(path: str, tau: float) -> tuple[list[Concept], dict]:
     """Concepts and settings of an edits file; keys are EditSpec's and Concept's field names."""
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise CLIError(f"--edits-file {path}: {e}") from None
+        data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CLIError(f"--edits-file {path}: cannot read it: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CLIError(f"--edits-file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                       "TOML files are UTF-8") from None  # fmt: skip
+    except tomllib.TOMLDecodeError as e:
+        raise CLIError(f"--edits-file {path} is not valid TOML: {e}") from None
     unknown = set(data) - set(SPEC_ARGS) - {"concept"}
     if unknown:
         raise CLIError(f"--edits-file: unknown keys {sorted(unknown)}; valid: {sorted(set(SPEC_ARGS) | {'concept'})}")
+    for name, value in data.items():
+        if name != "concept":
+            _check_type(path, name, value, SPEC_ARGS[name].kind)
     concepts = []
     tables = data.pop("concept", [])
     if not isinstance(tables, list) or not all(isinstance(c, dict) for c in tables):
-        raise CLIError("--edits-file: 'concept' must be a list of [[concept]] tables")
+        raise CLIError(f"--edits-file {path}: 'concept' must be [[concept]] tables (each with prompt = \"...\")")
     for i, c in enumerate(tables):
         if set(c) - set(CONCEPT_FLAGS) or "prompt" not in c:
             raise CLIError(f"--edits-file: [[concept]] {i} needs 'prompt' and may have {sorted(CONCEPT_FLAGS)}")
+        for name, value in c.items():
+            _check_type(path, f"[[concept]] {i} {name}", value, CONCEPT_KINDS[name])
         mask_words = tuple(c["mask_words"]) if "mask_words" in c else None
         concepts.append(Concept(**{"tau_m": tau, **c, "mask_words": mask_words}))
-    return concepts, {name: _parsed(name, value) for name, value in data.items()}
+    try:
+        return concepts, {name: _parsed(name, value) for name, value in data.items()}
+    except ValueError as e:
+        raise CLIError(f"--edits-file {path}: {e}") from None
+
+
+def _check_type(path: str, key: str, value, kind: str) -> None:
+    what, ok = FILE_TYPES[kind]
+    if not ok(value):
+        raise CLIError(f"--edits-file {path}: {key} must be {what}; got {value!r}")
 
 
 def spec_from(args) -> EditSpec:
@@ -234,12 +300,17 @@ def spec_from(args) -> EditSpec:
 
 
 def seeds_for(args) -> list[int]:
-    """`--seed S --batch N` -> S, S+1, ...; several seeds -> those seeds."""
+    """`--seed S --batch N` -> S, S+1, ...; several seeds -> those seeds. Each in [0, 2^64)."""
     batch = args.batch if args.batch is not None else len(args.seed)
     if batch < 1:
         raise CLIError(f"--batch must be >= 1; got {batch}")
     if len(args.seed) == 1:
-        return [args.seed[0] + i for i in range(batch)]
-    if len(args.seed) != batch:
+        seeds = [args.seed[0] + i for i in range(batch)]
+    elif len(args.seed) != batch:
         raise CLIError(f"--batch {batch} needs 1 or {batch} seeds; got {len(args.seed)}")
-    return list(args.seed)
+    else:
+        seeds = list(args.seed)
+    bad = [seed for seed in seeds if not 0 <= seed < SEED_RANGE]
+    if bad:
+        raise CLIError(f"--seed {bad[0]} is out of range: seeds are integers in [0, 2^64 - 1 = {SEED_RANGE - 1}]")
+    return seeds

@@ -1,28 +1,44 @@
 """The `fluxspace` command: generate images, edit them with FluxSpace, sweep edit parameters.
 
-Every argument is checked before any model is loaded, so a typo costs nothing. Without --model the
-shipped flux-mini is used.
+Every argument, output path and the run's memory are checked before any model is loaded, so a typo
+costs nothing; a command's images are written as a set, all or none (flux_core.atomic.FileSet), and
+SIGTERM is handled like Ctrl-C. Errors are one line (`fluxspace: error: ...`, exit status 2); --debug
+or FLUXSPACE_DEBUG=1 adds the traceback. Without --model the shipped flux-mini is used.
 """
 
 import dataclasses
+import os
 import re
+import signal
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from flux_core import Preset
-from flux_core.loading import read_ae_params, read_flux_params
+import torch
+
+from flux_core import FluxParams, Preset
+from flux_core.atomic import FileSet
+from flux_core.autoencoder import AutoEncoderParams
+from flux_core.loading import read_ae_params, read_flux_params, resolve_dtype
 
 from . import grammar
-from .arguments import CLIError, build_parser, inversion_from, seeds_for, spec_from
+from .arguments import CLIError, build_parser, check_device, inversion_from, seeds_for, spec_from
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
 from .inversion import fit_image, invert_image, read_image
+from .metadata import run_metadata
 from .models import ModelPaths, flux_mini_path, load_models, resolve_paths, resolve_preset
+from .resources import check_fits, footprint, weight_count
 from .run import generate
 from .settings import SampleSettings
 from .spec import EditSpec, validate
 from .sweep import sweep, vary
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that open temporary files are removed on the way out."""
 
 
 def check_spec(spec: EditSpec, settings: SampleSettings, chosen: "Chosen") -> None:
@@ -33,18 +49,42 @@ def check_spec(spec: EditSpec, settings: SampleSettings, chosen: "Chosen") -> No
         raise CLIError(str(e)) from None
 
 
-def edit_params(result, models) -> dict:
-    s = result.settings
-    return {
-        "command": "edit", "prompt": result.prompt, "seed": result.seed, "width": s.width, "height": s.height,
-        "steps": s.steps, "guidance": s.guidance, "cfg_scale": s.cfg_scale, "negative_prompt": s.negative_prompt,
-        "parity": s.parity, "preset": models.preset.name, "model": str(models.paths.transformer),
-        "edit": dataclasses.asdict(result.spec),
-    }  # fmt: skip
+def edit_params(result, models, command: str = "edit") -> dict:
+    return run_metadata(command, models, result.settings, prompt=result.prompt, seed=result.seed,
+                        edit=dataclasses.asdict(result.spec))  # fmt: skip
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower() or "concept"
+
+
+def mask_names(spec: EditSpec) -> list[str]:
+    """mask-<concept>.png per concept; a name taken by an earlier concept gets -2, -3, ..."""
+    names: list[str] = []
+    for concept in spec.concepts:
+        base, k = f"mask-{slug(concept.prompt)}", 1
+        while (name := f"{base}{'' if k == 1 else f'-{k}'}.png") in names:
+            k += 1
+        names.append(name)
+    return names
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Refuse, before any work, output paths that cannot be written: a folder in the way, a file
+    where a folder must be, or a place this process may not create files in."""
+    for path in paths:
+        if path.is_dir():
+            raise CLIError(f"cannot write {path}: a folder of that name is in the way")
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise CLIError(f"cannot write {path}: {ancestor} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=ancestor):
+                pass
+        except OSError as e:
+            raise CLIError(f"cannot write {path}: {e.strerror or e} in {ancestor}") from None
 
 def settings_from(args, chosen: "Chosen", *, real_image: bool = False) -> SampleSettings:
     """The sampling settings of the command, resolved with the model's defaults and checked."""
@@ -69,7 +109,9 @@ def output_paths(out: str, n: int) -> list[Path]:
         raise CLIError(f"--out must be a .png path; got {out}")
     if out.exists() and out.is_dir():
         raise CLIError(f"--out {out} is a folder; give a file name ending in .png")
-    return [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
+    check_writable(paths)
+    return paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,20 +120,41 @@ class Chosen:
 
     paths: ModelPaths
     preset: Preset
-    pixels_per_token: int  # image pixels a token covers: sizes must be multiples of it
-    depth: int  # double blocks of the transformer: the range an edit's blocks must fall in
+    flux: FluxParams
+    ae: AutoEncoderParams
+    n_weights: int  # parameters of all four parts
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def pixels_per_token(self) -> int:
+        """Image pixels a token covers: sizes must be multiples of it."""
+        return 2 * self.ae.downsampling
+
+    @property
+    def depth(self) -> int:
+        """Double blocks of the transformer: the range an edit's blocks must fall in."""
+        return self.flux.depth
+
+    def check_fits(self, s: SampleSettings, batch: int = 1, conditions: int = 0) -> None:
+        """Refuse a run whose memory this device does not have (resources.py)."""
+        need = footprint(self.n_weights, self.flux, self.ae, self.preset.t5_max_length, s.width, s.height,
+                         self.pixels_per_token, batch, s.cfg_scale != 1.0, conditions, self.dtype)  # fmt: skip
+        try:
+            check_fits(need, self.device, f"{s.width}x{s.height} px, batch {batch}")
+        except ValueError as e:
+            raise CLIError(str(e)) from None
 
 
 def choose_model(args) -> Chosen:
-    """Find the model's files (default: the shipped flux-mini) and read their headers."""
-    try:
-        model = args.model if args.model else flux_mini_path()
-        paths = resolve_paths(model, args.ae, args.text_encoders)
-        preset = resolve_preset(paths, args.preset)
-        depth = read_flux_params(paths.transformer).depth
-        return Chosen(paths, preset, 2 * read_ae_params(paths.ae).downsampling, depth)
-    except FileNotFoundError as e:
-        raise CLIError(str(e)) from None
+    """Check device and dtype, find the model's files (default: the shipped flux-mini), read their headers."""
+    device = check_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = args.model if args.model else flux_mini_path()
+    paths = resolve_paths(model, args.ae, args.text_encoders)
+    preset = resolve_preset(paths, args.preset)
+    flux, ae = read_flux_params(paths.transformer), read_ae_params(paths.ae)
+    return Chosen(paths, preset, flux, ae, weight_count(paths.transformer, paths.ae, paths.text_encoders), device, dtype)
 
 
 def run_generate(args) -> int:
@@ -101,30 +164,16 @@ def run_generate(args) -> int:
     all_seeds = seeds * len(args.prompt)
     paths = output_paths(args.out, len(prompts))
     chosen = choose_model(args)
-    settings = settings_from(args, chosen)
+    s = settings_from(args, chosen)
+    chosen.check_fits(s, batch=len(seeds))
     models = load_for(args, chosen)
-    s = settings
     images = []
     for i in range(0, len(prompts), len(seeds)):
         images += generate(models, prompts[i : i + len(seeds)], all_seeds[i : i + len(seeds)], s, progress=not args.quiet)
-    for image, path, prompt, seed in zip(images, paths, prompts, all_seeds, strict=True):
-        params = {
-            "command": "generate",
-            "prompt": prompt,
-            "seed": seed,
-            "width": s.width,
-            "height": s.height,
-            "steps": s.steps,
-            "guidance": s.guidance,
-            "cfg_scale": s.cfg_scale,
-            "negative_prompt": s.negative_prompt,
-            "parity": s.parity,
-            "preset": models.preset.name,
-            "model": str(models.paths.transformer),
-            "dtype": str(models.dtype).removeprefix("torch."),
-        }
-        save_png(image, path, params)
-        print(path)
+    with FileSet() as outputs:
+        for image, path, prompt, seed in zip(images, paths, prompts, all_seeds, strict=True):
+            save_png(image, path, run_metadata("generate", models, s, prompt=prompt, seed=seed), outputs)
+    print(*paths, sep="\n")
     return 0
 
 
@@ -144,43 +193,46 @@ def load_for(args, chosen: Chosen):
 
 
 def run_edit(args) -> int:
-    spec = spec_from(args)
     chosen = choose_model(args)
+    spec = spec_from(args)
     settings = settings_from(args, chosen, real_image=args.image is not None)
     check_spec(spec, settings, chosen)
     if len(args.seed) != 1:
         raise CLIError("edit takes one --seed")
+    seeds_for(args)  # the seed's range
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out-dir {out} exists and is not a folder")
+    names = ["original.png", "edited.png", "side_by_side.png", *mask_names(spec)]
+    check_writable([out / name for name in names])
     inversion = inversion_from(args) if args.image else None
-    image = _image(args) if args.image else None
+    image = _image(args, chosen) if args.image else None
+    size = dataclasses.replace(settings, width=image.width, height=image.height) if image else settings
+    chosen.check_fits(size, conditions=1 + len(spec.concepts) if spec.has_fine else 0)
     models = load_for(args, chosen)
     result = edit_image(models, args.prompt, spec, seed=args.seed[0], settings=settings, progress=not args.quiet,
                         image=image, inversion=inversion, fit=args.fit)  # fmt: skip
     params = edit_params(result, models)
     if image is not None:
         params |= {"image_path": str(args.image), "inversion": dataclasses.asdict(inversion), "fit": args.fit}
-    written = [
-        save_png(result.original, out / "original.png", {**params, "image": "original"}),
-        save_png(result.edited, out / "edited.png", {**params, "image": "edited"}),
-        save_png(side_by_side([result.original, result.edited]), out / "side_by_side.png", {**params, "image": "side_by_side"}),
-    ]
-    for concept, mask in zip(spec.concepts, result.masks, strict=True):
-        overlay = mask_overlay(result.original, mask)
-        written.append(save_png(overlay, out / f"mask-{slug(concept.prompt)}.png", {**params, "image": f"mask {concept.prompt}"}))
-    for path in written:
-        print(path)
+    images = [result.original, result.edited, side_by_side([result.original, result.edited])]
+    images += [mask_overlay(result.original, mask) for mask in result.masks]
+    roles = ["original", "edited", "side_by_side", *(f"mask {c.prompt}" for c in spec.concepts)]
+    with FileSet() as outputs:
+        for image_, name, role in zip(images, names, roles, strict=True):
+            save_png(image_, out / name, {**params, "image": role}, outputs)
+    print(*(out / name for name in names), sep="\n")
     return 0
 
 
-def _image(args):
-    """The image, read and fitted before any model is loaded (errors name the file and the problem)."""
+def _image(args, chosen: Chosen):
+    """The image, read and fitted to the model's token grid before any model is loaded (errors name the
+    file and the problem)."""
     try:
         image = read_image(args.image)
         if args.size:
             image = fit_image(image, 1, "resize", args.size)
-        return image
+        return fit_image(image, chosen.pixels_per_token, args.fit)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -188,19 +240,17 @@ def _image(args):
 def run_invert(args) -> int:
     chosen = choose_model(args)
     settings = settings_from(args, chosen, real_image=True)
+    seeds_for(args)  # the seed's range (RF-Inversion's target noise)
     inversion = inversion_from(args)
     (out,) = output_paths(args.out, 1)
-    image = _image(args)
-    try:
-        fit_image(image, chosen.pixels_per_token, args.fit)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    image = _image(args, chosen)
+    chosen.check_fits(dataclasses.replace(settings, width=image.width, height=image.height))
     models = load_for(args, chosen)
     r = invert_image(models, image, args.prompt, settings=settings, inversion=inversion, fit=args.fit, seed=args.seed[0])
     s = r.settings
-    params = {"command": "invert", "image_path": str(args.image), "prompt": args.prompt, "steps": s.steps,
-              "cfg_scale": s.cfg_scale, "inversion": dataclasses.asdict(inversion), "fit": args.fit, "psnr_db": r.psnr,
-              "evaluations": r.evaluations, "preset": models.preset.name, "model": str(models.paths.transformer)}  # fmt: skip
+    params = run_metadata("invert", models, s, prompt=args.prompt, seed=args.seed[0], image_path=str(args.image),
+                          inversion=dataclasses.asdict(inversion), fit=args.fit, psnr_db=r.psnr,
+                          evaluations=r.evaluations)  # fmt: skip
     print(save_png(r.reconstruction, out, params))
     print(f"reconstruction PSNR {r.psnr:.2f} dB at {r.image.width}x{r.image.height}, {s.steps} steps, "
           f"{r.evaluations} transformer evaluations")  # fmt: skip
@@ -208,8 +258,8 @@ def run_invert(args) -> int:
 
 
 def run_sweep(args) -> int:
-    spec = spec_from(args)
     chosen = choose_model(args)
+    spec = spec_from(args)
     settings = settings_from(args, chosen)
     axes = [grammar.vary(item) for item in args.vary]
     if len(axes) > 2:
@@ -219,7 +269,9 @@ def run_sweep(args) -> int:
             check_spec(vary(spec, name, v), settings, chosen)
     if len(args.seed) != 1:
         raise CLIError("sweep takes one --seed")
+    seeds_for(args)  # the seed's range
     (out,) = output_paths(args.out, 1)
+    chosen.check_fits(settings, conditions=1 + len(spec.concepts) if spec.has_fine else 0)
     models = load_for(args, chosen)
     shards = out.with_name(out.name + ".shards")  # used under torchrun only (fluxspace/distributed.py)
     grid, results = sweep(
@@ -227,7 +279,7 @@ def run_sweep(args) -> int:
     )
     if grid is None:  # a rank other than 0 of a sharded sweep: its cells are in the shard folder
         return 0
-    params = {**edit_params(results[0][0], models), "command": "sweep", "vary": {n: v for n, v in axes}}
+    params = {**edit_params(results[0][0], models, "sweep"), "vary": {n: v for n, v in axes}}
     print(save_png(grid, out, params))
     return 0
 
@@ -235,15 +287,43 @@ def run_sweep(args) -> int:
 COMMANDS = {"generate": run_generate, "edit": run_edit, "invert": run_invert, "sweep": run_sweep}
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _message(e: BaseException) -> str:
+    """One line for an error: our own errors say it all; the system's get their file name."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return f"out of memory ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("FLUXSPACE_DEBUG", "") not in ("", "0")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
-    except CLIError as e:
-        parser.exit(2, f"fluxspace: error: {e}\n")
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"fluxspace: error: {e}\n")
+    except Terminated:
+        print("fluxspace: stopped by SIGTERM; no partial output was left", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("fluxspace: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:
+        if debug:
+            traceback.print_exc()
+        parser.exit(2, f"fluxspace: error: {_message(e)}\n")
+    except Exception as e:  # a bug of ours: still one line, with the way to see more
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (run with --debug for the traceback)"
+        parser.exit(1, f"fluxspace: internal error: {type(e).__name__}: {_message(e)}{hint}\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

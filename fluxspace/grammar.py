@@ -15,11 +15,16 @@ from .spec import Concept
 from .sweep import SWEEPABLE
 
 DEFAULT_LAMBDA = Concept.__dataclass_fields__["lambda_fine"].default
+# Without a model at hand: more double blocks than any Flux has (FLUX.1 19, FLUX.2 8), so a range
+# like 0-999999999999 is refused instead of expanded.
+MAX_BLOCKS = 1024
 
 
 def concept(text: str, tau_m: float, mask_words=None) -> Concept:
     """'eyeglasses' (lambda_fine 5) or 'eyeglasses:5' or 'red hair:-3'."""
     word, lam = text, DEFAULT_LAMBDA
+    if text.count(":") > 1:
+        raise ValueError(f"--edit {text!r} has more than one ':'; write WORD or WORD:LAMBDA (e.g. hat:5), one ':' at most")
     if ":" in text:
         word, _, value = text.rpartition(":")
         try:
@@ -29,8 +34,9 @@ def concept(text: str, tau_m: float, mask_words=None) -> Concept:
     return Concept(prompt=word.strip(), lambda_fine=lam, tau_m=tau_m, mask_words=tuple(mask_words) if mask_words else None)
 
 
-def blocks(text: str) -> tuple[int, ...]:
-    """'0-9' or '0,3,5' or '0-2,7' -> the block indices in the order written."""
+def blocks(text: str, limit: int = MAX_BLOCKS) -> tuple[int, ...]:
+    """'0-9' or '0,3,5' or '0-2,7' -> the block indices in the order written; indices >= limit are
+    refused before any range is expanded."""
     out = []
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
@@ -39,6 +45,8 @@ def blocks(text: str) -> tuple[int, ...]:
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
         if b < a:
             raise ValueError(f"--blocks: the range {part.strip()!r} runs backwards; write it as {b}-{a}")
+        if b >= limit:
+            raise ValueError(f"--blocks: block {b} is out of range; this model has double blocks 0..{limit - 1}")
         out.append(range(a, b + 1))
     return tuple(i for r in out for i in r)
 

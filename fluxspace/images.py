@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from flux_core.atomic import atomic_file
+from flux_core.atomic import FileSet, atomic_file
 
 METADATA_KEY = "fluxspace"
 
@@ -33,12 +33,13 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return (a.permute(2, 0, 1)[None] / 127.5) - 1.0
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
-    """Write `image` to `path` with `params` in its metadata; atomic (temp file + rename)."""
+def save_png(image: Image.Image, path: str | os.PathLike, params: dict, outputs: FileSet | None = None) -> Path:
+    """Write `image` to `path` with `params` in its metadata; atomic (temp file + rename). With
+    `outputs` the file joins that set and appears only when the whole set is committed."""
     info = PngImagePlugin.PngInfo()
     info.add_text(METADATA_KEY, json.dumps(params, sort_keys=True, default=str))
     info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in params.items()))
-    with atomic_file(path) as f:
+    with atomic_file(path) if outputs is None else outputs.file(path) as f:
         image.save(f, format="PNG", pnginfo=info)
     return Path(path)
 

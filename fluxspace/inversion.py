@@ -27,6 +27,8 @@ t (forward_time="schedule", the default): the model is asked about the point it 
 and inversion and sampling see the same times. forward_time="linear" reproduces the pipeline.
 """
 
+import re
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -140,18 +142,40 @@ def reconstruct(v: StepVelocity, noise: Tensor, timesteps: list[float], settings
 FITS = ("resize", "crop")
 
 
+# The largest image read: its header is checked before any pixel is decoded (a 64 MP photo takes
+# 192 MB as RGB; what it costs the model is checked later, at the size it is fitted to).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
 def read_image(image) -> Image.Image:
-    """A path or a PIL image -> an RGB PIL image; anything else, unreadable files and non-RGB modes
-    that do not convert to RGB (e.g. 16-bit integer) are refused with the reason."""
+    """A path or a PIL image -> an RGB PIL image; anything else, unreadable files, images of more than
+    MAX_IMAGE_PIXELS (judged by the header, before decoding) and non-RGB modes that do not convert to
+    RGB (e.g. 16-bit integer) are refused with the reason."""
     if not isinstance(image, Image.Image):
+        path = image
         try:
-            image = Image.open(image)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own bound follows
+                image = Image.open(path)
+            _check_pixels(path, *image.size)
             image.load()
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read image {image!r}: {e}") from None
+        except Image.DecompressionBombError as e:
+            size = re.search(r"\((\d+) pixels\)", str(e))
+            raise ValueError(f"image {path}: {size.group(1) if size else 'too many'} pixels in its header; "
+                             f"at most {MAX_IMAGE_PIXELS:,} are read: downscale it first") from None  # fmt: skip
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+    else:
+        _check_pixels("given", *image.size)
     if image.mode not in ("RGB", "RGBA", "L", "P", "LA", "CMYK"):
         raise ValueError(f"image mode {image.mode!r} is not an RGB-convertible image; give an 8-bit RGB or greyscale image")
     return image.convert("RGB")
+
+
+def _check_pixels(name, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image {name} is {width}x{height} px ({width * height:,} pixels); at most "
+                         f"{MAX_IMAGE_PIXELS:,} are read: downscale it first")  # fmt: skip
 
 
 def fit_image(image: Image.Image, pixels_per_token: int, fit: str = "resize", size: int | None = None) -> Image.Image:

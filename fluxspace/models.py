@@ -143,11 +143,15 @@ def load_models(
 
     model: see resolve_paths; None loads the shipped flux-mini.
     """
-    from flux_core.conditioner import load_text_encoders
+    from flux_core.conditioner import VALID_DTYPES, load_text_encoders
 
     paths = resolve_paths(model if model is not None else flux_mini_path(), ae, text_encoders)
     chosen = resolve_preset(paths, preset)
     dtype = resolve_dtype(dtype, device)
+    if dtype not in VALID_DTYPES:  # before anything is loaded: one dtype serves all four parts
+        valid = ", ".join(str(d).removeprefix("torch.") for d in VALID_DTYPES)
+        raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported: the text encoders (T5 "
+                         f"overflows in float16) take {valid}")  # fmt: skip
     flow = load_flow_model(paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype)
     autoencoder = load_autoencoder(paths.ae, device=device, dtype=dtype)
     text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=device, dtype=dtype)

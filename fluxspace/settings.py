@@ -11,6 +11,12 @@ from dataclasses import dataclass, replace
 from flux_core import Preset
 from flux_core.sampling import PIXELS_PER_TOKEN, check_image_size
 
+# Bounds checked before any work. FLUX.1 is trained up to about 2 MP; 4096 x 4096 is 8x that, and
+# beyond it a run is a typo, not an experiment (its memory is checked separately: resources.py).
+MAX_PIXELS = 4096 * 4096
+# Rectified flows sample in 1-50 steps; 10,000 leaves room for any solver study.
+MAX_STEPS = 10_000
+
 
 @dataclass(frozen=True)
 class SampleSettings:
@@ -42,13 +48,16 @@ class SampleSettings:
     def validate(self, pixels_per_token: int = PIXELS_PER_TOKEN) -> None:
         """Check what can be checked; sizes only once given (pixels_per_token: the model's, see FluxModels)."""
         if self.width is not None or self.height is not None:
-            check_image_size(
-                self.height if self.height is not None else pixels_per_token,
-                self.width if self.width is not None else pixels_per_token,
-                pixels_per_token,
-            )
+            height = self.height if self.height is not None else pixels_per_token
+            width = self.width if self.width is not None else pixels_per_token
+            check_image_size(height, width, pixels_per_token)
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"{width}x{height} px is {width * height:,} pixels; at most 4096 x 4096 = "
+                                 f"{MAX_PIXELS:,} are sampled")  # fmt: skip
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
+        if self.steps is not None and self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be at most {MAX_STEPS:,}; got {self.steps:,}")
         for name in ("guidance", "cfg_scale"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(float(value)):

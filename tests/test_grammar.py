@@ -12,7 +12,8 @@ from fluxspace.spec import Concept, EditSpec
 def test_concepts():
     assert grammar.concept("hat", 0.5) == Concept("hat", 5.0, 0.5, None)
     assert grammar.concept("red hair:-3", 0.0, ["hair"]) == Concept("red hair", -3.0, 0.0, ("hair",))
-    assert grammar.concept("a:b:2.5", 0.5).prompt == "a:b"  # the last ':' separates lambda
+    with pytest.raises(ValueError, match=r"--edit 'hat:5:3' has more than one ':'; write WORD or WORD:LAMBDA"):
+        grammar.concept("hat:5:3", 0.5)  # ambiguous: refused, not run as the concept "hat:5"
 
 
 @pytest.mark.parametrize("text", ["hat:big", "hat:", "hat:1e", "hat:--2"])
@@ -37,6 +38,7 @@ def test_blocks():
         ("", r"--blocks: '' is not an index or a range like 0-9"),
         ("1.5", r"--blocks: '1.5' is not an index"),
         ("5-2", r"--blocks: the range '5-2' runs backwards; write it as 2-5"),
+        ("0-999999999999", r"--blocks: block 999999999999 is out of range; this model has double blocks 0..1023"),
     ],
 )
 def test_bad_blocks(text, message):

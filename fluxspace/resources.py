@@ -1,0 +1,93 @@
+"""Will a run fit? Its memory, estimated from the files' headers and the settings before anything is
+loaded, against what the device has.
+
+    weights      every tensor of the transformer, autoencoder and text encoders, in the run's dtype
+    activations  one transformer forward: rows (batch x 2 under true CFG) x tokens x width x
+                 ACTIVATION_FACTOR, plus FluxSpace's extra conditions; the autoencoder's decoder at
+                 full resolution. Attention runs in fused kernels (flux_core.math, fluxspace/attention.py),
+                 which never hold the L x L scores, so nothing here is quadratic in the tokens.
+
+An estimate, on the generous side: a run refused here would not have fitted; one accepted may still
+fail on a device shared with other work, and then torch's own out-of-memory error says so.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flux_core import FluxParams
+from flux_core.autoencoder import AutoEncoderParams
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS
+from flux_core.files import open_weights, read_header
+
+GiB = 2**30
+# Live tensors of one block, in multiples of rows x tokens x width: q, k, v, the attention output,
+# the MLP's hidden layer (mlp_ratio 4), the residual stream and the modulated input, with headroom.
+ACTIVATION_FACTOR = 16
+# The decoder's full-resolution level holds about this many feature maps of ch channels at once.
+DECODER_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class Footprint:
+    weights: int  # bytes
+    activations: int  # bytes
+    rows: int  # transformer batch rows
+    tokens: int  # image + text tokens per row
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+def weight_count(transformer: Path, ae: Path, text_encoders: Path) -> int:
+    """Parameters of the four parts, from their headers."""
+    count = sum(math.prod(s) for s in open_weights(transformer, "transformer").shapes.values())
+    count += sum(math.prod(s) for s in open_weights(ae, "ae").shapes.values())
+    for folder in TEXT_ENCODER_FOLDERS[:2]:  # text_encoder/, text_encoder_2/: the two models
+        for file in sorted((Path(text_encoders) / folder).glob("*.safetensors")):
+            count += sum(math.prod(s) for s in read_header(file)[0].values())
+    return count
+
+
+def footprint(
+    n_weights: int, params: FluxParams, ae: AutoEncoderParams, t5_length: int, width: int, height: int,
+    pixels_per_token: int, batch: int, cfg: bool, conditions: int, dtype: torch.dtype,
+) -> Footprint:  # fmt: skip
+    """The memory of a run; conditions: extra text conditions of a FluxSpace edit (prior + concepts)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    n_img = (height // pixels_per_token) * (width // pixels_per_token)
+    rows = batch * (2 if cfg else 1)
+    tokens = n_img + t5_length
+    per_row = tokens * params.hidden_size * ACTIVATION_FACTOR
+    # FluxSpace: each condition's text stream through the double blocks, and its image-text
+    # attention output merged in float32 with the shared image-image part.
+    per_row += conditions * (t5_length * params.hidden_size * ACTIVATION_FACTOR + 3 * n_img * params.hidden_size * 2)
+    decoder = batch * ae.ch * ae.ch_mult[0] * width * height * DECODER_FACTOR * 4  # float32 decode
+    return Footprint(n_weights * size, max(rows * per_row * size, decoder), rows, tokens)
+
+
+def available(device: str | torch.device) -> int | None:
+    """Bytes the device can still give: free GPU memory, or the OS's MemAvailable; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check_fits(need: Footprint, device: str | torch.device, what: str) -> None:
+    """Refuse, with the estimate and the limit, a run the device cannot hold. what: e.g. '64x64 px, batch 1'."""
+    have = available(device)
+    if have is not None and need.total > have:
+        raise ValueError(
+            f"this run needs about {need.total / GiB:.1f} GiB ({need.weights / GiB:.1f} weights, "
+            f"{need.activations / GiB:.1f} activations for {need.rows} rows of {need.tokens} tokens: {what}) but "
+            f"{device} has {have / GiB:.1f} GiB available; use a smaller size or batch, bfloat16, or a larger device"
+        )
