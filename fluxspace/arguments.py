@@ -197,8 +197,15 @@ def inversion_from(args) -> InversionSettings:
     return s
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage is one -h away), as every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fluxspace", description="generate images, edit them with FluxSpace, sweep edit parameters"
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -287,8 +287,14 @@ def run_sweep(args) -> int:
 COMMANDS = {"generate": run_generate, "edit": run_edit, "invert": run_invert, "sweep": run_sweep}
 
 
+_RUNNING = []  # commands in progress in this process (main() calls)
+
+
 def _terminate(signum, frame):
-    raise Terminated()
+    """SIGTERM: inside a command, unwind like Ctrl-C (temporaries removed); after it, just exit."""
+    if _RUNNING:
+        raise Terminated()
+    os._exit(128 + signum)
 
 
 def _message(e: BaseException) -> str:
@@ -304,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("FLUXSPACE_DEBUG", "") not in ("", "0")
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _terminate)  # kept after return: a late SIGTERM exits 143, not by the signal
+    _RUNNING.append(args.command)
     try:
         return COMMANDS[args.command](args)
     except Terminated:
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if debug else " (run with --debug for the traceback)"
         parser.exit(1, f"fluxspace: internal error: {type(e).__name__}: {_message(e)}{hint}\n")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _RUNNING.pop()
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ loaded, against what the device has.
 
     weights      every tensor of the transformer, autoencoder and text encoders, in the run's dtype
     activations  one transformer forward: rows (batch x 2 under true CFG) x tokens x width x
-                 ACTIVATION_FACTOR, plus FluxSpace's extra conditions; the autoencoder's decoder at
-                 full resolution. Attention runs in fused kernels (flux_core.math, fluxspace/attention.py),
-                 which never hold the L x L scores, so nothing here is quadratic in the tokens.
+                 ACTIVATION_FACTOR, plus FluxSpace's extra conditions; the transformer's attention
+                 runs in fused kernels (flux_core.math, fluxspace/attention.py), which never hold the
+                 L x L scores. Then the autoencoder: its decoder at full resolution, and its
+                 mid-block attention, which does hold the scores over all latent positions (quadratic:
+                 1 GiB at 1024 x 1024 px in float32, 16 GiB at 2048 x 2048).
 
 An estimate, on the generous side: a run refused here would not have fitted; one accepted may still
 fail on a device shared with other work, and then torch's own out-of-memory error says so.
@@ -66,7 +68,11 @@ def footprint(
     # FluxSpace: each condition's text stream through the double blocks, and its image-text
     # attention output merged in float32 with the shared image-image part.
     per_row += conditions * (t5_length * params.hidden_size * ACTIVATION_FACTOR + 3 * n_img * params.hidden_size * 2)
-    decoder = batch * ae.ch * ae.ch_mult[0] * width * height * DECODER_FACTOR * 4  # float32 decode
+    decoder = batch * ae.ch * ae.ch_mult[0] * width * height * DECODER_FACTOR * size
+    # The autoencoder's mid-block attention runs over every latent position at once, and its
+    # channel width (ch x 4) is beyond the fused CPU kernels: the P x P scores are held.
+    positions = (height // ae.downsampling) * (width // ae.downsampling)
+    decoder = max(decoder, batch * positions**2 * size)
     return Footprint(n_weights * size, max(rows * per_row * size, decoder), rows, tokens)
 
 
