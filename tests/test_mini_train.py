@@ -14,6 +14,7 @@ from flux_core.model import FluxParams
 from flux_core.presets import get_preset
 from fluxspace import SampleSettings, generate, load_models
 from fluxspace.mini.build import BuildConfig, build, folder_size, parse_restarts
+from fluxspace.mini.checkpoint import load_checkpoint
 from fluxspace.mini.data import cached_faces, caption_sets, make_faces
 from fluxspace.mini.train import CHECKPOINT, LOG, TrainConfig, learning_rate
 from fluxspace.mini.train_ae import train_autoencoder
@@ -100,8 +101,8 @@ def test_resume_is_bit_identical(tmp_path):
     rest = train_flow(latents, bank, SMALL_FLUX, config, tmp_path / "split", resume=True, progress=False)
     assert (rest.step, rest.finished) == (6, True)
 
-    a = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
-    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
+    a = load_checkpoint(tmp_path / "whole" / CHECKPOINT)
+    b = load_checkpoint(tmp_path / "split" / CHECKPOINT)
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
@@ -162,7 +163,7 @@ def test_tiny_build_loads_and_samples(tmp_path):
     preset = get_preset("flux-mini")
     flow = load_flow_model(out / "flux-mini.safetensors")  # no preset: shape and RoPE from the file
     assert flow.params == preset.params
-    assert next(iter(torch.load(tmp_path / "work" / "flow" / CHECKPOINT, weights_only=True)["ema"].values())).dtype == torch.float32
+    assert next(iter(load_checkpoint(tmp_path / "work" / "flow" / CHECKPOINT)["ema"].values())).dtype == torch.float32
 
     models = load_models(out)
     assert models.preset.name == "flux-mini"
