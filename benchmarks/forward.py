@@ -50,6 +50,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from flux_core import Flux, FluxParams, get_preset
@@ -378,7 +379,9 @@ def run_worker(args) -> dict:
             total_peak_bytes=mem["peak"] if device == "cuda" else None,
             loadavg_end=os.getloadavg()[0],
         )
-        torch.save(mem["out"].float().cpu(), args.worker_dir / f"{model}-{mode}.pt")
+        # The output for compare_outputs in the parent: safetensors, so reading it runs no pickle.
+        with atomic_file(args.worker_dir / f"{model}-{mode}.safetensors") as f:
+            f.write(safetensors.torch.save({"out": mem["out"].float().cpu().contiguous()}))
     except Exception as e:  # a benchmark reports what failed (e.g. compile on CPU) and goes on
         result.update(status="failed", error=f"{type(e).__name__}: {first_line(str(e))}")
         result["traceback"] = traceback.format_exc()[-4000:]
@@ -442,9 +445,9 @@ def compare_outputs(results: list[dict], folder: Path) -> str | None:
     """Add each row's error against the reference output; return the reference's name."""
     outputs = {}
     for r in results:
-        path = folder / f"{r['model']}-{r['mode']}.pt"
+        path = folder / f"{r['model']}-{r['mode']}.safetensors"
         if r["status"] == "ok" and path.is_file():
-            outputs[(r["model"], r["mode"])] = torch.load(path)
+            outputs[(r["model"], r["mode"])] = safetensors.torch.load_file(path)["out"]
     ref_key = next((k for k in (("diffusers", "eager"), ("ours", "eager")) if k in outputs), None)
     for r in results:
         out = outputs.get((r["model"], r["mode"]))

@@ -5,7 +5,9 @@ Mirrors `HFEmbedder` in the official `flux/modules/conditioner.py` and `load_t5`
 to `t5_max_length` (512 dev, 256 schnell), CLIP-L `pooler_output` (not the projection) over 77
 tokens, both without an attention mask, so padding tokens are attended to as in the official code.
 The models come from `transformers` and load from a local folder laid out like the official FLUX.1
-repositories; nothing is downloaded.
+repositories; nothing is downloaded. Weights are read from safetensors only: a `pytorch_model.bin` is
+a pickle, which can run code when loaded, so a folder that has nothing else is refused with the
+one-line conversion to run (tokenizer files are JSON and sentencepiece protobuf, not pickles).
 
 Letters: B batch, T text tokens, C channels.
 """
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from .files import CheckpointError
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only load_text_encoders needs it to run
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
@@ -34,6 +38,10 @@ LAYOUT = {
 TEXT_ENCODER_FOLDERS = tuple(LAYOUT)  # text_encoder, text_encoder_2, tokenizer, tokenizer_2
 # T5 overflows in float16 (its feed-forward activations exceed 65504), so fp16 is refused.
 VALID_DTYPES = (torch.bfloat16, torch.float32)
+# The transformers class of each encoder folder (named in the conversion hint for a pickle-only folder).
+ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}
+# Pickle-based weight files (torch.save): never loaded, only recognised to say how to convert them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class TextEncoders(nn.Module):
@@ -141,13 +149,32 @@ def check_text_encoder_folder(folder: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"text-encoder folder {folder} has no {', no '.join(missing)}; expected {expected}"
         )
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ENCODER_CLASSES:
         if not (folder / name / "config.json").is_file():
             raise FileNotFoundError(
                 f"{folder / name} has no config.json; expected a transformers model save "
                 f"(config.json and *.safetensors) of {LAYOUT[name]}"
             )
+        _check_safetensors_weights(folder / name, ENCODER_CLASSES[name])
     return folder
+
+
+def _check_safetensors_weights(encoder: Path, cls: str) -> None:
+    """Refuse an encoder folder without .safetensors weights, saying how to convert a pickle-only one."""
+    if any(encoder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in encoder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise CheckpointError(
+            f"{encoder} has no *.safetensors weights; expected a transformers model save "
+            "(config.json and *.safetensors)"
+        )
+    raise CheckpointError(
+        f"{encoder} holds only pickle weights ({', '.join(pickles)}), which are not loaded (unpickling can "
+        f"run code); convert them once where you trust the file: python -c \"from transformers import {cls}; "
+        f"{cls}.from_pretrained('{encoder}').save_pretrained('{encoder}')\" "
+        "(save_pretrained writes model.safetensors by default), then remove the pickle"
+    )
 
 
 def load_text_encoders(
@@ -173,8 +200,10 @@ def load_text_encoders(
     folder = check_text_encoder_folder(folder)
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtype, local_files_only=True)
-    clip = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+    # use_safetensors=True: transformers never falls back to a pickle (checked above with a clearer message).
+    kwargs = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **kwargs)
+    clip = CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
     t5_tokenizer = T5Tokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
     clip_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     for name, tokenizer, model in (("T5", t5_tokenizer, t5), ("CLIP", clip_tokenizer, clip)):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from flux_core.conditioner import load_text_encoders
+from flux_core.files import CheckpointError
 from weights_tools.text_encoders import write_random_text_encoders
 
 T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 32, 16, 64
@@ -226,3 +227,38 @@ def test_reference_lookup_keeps_one_token_where_ours_keeps_all(encoders):
     covering = [i for i, (a, b) in enumerate(offsets) if a <= 3 < b]
     assert reference_token_position(tok, word, word) == covering
     assert len(covering) == 1 and covering[0] in pieces
+
+
+@pytest.mark.parametrize("sub, cls", [("text_encoder_2", "T5EncoderModel"), ("text_encoder", "CLIPTextModel")])
+def test_pickle_only_encoder_is_refused_without_unpickling(folder, tmp_path, monkeypatch, sub, cls):
+    target = tmp_path / "flux"
+    shutil.copytree(folder, target)
+    weights = target / sub / "model.safetensors"
+    torch.save(load_file(weights), target / sub / "pytorch_model.bin")  # a real checkpoint transformers could load
+    weights.unlink()
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", unpickle)
+    with pytest.raises(CheckpointError) as err:
+        load_text_encoders(target, t5_max_length=T5_MAX_LENGTH)
+    encoder = target / sub
+    assert str(err.value) == (
+        f"{encoder} holds only pickle weights (pytorch_model.bin), which are not loaded (unpickling can run "
+        f"code); convert them once where you trust the file: python -c \"from transformers import {cls}; "
+        f"{cls}.from_pretrained('{encoder}').save_pretrained('{encoder}')\" (save_pretrained writes "
+        "model.safetensors by default), then remove the pickle"
+    )
+
+
+def test_encoder_without_weights_is_refused(folder, tmp_path):
+    target = tmp_path / "flux"
+    shutil.copytree(folder, target)
+    (target / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_text_encoders(target)
+    assert str(err.value) == (
+        f"{target / 'text_encoder'} has no *.safetensors weights; expected a transformers model save "
+        "(config.json and *.safetensors)"
+    )

@@ -13,7 +13,8 @@ from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 from flux_core.model import FluxParams
 from flux_core.presets import get_preset
 from fluxspace import SampleSettings, generate, load_models
-from fluxspace.mini.build import BuildConfig, build, folder_size, parse_restarts
+from fluxspace.mini.build import BuildConfig, build, folder_size, load_encoded, parse_restarts, save_encoded
+from fluxspace.mini.checkpoint import load_checkpoint
 from fluxspace.mini.data import cached_faces, caption_sets, make_faces
 from fluxspace.mini.train import CHECKPOINT, LOG, TrainConfig, learning_rate
 from fluxspace.mini.train_ae import train_autoencoder
@@ -100,8 +101,8 @@ def test_resume_is_bit_identical(tmp_path):
     rest = train_flow(latents, bank, SMALL_FLUX, config, tmp_path / "split", resume=True, progress=False)
     assert (rest.step, rest.finished) == (6, True)
 
-    a = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
-    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
+    a = load_checkpoint(tmp_path / "whole" / CHECKPOINT)
+    b = load_checkpoint(tmp_path / "split" / CHECKPOINT)
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
@@ -117,6 +118,15 @@ def test_resume_is_bit_identical(tmp_path):
     again = train_flow(latents, bank, SMALL_FLUX, config, tmp_path / "split", resume=True, progress=False)
     assert (again.step, again.loss) == (6, whole.loss) and not np.isnan(again.loss)
     assert logged(tmp_path / "split") == logged(tmp_path / "whole")
+
+
+def test_encoded_cache_round_trips(tmp_path):
+    latents, bank = flow_data()
+    save_encoded(tmp_path / "encoded.safetensors", latents, bank)
+    again, bank_again = load_encoded(tmp_path / "encoded.safetensors")
+    assert torch.equal(again, latents) and bank_again.captions == bank.captions
+    assert all(torch.equal(getattr(bank_again, k), getattr(bank, k)) for k in ("txt", "vec", "ids"))
+    assert bank_again.txt.dtype == torch.bfloat16 and bank_again.ids.dtype == torch.int64
 
 
 def test_second_stage_starts_from_the_given_weights(tmp_path):
@@ -162,7 +172,7 @@ def test_tiny_build_loads_and_samples(tmp_path):
     preset = get_preset("flux-mini")
     flow = load_flow_model(out / "flux-mini.safetensors")  # no preset: shape and RoPE from the file
     assert flow.params == preset.params
-    assert next(iter(torch.load(tmp_path / "work" / "flow" / CHECKPOINT, weights_only=True)["ema"].values())).dtype == torch.float32
+    assert next(iter(load_checkpoint(tmp_path / "work" / "flow" / CHECKPOINT)["ema"].values())).dtype == torch.float32
 
     models = load_models(out)
     assert models.preset.name == "flux-mini"

@@ -7,10 +7,10 @@ Stages (each result cached under --work, default OUT-work, so --resume picks up 
     1. render the training faces (data.py) and draw their captions         work/faces.npz
     2. write the text encoders: tokenizers trained on the caption corpus, T5 and CLIP models random
        and frozen (see below); OUT/text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/
-    3. train the autoencoder (train_ae.py)                                work/ae/{checkpoint.pt,log.jsonl}
+    3. train the autoencoder (train_ae.py)                                work/ae/{checkpoint.safetensors,log.jsonl}
     4. measure its latents (shift = mean, scale = 1/std) and held-out PSNR; write OUT/ae.safetensors
-    5. encode the faces to latents and their captions to features, once   work/latents.pt, captions.pt
-    6. train the flow transformer (train_flow.py)                         work/flow/{checkpoint.pt,log.jsonl}
+    5. encode the faces to latents and their captions to features, once   work/encoded.safetensors
+    6. train the flow transformer (train_flow.py)                         work/flow/{checkpoint.safetensors,log.jsonl}
        then its warm restarts (--flow-restarts), each from the last weights  work/flow-extra, flow-extra-2
     7. write OUT/flux-mini.safetensors: the EMA weights in bf16, official key layout, with metadata
 
@@ -40,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from flux_core.atomic import atomic_file
@@ -122,6 +123,21 @@ def _write_safetensors(module: torch.nn.Module, path: Path, dtype: torch.dtype, 
     state = {k: v.detach().to("cpu", dtype) for k, v in module.state_dict().items()}
     plan = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
     return write_safetensors(path, plan, state.items(), metadata={"format": "pt", **metadata}, force=True)
+
+
+def save_encoded(path: Path, latents: torch.Tensor, bank: CaptionBank) -> None:
+    """The latents and the caption bank in one safetensors file (the captions as JSON metadata), atomically."""
+    tensors = {"latents": latents, "txt": bank.txt, "vec": bank.vec, "ids": bank.ids}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_file(path) as f:
+        f.write(safetensors.torch.save(tensors, metadata={"captions": json.dumps(bank.captions)}))
+
+
+def load_encoded(path: Path) -> tuple[torch.Tensor, CaptionBank]:
+    with safetensors.safe_open(path, "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        captions = tuple(json.loads(f.metadata()["captions"]))
+    return t["latents"], CaptionBank(t["txt"], t["vec"], t["ids"], captions)
 
 
 def tokenizer_corpus(n: int, seed: int) -> list[str]:
@@ -221,11 +237,10 @@ def build(config: BuildConfig) -> dict:
 
     # 5. latents and caption features, encoded once
     t0 = time.monotonic()
-    latents_path, captions_path = work / "latents.pt", work / "captions.pt"
-    cached = config.resume and latents_path.is_file() and captions_path.is_file()
+    encoded_path = work / "encoded.safetensors"  # (latents.pt and captions.pt before: pickles, not read)
+    cached = config.resume and encoded_path.is_file()
     if cached:
-        latents = torch.load(latents_path, weights_only=True)
-        bank = CaptionBank(**torch.load(captions_path, weights_only=True))
+        latents, bank = load_encoded(encoded_path)
         cached = latents.shape[0] == len(faces) and tuple(bank.ids.shape) == (len(faces), config.captions_per_image)
     if not cached:
         with torch.no_grad():
@@ -233,10 +248,7 @@ def build(config: BuildConfig) -> dict:
                 [ae.encode(faces.tensor(slice(i, i + 64)).to(device)).cpu() for i in range(0, len(faces), 64)]
             )  # (N, Z, h, w), normalised: what the flow model learns to produce
         bank = encode_captions(text, captions)
-        with atomic_file(latents_path) as f:
-            torch.save(latents, f)
-        with atomic_file(captions_path) as f:
-            torch.save(vars(bank), f)
+        save_encoded(encoded_path, latents, bank)
     report["unique_captions"] = len(bank.captions)
     del text
     stage_done("encode", t0)

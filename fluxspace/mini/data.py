@@ -119,7 +119,7 @@ def save_faces(faces: Faces, path: str | os.PathLike) -> Path:
 
 
 def load_faces(path: str | os.PathLike) -> Faces:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:  # every array is numeric or str: no object arrays
         seed, _ = f["meta"].tolist()
         return Faces(
             f["images"], _decode_attrs(f["attrs"]), tuple(f["seeds"].tolist()), seed, str(f["split"])

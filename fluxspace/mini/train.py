@@ -14,7 +14,8 @@ drawn from it directly; large noise tensors from a generator on the training dev
 (`fork_generator`), because drawing megabytes of noise on the CPU and copying them would cost a GPU
 step more than the step itself. (So a CUDA run and a CPU run of one seed see different noise.)
 
-Files in `folder`:  checkpoint.pt (model, EMA, optimizer, step, generator state, seconds, config)
+Files in `folder`:  checkpoint.safetensors (model, EMA, optimizer, step, generator state, seconds,
+                                  config; no pickle: see checkpoint.py for the layout)
                     log.jsonl     one line per `log_every` steps: step, loss, lr, grad_norm, seconds
                                   (of training so far, counted on across resumes)
 """
@@ -34,7 +35,11 @@ from tqdm.auto import tqdm
 
 from flux_core.atomic import atomic_file
 
-CHECKPOINT = "checkpoint.pt"
+from .checkpoint import load_checkpoint, save_checkpoint
+
+CHECKPOINT = "checkpoint.safetensors"
+# What the loop wrote before checkpoints left pickle (torch.save); such a folder cannot be resumed.
+OLD_CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 # A loss function gets the model (in training mode) and the run's generator, draws its own batch and
@@ -164,8 +169,9 @@ def train(
 ) -> TrainResult:
     """Train `model` in place for config.steps steps of `loss_fn`, checkpointing into `folder`.
 
-    resume: continue from folder/checkpoint.pt if there is one (same config required); without it a
-    run starts from step 0 and replaces an old checkpoint and log.
+    resume: continue from folder/checkpoint.safetensors if there is one (same config required; one
+    written by this version: an old checkpoint.pt is refused); without it a run starts from step 0 and
+    replaces an old checkpoint and log.
     stop_at: stop after this step (checkpointing), as if interrupted; a later resume finishes the run.
     time_limit: seconds; stop (checkpointing) at the first step boundary past it.
     init: {"model": state_dict, "ema": state_dict} to start a fresh run from (a second stage that
@@ -192,10 +198,15 @@ def train(
     # the last logged interval (what a resumed, already finished run reports).
     elapsed, last_loss = 0.0, float("nan")
 
+    if resume and not ckpt_path.is_file() and (folder / OLD_CHECKPOINT).is_file():
+        raise ValueError(
+            f"cannot resume from {folder / OLD_CHECKPOINT}: checkpoints of that format (pickle) are no longer "
+            f"read; resume needs a {CHECKPOINT} written by this version: start afresh without resume"
+        )
     if resume and ckpt_path.is_file():
-        # Load on the CPU: the generator state must stay a CPU tensor; load_state_dict copies the
+        # Loaded on the CPU: the generator state must stay a CPU tensor; load_state_dict copies the
         # weights onto the model's device and the optimizer moves its moments next to them.
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(ckpt_path)
         _check_resumable(state["config"], config, ckpt_path)
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
@@ -203,27 +214,21 @@ def train(
         generator.set_state(state["generator"])
         step = state["step"]
         last_row = _trim_log(log_path, step)
-        elapsed = state.get("seconds", last_row.get("seconds", 0.0))  # checkpoints before 2026-12 lack it
+        elapsed = state["seconds"]
         last_loss = last_row.get("loss", last_loss)
     else:
         log_path.unlink(missing_ok=True)
         ckpt_path.unlink(missing_ok=True)
+        (folder / OLD_CHECKPOINT).unlink(missing_ok=True)
         if init is not None:
             model.load_state_dict(init["model"])
             ema.model.load_state_dict(init["ema"])
 
     def save() -> None:
-        checkpoint = {
-            "model": model.state_dict(),
-            "ema": ema.model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-            "step": step,
-            "seconds": elapsed + time.monotonic() - started,
-            "config": asdict(config),
-        }
-        with atomic_file(ckpt_path) as f:  # a temporary file, then a rename: never half a checkpoint
-            torch.save(checkpoint, f)
+        save_checkpoint(
+            ckpt_path, model.state_dict(), ema.model.state_dict(), optimizer.state_dict(), generator.get_state(),
+            step=step, seconds=elapsed + time.monotonic() - started, config=asdict(config),
+        )  # fmt: skip
 
     end = config.steps if stop_at is None else min(config.steps, stop_at)
     use_autocast = config.bf16 and device.type == "cuda"
