@@ -8,6 +8,7 @@ inversion settings and the seeds. The commands themselves are in cli.py; the sma
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from flux_core.files import DTYPES
 
 from . import grammar
 from .inversion import FITS, FORWARD_TIMES, SOLVERS, InversionSettings
+from .settings import MAX_PIXELS
 from .spec import COARSE_TARGETS, PRIOR_REMOVALS, PROJECTIONS, Concept, EditSpec
 
 
@@ -30,6 +32,7 @@ class CLIError(Exception):
 # One dtype for the whole model: the ones the text encoders take too (T5 overflows in float16).
 MODEL_DTYPES = tuple(name for name, dtype in DTYPES.items() if dtype in VALID_DTYPES)
 SEED_RANGE = 2**64  # torch.Generator seeds: one seed, one image
+MAX_SIDE = math.isqrt(MAX_PIXELS)  # --size: the longest side an image is resized to
 
 
 def check_device(text: str) -> str:
@@ -192,8 +195,8 @@ def inversion_from(args) -> InversionSettings:
         s.validate()
     except ValueError as e:
         raise CLIError(str(e)) from None
-    if args.size is not None and args.size < 1:
-        raise CLIError(f"--size must be >= 1; got {args.size}")
+    if args.size is not None and not 1 <= args.size <= MAX_SIDE:
+        raise CLIError(f"--size must be in [1, {MAX_SIDE}] (pixels of the longer side); got {args.size}")
     return s
 
 

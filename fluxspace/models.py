@@ -152,6 +152,10 @@ def load_models(
         valid = ", ".join(str(d).removeprefix("torch.") for d in VALID_DTYPES)
         raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported: the text encoders (T5 "
                          f"overflows in float16) take {valid}")  # fmt: skip
+    from .resources import Footprint, check_fits, weight_count
+
+    weights = weight_count(paths.transformer, paths.ae, paths.text_encoders) * torch.empty((), dtype=dtype).element_size()
+    check_fits(Footprint(weights, 0, 0, 0), device, "loading the model")
     flow = load_flow_model(paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype)
     autoencoder = load_autoencoder(paths.ae, device=device, dtype=dtype)
     text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=device, dtype=dtype)

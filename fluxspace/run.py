@@ -30,6 +30,7 @@ from flux_core.sampling import (
 
 from .images import tensor_to_pil
 from .models import FluxModels
+from .resources import check_fits, footprint
 from .settings import SampleSettings
 
 
@@ -59,6 +60,9 @@ class SamplingRun:
         if len(prompts) != len(seeds):
             raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
         s = models.sample_settings(settings, real_image=real_image)
+        need = footprint(0, models.flow.params, models.ae.params, models.preset.t5_max_length, s.width, s.height,
+                         models.pixels_per_token, len(seeds), s.cfg_scale != 1.0, 0, models.dtype)  # fmt: skip
+        check_fits(need, models.device, f"{s.width}x{s.height} px, batch {len(seeds)}")  # the model is loaded
         txt, vec = models.text(prompts)  # (B, T, C'), (B, C'')
         z, ppt = models.ae.params.z_channels, models.pixels_per_token
         noise = get_noise(len(seeds), s.height, s.width, seeds, z, models.device, torch.bfloat16, pixels_per_token=ppt)

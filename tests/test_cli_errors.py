@@ -72,7 +72,10 @@ CASES = [
      r"image .*bomb.png: 10000000000 pixels in its header; at most 64,000,000 are read"),
     ([*EDIT, "--image", "{tmp}/big.png"], {"big.png": png_header(10_000, 10_000)},
      r"image .*big.png is 10000x10000 px \(100,000,000 pixels\); at most 64,000,000"),
+    ([*EDIT, "--image", "{tmp}/big.png", "--size", "100000"], {"big.png": png_header(64, 48)},
+     r"--size must be in \[1, 4096\] \(pixels of the longer side\); got 100000"),
     # outputs
+    ([*EDIT, "--out-dir", "/sys/fluxspace-test"], {}, r"cannot write /sys/fluxspace-test/original.png: .* in /sys"),
     ([*EDIT, "--out-dir", "{tmp}/file/below"], {"file": b"x"}, r"cannot write .*: .*file is a file, not a folder"),
     ([*EDIT, "--out-dir", "/proc/fluxspace-test"], {}, r"cannot write /proc/fluxspace-test/original.png: .* in /proc"),
     ([*EDIT, "--out-dir", "{tmp}/o"], {"o/edited.png/x": b""}, r"cannot write .*o/edited.png: a folder of that name is in the way"),
