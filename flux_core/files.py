@@ -83,12 +83,13 @@ _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 
 
 def _json_type(value) -> str:
-    """The JSON name of a parsed value's type, for messages."""
+    """The JSON name of a parsed value's type with its article, for messages: 'an integer'."""
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "boolean"
-    return {int: "integer", float: "number", str: "string", list: "list", dict: "object"}.get(type(value), "value")
+        return "a boolean"
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), "a value")
 
 
 def _short(value, limit: int = 60) -> str:
@@ -120,13 +121,18 @@ def _parse_header(path: Path, raw: bytes) -> dict:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
         # A lone surrogate (\ud800) parses in Python but not in serde_json; it cannot be encoded.
         json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            f"{path} has a corrupt safetensors header: a string holds a lone surrogate escape (\\ud800-\\udfff), "
+            "which is not valid UTF-8"
+        ) from None
     except RecursionError:
         raise CheckpointError(f"{path} has a corrupt safetensors header: JSON nested too deeply") from None
     except (ValueError, UnicodeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{path} has a corrupt safetensors header: {' '.join(str(e).split())}") from None
     if not isinstance(header, dict):
         raise CheckpointError(
-            f"{path} has a corrupt safetensors header: a JSON {_json_type(header)}, expected an object"
+            f"{path} has a corrupt safetensors header: {_json_type(header)}, expected an object"
         )
     return header
 
@@ -136,12 +142,12 @@ def _check_metadata(path: Path, metadata) -> dict[str, str]:
         return {}
     if not isinstance(metadata, dict):
         raise CheckpointError(
-            f"{path}: the header's __metadata__ is a {_json_type(metadata)}; expected an object of string -> string"
+            f"{path}: the header's __metadata__ is {_json_type(metadata)}; expected an object of string -> string"
         )
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise CheckpointError(
-                f"{path}: __metadata__ {key!r} is a {_json_type(value)} ({_short(value)}); "
+                f"{path}: __metadata__ {key!r} is {_json_type(value)} ({_short(value)}); "
                 "expected a string (safetensors metadata is string -> string)"
             )
     return metadata
@@ -151,7 +157,7 @@ def _check_entry(path: Path, key: str, info) -> tuple[tuple[int, ...], str, int,
     """(shape, dtype, begin, end) of one header entry, each checked."""
     what = f"{path}: header entry {key!r}"
     if not isinstance(info, dict):
-        raise CheckpointError(f"{what} is a {_json_type(info)}; expected an object with dtype, shape, data_offsets")
+        raise CheckpointError(f"{what} is {_json_type(info)}; expected an object with dtype, shape, data_offsets")
     absent = [name for name in _ENTRY_FIELDS if name not in info]
     if absent:
         raise CheckpointError(f"{what} has no {', '.join(absent)}; every tensor needs dtype, shape, data_offsets")
@@ -263,9 +269,9 @@ def read_index(path: Path) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         if not isinstance(index, dict):
-            found = f"a JSON {_json_type(index)}"
+            found = f"{_json_type(index)}"
         else:
-            found = "no weight_map" if weight_map is None else f"weight_map is a JSON {_json_type(weight_map)}"
+            found = "no weight_map" if weight_map is None else f"weight_map is {_json_type(weight_map)}"
         raise CheckpointError(
             f"{path} is not a valid safetensors index: {found}; expected an object with a "
             '"weight_map" object of tensor key -> shard file name'

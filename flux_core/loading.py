@@ -273,7 +273,7 @@ def ae_metadata(params: AutoEncoderParams) -> dict[str, str]:
 
 def _key(key: str) -> str:
     """A key as written, or its repr if it holds unprintable characters (a message stays one line)."""
-    return key if key.isprintable() else repr(key)
+    return key if key.isprintable() and key.strip() == key and key else repr(key)
 
 
 def _first(keys, n: int = 5) -> str:
@@ -311,9 +311,14 @@ def _meta_model(cls, params):
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_shapes(cls, params) -> Shapes:
-    """The state-dict shapes of `cls(params)` (cached: checking a file then builds nothing)."""
+def _model_shapes(cls, params) -> Shapes:
     return {k: tuple(v.shape) for k, v in _meta_model(cls, params).state_dict().items()}
+
+
+def model_shapes(cls, params) -> Shapes:
+    """The state-dict shapes of `cls(params)` (Flux or AutoEncoder), cached: checking a file against
+    a config builds the model once per config, not once per file."""
+    return dict(_model_shapes(cls, params))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +403,7 @@ def check_autoencoder(files: WeightFiles, params: AutoEncoderParams | None = Non
 
 def _expected(cls, params, files: WeightFiles) -> Shapes:
     try:
-        return _expected_shapes(cls, params)
+        return model_shapes(cls, params)
     except CheckpointError as e:
         raise CheckpointError(f"{files.path}: {e}") from None
 
