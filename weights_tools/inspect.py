@@ -67,7 +67,8 @@ def group_keys(shapes: dict, dtypes: dict) -> list[dict]:
 
 
 def _natural(key: str):
-    return [int(p) if p.isdigit() else p for p in key.split(".")]
+    """Sort key: numbered parts by number (block 2 before block 10), any key comparable with any other."""
+    return [(0, int(p), "") if p.isdecimal() else (1, 0, p) for p in key.split(".")]
 
 
 def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:

@@ -17,12 +17,10 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
-import torch
-
 from flux_core.autoencoder import AutoEncoder
 from flux_core.files import CheckpointError, open_weights
 from flux_core.formats import ConversionError
-from flux_core.loading import check_metadata
+from flux_core.loading import check_metadata, model_shapes
 from flux_core.model import Flux
 from flux_core.presets import get_preset
 
@@ -82,9 +80,7 @@ class VerifyResult:
 
 def expected_shapes(preset: str, model: str) -> dict[str, tuple[int, ...]]:
     p = get_preset(preset)
-    with torch.device("meta"):
-        module = Flux(p.params) if model == "transformer" else AutoEncoder(p.ae_params)
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return model_shapes(Flux, p.params) if model == "transformer" else model_shapes(AutoEncoder, p.ae_params)
 
 
 def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) -> VerifyResult:
