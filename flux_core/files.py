@@ -115,10 +115,16 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def _parse_int(text: str) -> int | float:
+    # serde_json reads -0 as the float -0.0 (not a usize): keep it a float so that it is refused too.
+    return -0.0 if text == "-0" else int(text)
+
+
 def _parse_header(path: Path, raw: bytes) -> dict:
     """The header's JSON object, parsed as strictly as safetensors' serde_json parses it."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        text = raw.decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_int=_parse_int)
         # A lone surrogate (\ud800) parses in Python but not in serde_json; it cannot be encoded.
         json.dumps(header, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
