@@ -95,7 +95,11 @@ def files(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bf16")
     bf16 = folder / "flux1-tiny-bf16.safetensors"
     sd = load_file(tiny_checkpoint.transformer)
-    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, bf16, metadata=read_header(tiny_checkpoint.transformer)[2])
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in sd.items()},
+        bf16,
+        metadata=read_header(tiny_checkpoint.transformer)[2],
+    )
     return {"transformer": tiny_checkpoint.transformer, "transformer_bf16": bf16, "ae": tiny_checkpoint.ae}
 
 
@@ -110,7 +114,11 @@ def broken(files, tmp_path, kind: str, edit) -> object:
 def refusals(path, kind: str) -> list:
     """What each reader makes of the file: a CheckpointError (or the value, if it loads)."""
     if kind.startswith("transformer"):
-        calls = [lambda: load_flow_model(path), lambda: load_flow_model(path, preset="tiny"), lambda: read_flux_params(path)]
+        calls = [
+            lambda: load_flow_model(path),
+            lambda: load_flow_model(path, preset="tiny"),
+            lambda: read_flux_params(path),
+        ]
     else:
         calls = [lambda: load_autoencoder(path), lambda: read_ae_params(path)]
     out = []
@@ -128,7 +136,9 @@ def assert_one_line_naming(message: str, path, fragment: str) -> None:
 
 
 @pytest.mark.parametrize("name, kind, edit, fragment", HEADER_CASES, ids=[c[0] for c in HEADER_CASES])
-def test_bad_headers_are_refused_by_every_reader_and_tool(files, tmp_path, capsys, name, kind, edit, fragment):
+def test_bad_headers_are_refused_by_every_reader_and_tool(
+    files, tmp_path, capsys, name, kind, edit, fragment
+):
     path = broken(files, tmp_path, kind, edit)
     for message in refusals(path, kind):
         assert_one_line_naming(message, path, fragment)
@@ -151,13 +161,18 @@ def test_trailing_bytes_and_gaps(files, tmp_path):
     header, body = split(files["transformer"])
     path = tmp_path / "trailing.safetensors"
     write(path, header, body + b"\0" * 8)
-    with pytest.raises(CheckpointError, match=r"has 8 bytes after the last tensor's data .* safetensors needs the data to end the file"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"has 8 bytes after the last tensor's data .* safetensors needs the data to end the file",
+    ):
         load_flow_model(path)
     # The first tensor moved 8 bytes on: a gap before it, and the last bytes overlap.
     a, _ = first_two(header)
     header[a]["data_offsets"] = [8, header[a]["data_offsets"][1] + 8]
     write(path, header, body)
-    with pytest.raises(CheckpointError, match=r"the bytes \[0, 8\) at the start of the data belong to no tensor"):
+    with pytest.raises(
+        CheckpointError, match=r"the bytes \[0, 8\) at the start of the data belong to no tensor"
+    ):
         load_flow_model(path)
 
 
@@ -176,10 +191,14 @@ METADATA_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind, key, value, fragment", METADATA_CASES, ids=[f"{c[1]}={c[2]}" for c in METADATA_CASES])
+@pytest.mark.parametrize(
+    "kind, key, value, fragment", METADATA_CASES, ids=[f"{c[1]}={c[2]}" for c in METADATA_CASES]
+)
 def test_bad_metadata_values_are_named(files, tmp_path, capsys, kind, key, value, fragment):
     path = broken(files, tmp_path, kind, metadata(key, value))
-    load, read = (load_flow_model, read_flux_params) if kind == "transformer" else (load_autoencoder, read_ae_params)
+    load, read = (
+        (load_flow_model, read_flux_params) if kind == "transformer" else (load_autoencoder, read_ae_params)
+    )
     for call in (load, read):
         with pytest.raises(CheckpointError) as e:
             call(path)
@@ -219,7 +238,9 @@ SHAPE_CASES = [
 
 
 @pytest.mark.parametrize("kind, edit, without_preset, with_preset", SHAPE_CASES)
-def test_shape_inference_names_missing_and_contradictory_tensors(files, tmp_path, kind, edit, without_preset, with_preset):
+def test_shape_inference_names_missing_and_contradictory_tensors(
+    files, tmp_path, kind, edit, without_preset, with_preset
+):
     path = rewrite_tensors(files[kind], tmp_path / f"{kind}.safetensors", edit)
     load = load_flow_model if kind == "transformer" else load_autoencoder
     with pytest.raises(CheckpointError) as e:
@@ -244,9 +265,18 @@ def test_shape_inference_names_missing_and_contradictory_tensors(files, tmp_path
         ("[]", r"is not a valid safetensors index: a list; expected an object with a \"weight_map\""),
         ('{"weight_map": ["a.safetensors"]}', r"weight_map is a list; expected an object"),
         ('{"metadata": {}}', r"no weight_map; expected"),
-        ('{"weight_map": {"img_in.weight": 3}}', r"weight_map\['img_in.weight'\] is 3; expected the name of a shard file in"),
-        ('{"weight_map": {"img_in.weight": "../flux1-tiny.safetensors"}}', r"is '../flux1-tiny.safetensors'; expected the name of a shard file"),
-        ('{"weight_map": {"img_in.weight": "absent.safetensors"}}', r"no such weight file: .*absent.safetensors"),
+        (
+            '{"weight_map": {"img_in.weight": 3}}',
+            r"weight_map\['img_in.weight'\] is 3; expected the name of a shard file in",
+        ),
+        (
+            '{"weight_map": {"img_in.weight": "../flux1-tiny.safetensors"}}',
+            r"is '../flux1-tiny.safetensors'; expected the name of a shard file",
+        ),
+        (
+            '{"weight_map": {"img_in.weight": "absent.safetensors"}}',
+            r"no such weight file: .*absent.safetensors",
+        ),
     ],
 )
 def test_bad_index_json(tmp_path, index, fragment):
