@@ -12,6 +12,12 @@ or not) is converted on load with the one rename table in formats.py. Finding an
 With no preset, the whole shape of the model is read from the file: pruned community models, our
 own small model and test checkpoints load the same way. RoPE axes and theta are not in any tensor:
 they come from the file's metadata when we wrote it, and from the official values for head dim 128.
+
+Every check is made on the headers before a tensor is read, and a file that fails one is refused
+with a one-line CheckpointError naming it: the safetensors structure (files.read_header), our
+metadata values (check_metadata), the shape inference (a missing tensor is listed, contradictory
+shapes are named by their shapes) and every key and shape against the model to build
+(check_flow_model / check_autoencoder, which `flux-weights verify` and `inspect` run too).
 """
 
 import functools
