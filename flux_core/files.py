@@ -11,6 +11,7 @@ removed on reading, and which layout the keys use is read from the keys (formats
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,10 +68,159 @@ def header_dtype(name: str) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------------------
 # One file's header
+#
+# Everything safetensors' own loader demands (safetensors/src/tensor.rs: `read_metadata`,
+# `Metadata::validate`) is checked here, before any tensor is read, so a file that passes is one
+# `safe_open` reads: the header a JSON object (strict JSON: no NaN, no lone surrogates, no key
+# twice) of entries {dtype, shape, data_offsets}; the tensors, sorted by offsets, cover the data
+# section exactly, each with numel x dtype size bytes; `__metadata__` absent, null or str -> str.
+
+# safetensors refuses a header longer than this (tensor.rs, MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+# Shapes whose element count (ignoring zeros) reaches this overflow torch's int64 strides.
+MAX_ELEMENTS = 2**63
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type with its article, for messages: 'an integer'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), "a value")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_count(value) -> bool:
+    """A JSON non-negative integer (not a boolean, not 2.0)."""
+    return type(value) is int and value >= 0
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice in one JSON object")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_int(text: str) -> int | float:
+    # serde_json reads -0 as the float -0.0 (not a usize): keep it a float so that it is refused too.
+    return -0.0 if text == "-0" else int(text)
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The header's JSON object, parsed as strictly as safetensors' serde_json parses it."""
+    try:
+        text = raw.decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_int=_parse_int)
+        # A lone surrogate (\ud800) parses in Python but not in serde_json; it cannot be encoded.
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            f"{path} has a corrupt safetensors header: a string holds a lone surrogate escape (\\ud800-\\udfff), "
+            "which is not valid UTF-8"
+        ) from None
+    except RecursionError:
+        raise CheckpointError(f"{path} has a corrupt safetensors header: JSON nested too deeply") from None
+    except (ValueError, UnicodeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} has a corrupt safetensors header: {' '.join(str(e).split())}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path} has a corrupt safetensors header: {_json_type(header)}, expected an object"
+        )
+    return header
+
+
+def _check_metadata(path: Path, metadata) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(
+            f"{path}: the header's __metadata__ is {_json_type(metadata)}; expected an object of string -> string"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise CheckpointError(
+                f"{path}: __metadata__ {key!r} is {_json_type(value)} ({_short(value)}); "
+                "expected a string (safetensors metadata is string -> string)"
+            )
+    return metadata
+
+
+def _check_entry(path: Path, key: str, info) -> tuple[tuple[int, ...], str, int, int]:
+    """(shape, dtype, begin, end) of one header entry, each checked."""
+    what = f"{path}: header entry {key!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{what} is {_json_type(info)}; expected an object with dtype, shape, data_offsets")
+    absent = [name for name in _ENTRY_FIELDS if name not in info]
+    if absent:
+        raise CheckpointError(f"{what} has no {', '.join(absent)}; every tensor needs dtype, shape, data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{what} has dtype {_short(dtype)}; valid: {', '.join(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise CheckpointError(f"{what} has shape {_short(shape)}; expected a list of non-negative integers")
+    if math.prod(max(s, 1) for s in shape) >= MAX_ELEMENTS:
+        raise CheckpointError(f"{what} has shape {_short(shape)}: too large for any tensor (2**63 elements or more)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise CheckpointError(
+            f"{what} has data_offsets {_short(offsets)}; expected [begin, end], two non-negative integers"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise CheckpointError(f"{what} has data_offsets [{begin}, {end}]: begin after end; expected begin <= end")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise CheckpointError(
+            f"{what} is {dtype} {tuple(shape)}, {nbytes} bytes, but its data_offsets [{begin}, {end}] "
+            f"hold {end - begin} bytes; dtype, shape and offsets must agree"
+        )
+    return tuple(shape), dtype, begin, end
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]], data_start: int, size: int) -> None:
+    """The tensors, sorted by offsets (as safetensors sorts them), cover the data section exactly."""
+    covered = 0
+    previous = None
+    for begin, end, key in sorted(spans, key=lambda s: (s[0], s[1])):
+        if begin < covered:
+            raise CheckpointError(
+                f"{path}: the data of {key!r} [{begin}, {end}] overlaps that of {previous!r} (up to {covered}); "
+                "each tensor needs its own bytes"
+            )
+        if begin > covered:
+            after = f"after {previous!r}" if previous is not None else "at the start of the data"
+            raise CheckpointError(
+                f"{path}: the bytes [{covered}, {begin}) {after} belong to no tensor; "
+                "safetensors needs the tensors to cover the data section without gaps"
+            )
+        covered, previous = end, key
+    if data_start + covered > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header describes {data_start + covered} bytes but the file has {size}; "
+            "download or copy it again"
+        )
+    if data_start + covered < size:
+        raise CheckpointError(
+            f"{path} has {size - data_start - covered} bytes after the last tensor's data (the header describes "
+            f"{data_start + covered} bytes, the file has {size}); safetensors needs the data to end the file"
+        )
 
 
 def read_header(path: str | os.PathLike) -> tuple[Shapes, dict[str, str], dict[str, str]]:
-    """Shapes, dtypes and metadata of a .safetensors file, checked for truncation and corruption."""
+    """Shapes, dtypes and metadata of a .safetensors file, checked as safetensors checks it (see above)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such weight file: {path}")
@@ -85,26 +235,17 @@ def read_header(path: str | os.PathLike) -> tuple[Shapes, dict[str, str], dict[s
                 f"{path} is not a valid safetensors file (header length {n} for a file of {size} bytes): "
                 "corrupt or not a .safetensors file"
             )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    shapes, dtypes, end = {}, {}, 0
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path} has a header of {n} bytes; safetensors reads at most {MAX_HEADER_BYTES:,}"
+            )
+        header = _parse_header(path, f.read(n))
+    metadata = _check_metadata(path, header.pop("__metadata__", None))
+    shapes, dtypes, spans = {}, {}, []
     for key, info in header.items():
-        try:
-            shapes[key] = tuple(int(s) for s in info["shape"])
-            dtypes[key] = str(info["dtype"])
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise CheckpointError(f"{path} has a corrupt safetensors header entry for {key!r}") from None
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}; "
-            "download or copy it again"
-        )
+        shapes[key], dtypes[key], begin, end = _check_entry(path, key, info)
+        spans.append((begin, end, key))
+    _check_layout(path, spans, 8 + n, size)
     return shapes, dtypes, metadata
 
 
@@ -119,14 +260,34 @@ def shard_files(folder: Path) -> list[Path]:
     """The .safetensors files of one folder: the shards an index json names, else every file."""
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
-        try:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"{index[0]} is not a valid safetensors index (needs a weight_map): {e}"
-            ) from None
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        return [folder / name for name in sorted(set(read_index(index[0]).values()))]
     return sorted(folder.glob("*.safetensors"))
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint's index json (tensor key -> shard file name), checked."""
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise CheckpointError(f"{path} is not a valid safetensors index: JSON nested too deeply") from None
+    except (ValueError, UnicodeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors index: {' '.join(str(e).split())}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        if not isinstance(index, dict):
+            found = f"{_json_type(index)}"
+        else:
+            found = "no weight_map" if weight_map is None else f"weight_map is {_json_type(weight_map)}"
+        raise CheckpointError(
+            f"{path} is not a valid safetensors index: {found}; expected an object with a "
+            '"weight_map" object of tensor key -> shard file name'
+        )
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(
+                f"{path}: weight_map[{key!r}] is {_short(name)}; expected the name of a shard file in {path.parent}"
+            )
+    return weight_map
 
 
 def component_folders(path: Path) -> dict[str, Path]:

@@ -12,16 +12,25 @@ or not) is converted on load with the one rename table in formats.py. Finding an
 With no preset, the whole shape of the model is read from the file: pruned community models, our
 own small model and test checkpoints load the same way. RoPE axes and theta are not in any tensor:
 they come from the file's metadata when we wrote it, and from the official values for head dim 128.
+
+Every check is made on the headers before a tensor is read, and a file that fails one is refused
+with a one-line CheckpointError naming it: the safetensors structure (files.read_header), our
+metadata values (check_metadata), the shape inference (a missing tensor is listed, contradictory
+shapes are named by their shapes) and every key and shape against the model to build
+(check_flow_model / check_autoencoder, which `flux-weights verify` and `inspect` run too).
 """
 
+import functools
 import json
+import math
 import os
 import re
 
 import torch
 
-from .autoencoder import AutoEncoder, AutoEncoderParams
+from .autoencoder import NORM_GROUPS, AutoEncoder, AutoEncoderParams
 from .files import CheckpointError, Shapes, WeightFiles, dtype_named, open_weights
+from .formats import ConversionError
 from .model import Flux, FluxParams
 from .presets import FLUX_AE, Preset, get_preset
 
@@ -38,6 +47,70 @@ OFFICIAL_THETA = 10_000
 
 
 # ----------------------------------------------------------------------------------------------
+# Our metadata: each value a string (files.read_header checks that), parsed and checked here
+
+
+def _positive_int(text: str) -> int | None:
+    return int(text) if re.fullmatch(r"[0-9]+", text) and int(text) > 0 else None
+
+
+def _finite_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _nonzero_float(text: str) -> float | None:
+    value = _finite_float(text)
+    return value if value else None
+
+
+def _axes(text: str) -> tuple[int, ...] | None:
+    try:
+        axes = json.loads(text, parse_constant=lambda name: None)
+    except (ValueError, RecursionError):
+        return None
+    ok = isinstance(axes, list) and len(axes) == ROPE_AXES
+    ok = ok and all(type(a) is int and a > 0 and a % 2 == 0 for a in axes)
+    return tuple(axes) if ok else None
+
+
+ROPE_AXES = 3  # position ids are (index, row, column): sampling.img_ids / txt_ids
+# key -> (parser returning None for a bad value, what a valid value is).
+METADATA_VALUES = {
+    META_AXES_DIM: (_axes, f"a JSON list of {ROPE_AXES} positive even integers (the RoPE dims of the id axes), e.g. [16, 56, 56]"),
+    META_THETA: (_positive_int, "a positive integer, e.g. 10000"),
+    META_RESOLUTION: (_positive_int, "a positive integer, e.g. 256"),
+    META_SCALE_FACTOR: (_nonzero_float, "a finite non-zero number, e.g. 0.3611"),
+    META_SHIFT_FACTOR: (_finite_float, "a finite number, e.g. 0.1159"),
+}
+
+
+def metadata_value(metadata: dict[str, str], key: str, default=None):
+    """The parsed value of one of our metadata keys (METADATA_VALUES), `default` if absent."""
+    if key not in metadata:
+        return default
+    parse, expected = METADATA_VALUES[key]
+    value = parse(metadata[key])
+    if value is None:
+        raise CheckpointError(f"metadata {key!r} is {_short(metadata[key])}; expected {expected}")
+    return value
+
+
+def check_metadata(metadata: dict[str, str]) -> None:
+    """Refuse a file whose metadata gives one of our keys a value of the wrong type."""
+    for key in METADATA_VALUES:
+        metadata_value(metadata, key)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = repr(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
 # What a file is, and the shape of the model it holds
 
 
@@ -46,50 +119,102 @@ def detect_variant(shapes: Shapes) -> str:
     return "dev" if any(k.startswith("guidance_in.") for k in shapes) else "schnell"
 
 
-def _count(shapes: Shapes, pattern: str) -> int:
+def _indices(shapes: Shapes, pattern: str) -> list[int]:
     rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes if (m := rx.match(k))})
+    return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    return len(_indices(shapes, pattern))
+
+
+class _Needed:
+    """The tensors shape inference reads: collects the missing ones and checks each one's rank."""
+
+    def __init__(self, shapes: Shapes, model: str):
+        self.shapes, self.model, self.missing = shapes, model, []
+
+    def __call__(self, key: str, dims: str) -> tuple[int, ...]:
+        """The shape of `key`, with len(dims.split(", ")) positive dims; a placeholder if missing."""
+        names = dims.split(", ")
+        if key not in self.shapes:
+            self.missing.append(key)
+            return (1,) * len(names)
+        shape = tuple(self.shapes[key])
+        if len(shape) != len(names) or 0 in shape:
+            raise CheckpointError(f"{key} has shape {shape}; expected ({dims}), each positive")
+        return shape
+
+    def check(self) -> None:
+        if self.missing:
+            raise CheckpointError(
+                f"cannot infer the {self.model}'s shape: {len(self.missing)} missing: {_first(self.missing)}"
+            )
 
 
 def flux_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = None) -> FluxParams:
-    """Infer every hyper-parameter of a BFL-layout transformer from its tensor shapes."""
+    """Infer every hyper-parameter of a BFL-layout transformer from its tensor shapes.
+
+    Raises CheckpointError (without the file's name) when a tensor it reads is missing or the
+    shapes contradict each other; the loader then checks every other tensor against the result.
+    """
     metadata = metadata or {}
-    if "img_in.weight" not in shapes:
-        raise CheckpointError("not a Flux transformer in the official layout: no img_in.weight")
-    hidden, in_channels = shapes["img_in.weight"]
+    need = _Needed(shapes, "Flux transformer")
+    hidden, in_channels = need("img_in.weight", "hidden size, in channels")
     depth = _count(shapes, r"double_blocks\.(\d+)\.")
     depth_single = _count(shapes, r"single_blocks\.(\d+)\.")
     if depth:
-        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+        norm = "double_blocks.0.img_attn.norm.query_norm.scale"
+        (head_dim,) = need(norm, "head dim")
+        mlp_hidden = need("double_blocks.0.img_mlp.0.weight", "MLP width, hidden size")[0]
         qkv_bias = "double_blocks.0.img_attn.qkv.bias" in shapes
     elif depth_single:
-        head_dim = shapes["single_blocks.0.norm.query_norm.scale"][0]
-        mlp_hidden = shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
+        norm = "single_blocks.0.norm.query_norm.scale"
+        (head_dim,) = need(norm, "head dim")
+        linear1 = need("single_blocks.0.linear1.weight", "3 x hidden size + MLP width, hidden size")
+        mlp_hidden = linear1[0] - 3 * hidden
         qkv_bias = True
     else:
         raise CheckpointError("the file has no double_blocks.* and no single_blocks.*: not a usable Flux model")
-    if META_AXES_DIM in metadata:
-        axes_dim = tuple(json.loads(metadata[META_AXES_DIM]))
-    elif head_dim == sum(OFFICIAL_AXES_DIM):
-        axes_dim = OFFICIAL_AXES_DIM
-    else:
+    out_channels = need("final_layer.linear.weight", "out channels, hidden size")[0]
+    vec_in_dim = need("vector_in.in_layer.weight", "hidden size, vector width")[1]
+    context_in_dim = need("txt_in.weight", "hidden size, context width")[1]
+    need.check()
+    if hidden % head_dim:
         raise CheckpointError(
-            f"cannot infer the RoPE axes for head dim {head_dim} (only the official 128 = 16+56+56 is known); "
-            f"pass a preset or record {META_AXES_DIM!r} in the file's metadata"
+            f"{norm} {(head_dim,)} gives a head dim of {head_dim}, which does not divide the hidden size "
+            f"{hidden} of img_in.weight {(hidden, in_channels)}"
+        )
+    if mlp_hidden <= 0:
+        raise CheckpointError(
+            f"single_blocks.0.linear1.weight {linear1} has {linear1[0]} rows: no room for the MLP after "
+            f"q, k, v (3 x hidden size {hidden} = {3 * hidden})"
+        )
+    axes_dim = metadata_value(metadata, META_AXES_DIM)
+    if axes_dim is None:
+        if head_dim != sum(OFFICIAL_AXES_DIM):
+            raise CheckpointError(
+                f"cannot infer the RoPE axes for head dim {head_dim} (only the official 128 = 16+56+56 is known); "
+                f"pass a preset or record {META_AXES_DIM!r} in the file's metadata"
+            )
+        axes_dim = OFFICIAL_AXES_DIM
+    elif sum(axes_dim) != head_dim:
+        raise CheckpointError(
+            f"metadata {META_AXES_DIM!r} {list(axes_dim)} sums to {sum(axes_dim)}, but the tensors have head dim "
+            f"{head_dim} ({norm} {(head_dim,)}); the metadata and the shapes disagree"
         )
     return FluxParams(
         in_channels=in_channels,
-        out_channels=shapes["final_layer.linear.weight"][0],
-        vec_in_dim=shapes["vector_in.in_layer.weight"][1],
-        context_in_dim=shapes["txt_in.weight"][1],
+        out_channels=out_channels,
+        vec_in_dim=vec_in_dim,
+        context_in_dim=context_in_dim,
         hidden_size=hidden,
         mlp_ratio=mlp_hidden / hidden,
         num_heads=hidden // head_dim,
         depth=depth,
         depth_single_blocks=depth_single,
         axes_dim=axes_dim,
-        theta=int(metadata.get(META_THETA, OFFICIAL_THETA)),
+        theta=metadata_value(metadata, META_THETA, OFFICIAL_THETA),
         qkv_bias=qkv_bias,
         guidance_embed=detect_variant(shapes) == "dev",
     )
@@ -99,23 +224,40 @@ def ae_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = None
     """Infer channels, levels and blocks of an official-layout autoencoder from its tensor shapes.
 
     scale_factor / shift_factor are not tensors: they come from our metadata, else the FLUX.1 values.
+    Raises CheckpointError (without the file's name) as flux_params_from_shapes does.
     """
     metadata = metadata or {}
-    if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
-        raise CheckpointError("not a Flux autoencoder in the official layout: no encoder/decoder conv_in")
-    ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-    levels = _count(shapes, r"encoder\.down\.(\d+)\.")
-    ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels))
+    need = _Needed(shapes, "autoencoder")
+    ch, in_channels = need("encoder.conv_in.weight", "channels, in channels, kh, kw")[:2]
+    z_channels = need("decoder.conv_in.weight", "channels, z channels, kh, kw")[1]
+    out_ch = need("decoder.conv_out.weight", "out channels, channels, kh, kw")[0]
+    # Levels and blocks as numbered in the file; a gap in the numbers is reported by the loader's
+    # key check as missing and unexpected keys.
+    levels = _indices(shapes, r"encoder\.down\.(\d+)\.") or [0]
+    widths = {i: need(f"encoder.down.{i}.block.0.conv2.weight", "channels, channels, kh, kw")[0] for i in levels}
+    need.check()
+    if ch % NORM_GROUPS:
+        raise CheckpointError(
+            f"encoder.conv_in.weight has {ch} output channels; the autoencoder's GroupNorm needs a multiple of "
+            f"{NORM_GROUPS}"
+        )
+    odd = [i for i in levels if widths[i] % ch]
+    if odd:
+        i = odd[0]
+        raise CheckpointError(
+            f"encoder.down.{i}.block.0.conv2.weight has {widths[i]} output channels, not a multiple of the "
+            f"{ch} channels of encoder.conv_in.weight"
+        )
     return AutoEncoderParams(
-        resolution=int(metadata.get(META_RESOLUTION, FLUX_AE.resolution)),
+        resolution=metadata_value(metadata, META_RESOLUTION, FLUX_AE.resolution),
         in_channels=in_channels,
         ch=ch,
-        out_ch=shapes["decoder.conv_out.weight"][0],
-        ch_mult=ch_mult,
-        num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=shapes["decoder.conv_in.weight"][1],
-        scale_factor=float(metadata.get(META_SCALE_FACTOR, FLUX_AE.scale_factor)),
-        shift_factor=float(metadata.get(META_SHIFT_FACTOR, FLUX_AE.shift_factor)),
+        out_ch=out_ch,
+        ch_mult=tuple(widths[i] // ch for i in levels),
+        num_res_blocks=_count(shapes, rf"encoder\.down\.{levels[0]}\.block\.(\d+)\."),
+        z_channels=z_channels,
+        scale_factor=metadata_value(metadata, META_SCALE_FACTOR, FLUX_AE.scale_factor),
+        shift_factor=metadata_value(metadata, META_SHIFT_FACTOR, FLUX_AE.shift_factor),
     )
 
 
@@ -135,10 +277,15 @@ def ae_metadata(params: AutoEncoderParams) -> dict[str, str]:
     }
 
 
+def _key(key: str) -> str:
+    """A key as written, or its repr if it holds unprintable characters (a message stays one line)."""
+    return key if key.isprintable() and key.strip() == key and key else repr(key)
+
+
 def _first(keys, n: int = 5) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+    return ", ".join(_key(k) for k in keys[:n]) + more
 
 
 def check_shapes(expected: Shapes, found: Shapes, what: str) -> None:
@@ -155,13 +302,29 @@ def check_shapes(expected: Shapes, found: Shapes, what: str) -> None:
         if misshaped:
             parts.append(
                 f"{len(misshaped)} mis-shaped: "
-                + ", ".join(f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in sorted(misshaped)[:5])
+                + ", ".join(f"{_key(k)} {tuple(found[k])} != {tuple(expected[k])}" for k in sorted(misshaped)[:5])
             )
         raise CheckpointError(f"{what}: " + "; ".join(parts))
 
 
-def _meta_shapes(module: torch.nn.Module) -> Shapes:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+def _meta_model(cls, params):
+    """`cls(params)` on the meta device (no memory); params the layers refuse are a CheckpointError."""
+    try:
+        with torch.device("meta"):
+            return cls(params)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the tensor shapes give {params}, which cannot be built: {' '.join(str(e).split())}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _model_shapes(cls, params) -> Shapes:
+    return {k: tuple(v.shape) for k, v in _meta_model(cls, params).state_dict().items()}
+
+
+def model_shapes(cls, params) -> Shapes:
+    """The state-dict shapes of `cls(params)` (Flux or AutoEncoder), cached: checking a file against
+    a config builds the model once per config, not once per file."""
+    return dict(_model_shapes(cls, params))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,30 +353,78 @@ _OTHER_MODEL_HINTS = {
 }
 
 
-def _open(path: str | os.PathLike, model: str) -> tuple[WeightFiles, Shapes]:
-    """The files of `model` ('transformer' or 'ae') at `path` and their shapes under official names;
-    raises if they hold something else."""
-    files = open_weights(path, model)
+def _shapes(files: WeightFiles, model: str) -> Shapes:
+    """The shapes of `model` ('transformer' or 'ae') under official names, with our metadata checked;
+    raises if the files hold something else."""
     fmt = files.format
     if fmt is None or fmt[1] != model:
         hint = "" if fmt is None else _OTHER_MODEL_HINTS[model]
-        raise CheckpointError(f"{path} is not a {_MODEL_NAMES[model]}{hint}")
-    return files, files.bfl_shapes()
+        raise CheckpointError(f"{files.path} is not a {_MODEL_NAMES[model]}{hint}")
+    try:
+        check_metadata(files.metadata)
+        return files.bfl_shapes()
+    except (CheckpointError, ConversionError) as e:
+        raise CheckpointError(f"{files.path}: {e}") from None
 
 
-def _build(cls, params, files: WeightFiles, shapes: Shapes, device, dtype, mismatch: str):
-    """`cls(params)` on the meta device, checked against the file's shapes, then given its tensors."""
-    with torch.device("meta"):
-        model = cls(params)
-    check_shapes(_meta_shapes(model), shapes, mismatch)
+def _inferred(files: WeightFiles, infer, shapes: Shapes):
+    try:
+        return infer(shapes, files.metadata)
+    except CheckpointError as e:
+        raise CheckpointError(f"{files.path}: {e}") from None
+
+
+def check_flow_model(files: WeightFiles, preset: Preset | None = None) -> FluxParams:
+    """Every check load_flow_model makes, on the headers alone: the params of the model it would load.
+
+    preset: None infers the shape from the file; a preset is checked against the file (dev vs
+    schnell, and every key and shape) and refused, saying what was found, if they disagree.
+    """
+    shapes = _shapes(files, "transformer")
+    if preset is not None:
+        variant = detect_variant(shapes)
+        wanted = "dev" if preset.params.guidance_embed else "schnell"
+        if wanted != variant:
+            found = "has guidance_in.* (a dev-type model)" if variant == "dev" else "has no guidance_in.* (a schnell-type model)"
+            raise CheckpointError(
+                f"{files.path} {found}, but preset {preset.name!r} is a {wanted}-type model; "
+                f"use a {variant} preset or no preset"
+            )
+        params = preset.params
+    else:
+        params = _inferred(files, flux_params_from_shapes, shapes)
+    mismatch = f"{files.path} does not match {preset.name if preset else 'its inferred shape'}"
+    check_shapes(_expected(Flux, params, files), shapes, mismatch)
+    return params
+
+
+def check_autoencoder(files: WeightFiles, params: AutoEncoderParams | None = None) -> AutoEncoderParams:
+    """Every check load_autoencoder makes, on the headers alone: the params of the model it would load."""
+    shapes = _shapes(files, "ae")
+    if params is None:
+        params = _inferred(files, ae_params_from_shapes, shapes)
+    check_shapes(_expected(AutoEncoder, params, files), shapes, f"{files.path} does not match the autoencoder config")
+    return params
+
+
+def _expected(cls, params, files: WeightFiles) -> Shapes:
+    try:
+        return model_shapes(cls, params)
+    except CheckpointError as e:
+        raise CheckpointError(f"{files.path}: {e}") from None
+
+
+def _build(cls, params, files: WeightFiles, device, dtype):
+    """`cls(params)` on the meta device, given the files' tensors (already checked against it)."""
+    model = _meta_model(cls, params)
     model.load_state_dict(files.bfl_tensors(device, dtype), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
 def read_flux_params(path: str | os.PathLike) -> FluxParams:
-    """The transformer config of a file or diffusers folder, from its header alone (nothing is loaded)."""
-    files, shapes = _open(path, "transformer")
-    return flux_params_from_shapes(shapes, files.metadata)
+    """The transformer config of a file or diffusers folder, from its headers alone (nothing is loaded),
+    checked as load_flow_model checks it."""
+    return check_flow_model(open_weights(path, "transformer"))
 
 
 def load_flow_model(
@@ -226,31 +437,20 @@ def load_flow_model(
 
     preset: None infers the shape from the file; a name is checked against the file (dev vs
     schnell, and every key and shape) and refused, saying what was found, if they disagree.
+    Every check (check_flow_model) is made before a tensor is read.
     """
     if isinstance(preset, str):
         preset = get_preset(preset)
     dtype = resolve_dtype(dtype, device)
-    files, shapes = _open(path, "transformer")
-    variant = detect_variant(shapes)
-    if preset is not None:
-        wanted = "dev" if preset.params.guidance_embed else "schnell"
-        if wanted != variant:
-            found = "has guidance_in.* (a dev-type model)" if variant == "dev" else "has no guidance_in.* (a schnell-type model)"
-            raise CheckpointError(
-                f"{path} {found}, but preset {preset.name!r} is a {wanted}-type model; "
-                f"use a {variant} preset or no preset"
-            )
-        params = preset.params
-    else:
-        params = flux_params_from_shapes(shapes, files.metadata)
-    mismatch = f"{path} does not match {preset.name if preset else 'its inferred shape'}"
-    return _build(Flux, params, files, shapes, device, dtype, mismatch)
+    files = open_weights(path, "transformer")
+    params = check_flow_model(files, preset)
+    return _build(Flux, params, files, device, dtype)
 
 
 def read_ae_params(path: str | os.PathLike) -> AutoEncoderParams:
-    """The autoencoder config of a file or diffusers folder, from its header alone (nothing is loaded)."""
-    files, shapes = _open(path, "ae")
-    return ae_params_from_shapes(shapes, files.metadata)
+    """The autoencoder config of a file or diffusers folder, from its headers alone (nothing is loaded),
+    checked as load_autoencoder checks it."""
+    return check_autoencoder(open_weights(path, "ae"))
 
 
 def load_autoencoder(
@@ -264,7 +464,6 @@ def load_autoencoder(
     Channels and levels are read from the file; pass `params` to check the file against a config.
     """
     dtype = resolve_dtype(dtype, device)
-    files, shapes = _open(path, "ae")
-    if params is None:
-        params = ae_params_from_shapes(shapes, files.metadata)
-    return _build(AutoEncoder, params, files, shapes, device, dtype, f"{path} does not match the autoencoder config")
+    files = open_weights(path, "ae")
+    params = check_autoencoder(files, params)
+    return _build(AutoEncoder, params, files, device, dtype)

@@ -20,7 +20,7 @@ from flux_core.files import (
     shard_files,
 )
 from flux_core.formats import BFL_PREFIX, ConversionError
-from flux_core.loading import ae_params_from_shapes, detect_variant, flux_params_from_shapes
+from flux_core.loading import check_autoencoder, check_flow_model, detect_variant
 from flux_core.presets import PRESETS
 
 
@@ -67,7 +67,8 @@ def group_keys(shapes: dict, dtypes: dict) -> list[dict]:
 
 
 def _natural(key: str):
-    return [int(p) if p.isdigit() else p for p in key.split(".")]
+    """Sort key: numbered parts by number (block 2 before block 10), any key comparable with any other."""
+    return [(0, int(p), "") if p.isdecimal() else (1, 0, p) for p in key.split(".")]
 
 
 def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
@@ -91,19 +92,19 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
         "groups": group_keys(ws.shapes, ws.dtypes),
     }
     if fmt is not None:
+        # The loader's own checks (flux_core.loading.check_*): params are shown only for a file that
+        # loads without a preset, else the loader's refusal is the report's problem.
         try:
-            shapes = ws.bfl_shapes()
+            report["variant"] = detect_variant(ws.bfl_shapes()) if fmt[1] == "transformer" else "ae"
             if fmt[1] == "transformer":
-                params = flux_params_from_shapes(shapes, ws.metadata)
-                report["variant"] = detect_variant(shapes)
+                params = check_flow_model(ws)
                 report["matching_presets"] = sorted(n for n, p in PRESETS.items() if p.params == params)
             else:
-                params = ae_params_from_shapes(shapes, ws.metadata)
-                report["variant"] = "ae"
+                params = check_autoencoder(ws)
                 report["matching_presets"] = sorted(n for n, p in PRESETS.items() if p.ae_params == params)
             report["params"] = {"class": type(params).__name__, **asdict(params)}
-        except (ConversionError, CheckpointError, KeyError, ValueError) as e:
-            report["problem"] = f"cannot infer the model's params: {e}"
+        except (ConversionError, CheckpointError) as e:
+            report["problem"] = f"does not load without a preset: {e}"
     if with_keys:
         report["keys"] = {
             k: {"shape": list(ws.shapes[k]), "dtype": ws.dtypes[k]} for k in sorted(ws.shapes, key=_natural)

@@ -1,5 +1,9 @@
 """Check a weight file against a preset: missing, unexpected and mis-shaped keys.
 
+The file is first checked as the loader checks it (flux_core.files.open_weights: the safetensors
+header; flux_core.loading.check_metadata: our metadata values), so "OK" means that
+`load_flow_model(path, preset)` (or `load_autoencoder(path, params=preset.ae_params)`) loads it.
+
 The expected keys are the state dict of the preset's model built on the meta device (no memory),
 so the check is exactly what `load_state_dict(strict=True)` would demand. Files with the
 `model.diffusion_model.` prefix and diffusers-layout files are accepted (the latter are converted
@@ -13,11 +17,10 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
-import torch
-
 from flux_core.autoencoder import AutoEncoder
-from flux_core.files import open_weights
+from flux_core.files import CheckpointError, open_weights
 from flux_core.formats import ConversionError
+from flux_core.loading import check_metadata, model_shapes
 from flux_core.model import Flux
 from flux_core.presets import get_preset
 
@@ -77,16 +80,18 @@ class VerifyResult:
 
 def expected_shapes(preset: str, model: str) -> dict[str, tuple[int, ...]]:
     p = get_preset(preset)
-    with torch.device("meta"):
-        module = Flux(p.params) if model == "transformer" else AutoEncoder(p.ae_params)
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return model_shapes(Flux, p.params) if model == "transformer" else model_shapes(AutoEncoder, p.ae_params)
 
 
 def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) -> VerifyResult:
     """Compare a file's keys and shapes with the preset's transformer or autoencoder (detected from the keys)."""
     get_preset(preset)  # an unknown name fails here, listing the valid ones
-    ws = open_weights(path, model)
+    ws = open_weights(path, model)  # refuses a file safetensors would not read
     layout, found_model = require_format(ws, path, model)
+    try:
+        check_metadata(ws.metadata)  # as the loader does: a bad value of one of our keys is refused
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     result = VerifyResult(str(path), preset, found_model, layout, len(ws.shapes))
     try:
         found = ws.bfl_shapes()
