@@ -16,7 +16,7 @@ from flux_core import Flux, Preset, get_preset
 from flux_core.autoencoder import AutoEncoder
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 from flux_core.files import CheckpointError, open_weights
-from flux_core.loading import META_PRESET, detect_variant, load_autoencoder, load_flow_model, resolve_dtype
+from flux_core.loading import META_PRESET, check_flow_model, load_autoencoder, load_flow_model, resolve_dtype
 from flux_core.presets import PRESETS
 
 from .settings import SampleSettings
@@ -90,15 +90,22 @@ def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders
 
 
 def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
-    """An explicit preset wins; else the preset our writers record in the file; else dev or schnell by keys."""
+    """An explicit preset wins; else the preset our writers record in the file; else dev or schnell by keys.
+
+    The transformer's headers pass every check of the loader first (check_flow_model)."""
     if preset is not None:
         return get_preset(preset)
     files = open_weights(paths.transformer, "transformer")
-    if files.metadata.get(META_PRESET) in PRESETS:
-        return PRESETS[files.metadata[META_PRESET]]
-    if files.format is None or files.format[1] != "transformer":
-        raise CheckpointError(f"{paths.transformer} is not a Flux transformer")
-    return PRESETS["flux-dev" if detect_variant(files.bfl_shapes()) == "dev" else "flux-schnell"]
+    params = check_flow_model(files)
+    recorded = files.metadata.get(META_PRESET)
+    if recorded is not None:
+        if recorded not in PRESETS:
+            raise CheckpointError(
+                f"{paths.transformer} records preset {recorded!r}, which this version does not know "
+                f"(known: {', '.join(sorted(PRESETS))}); pass --preset NAME to choose one"
+            )
+        return PRESETS[recorded]
+    return PRESETS["flux-dev" if params.guidance_embed else "flux-schnell"]
 
 
 @dataclass
