@@ -163,3 +163,24 @@ def test_sigterm_leaves_the_whole_set_or_nothing(tiny_checkpoint, tmp_path):
             assert proc.returncode in (0, 143, -signal.SIGTERM), (proc.returncode, err)
         outcomes.add((proc.returncode, len(names)))
     assert (143, 0) in outcomes  # at least one run was stopped part-way
+
+
+def test_a_broken_checkpoint_is_one_line_before_loading(tiny_checkpoint, tmp_path, capsys):
+    """A transformer file missing one tensor, and one whose header lies about a dtype: the CLI says so
+    in one line, naming the file, before loading anything (the loader's checks: tests/test_checkpoint_errors.py)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint.transformer.parent, folder)
+    transformer = folder / tiny_checkpoint.transformer.name
+    state = load_file(transformer)
+    del state["final_layer.linear.weight"]
+    save_file(state, transformer)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--model", str(transformer), "--out", str(tmp_path / "o.png"), "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(transformer) in err and "final_layer.linear.weight" in err, err
+    assert not (tmp_path / "o.png").exists()
