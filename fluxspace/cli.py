@@ -288,11 +288,16 @@ COMMANDS = {"generate": run_generate, "edit": run_edit, "invert": run_invert, "s
 
 
 _RUNNING = []  # commands in progress in this process (main() calls)
+_TERMINATED = []  # set by the SIGTERM handler: what an exception then says is only the unwinding
 
 
 def _terminate(signum, frame):
-    """SIGTERM: inside a command, unwind like Ctrl-C (temporaries removed); after it, just exit."""
+    """SIGTERM: inside a command, unwind like Ctrl-C (temporaries removed); after it, just exit.
+
+    The exception may surface converted by a C extension it passed through (a loader's error), so
+    main() also looks at _TERMINATED, not only at the exception's type."""
     if _RUNNING:
+        _TERMINATED.append(signum)
         raise Terminated()
     os._exit(128 + signum)
 
@@ -313,8 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # kept after return: a late SIGTERM exits 143, not by the signal
     _RUNNING.append(args.command)
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except BaseException as e:
+            if _TERMINATED and not isinstance(e, Terminated):
+                raise Terminated() from e  # the unwinding, whatever a C extension turned it into
+            raise
     except Terminated:
+        if debug:
+            traceback.print_exc()
         print("fluxspace: stopped by SIGTERM; no partial output was left", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
