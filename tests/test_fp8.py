@@ -17,7 +17,6 @@ from flux_core.runtime.fp8 import (
     E4M3_MAX,
     FP8,
     Fp8Linear,
-    fp8_layout,
     is_quantized_weight,
     quantize,
     quantize_linears,
