@@ -13,6 +13,8 @@ removed on reading, and which layout the keys use is read from the keys (formats
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -370,6 +372,14 @@ class WeightFiles:
                 for key, file_key in keys:
                     out[key] = f.get_tensor(file_key).to(device=device, dtype=dtype)
         return out if self._is_bfl() else self._to_bfl(out)
+
+    @contextmanager
+    def reader(self) -> Iterator[Callable[[str], Tensor]]:
+        """While open: a function from module key to that tensor as stored, read memory-mapped on the
+        CPU one call at a time (runtime/fp8.py reads fp8 files through it)."""
+        with ExitStack() as stack:
+            opened = {file: stack.enter_context(safe_open(file, framework="pt", device="cpu")) for file in self.files}
+            yield lambda key: opened[self.where[key][0]].get_tensor(self.where[key][1])
 
     def _is_bfl(self) -> bool:
         # Keys of no known model are left as they are: the caller's check names what is wrong.

@@ -13,6 +13,9 @@ With no preset, the whole shape of the model is read from the file: pruned commu
 own small model and test checkpoints load the same way. RoPE axes and theta are not in any tensor:
 they come from the file's metadata when we wrote it, and from the official values for head dim 128.
 
+fp8 files (float8 weights, optionally with ComfyUI's per-layer `scale_weight`) load too: upcast to
+the target dtype, or kept in fp8 with `weights="fp8"`; their layout is runtime/fp8.py's.
+
 Every check is made on the headers before a tensor is read, and a file that fails one is refused
 with a one-line CheckpointError naming it: the safetensors structure (files.read_header), our
 metadata values (check_metadata), the shape inference (a missing tensor is listed, contradictory
@@ -33,6 +36,7 @@ from .files import CheckpointError, Shapes, WeightFiles, dtype_named, open_weigh
 from .formats import ConversionError
 from .model import Flux, FluxParams
 from .presets import FLUX_AE, Preset, get_preset
+from .runtime import fp8
 
 # safetensors metadata keys our writers record (everything else is inferred from tensor shapes).
 META_PRESET = "fluxspace.preset"
@@ -380,7 +384,8 @@ def check_flow_model(files: WeightFiles, preset: Preset | None = None) -> FluxPa
     preset: None infers the shape from the file; a preset is checked against the file (dev vs
     schnell, and every key and shape) and refused, saying what was found, if they disagree.
     """
-    shapes = _shapes(files, "transformer")
+    # An fp8 file's scale_weight (& co.) are keys of its layout, not of the model (runtime/fp8.py).
+    shapes = fp8.module_shapes(_shapes(files, "transformer"), fp8.fp8_layout(files))
     if preset is not None:
         variant = detect_variant(shapes)
         wanted = "dev" if preset.params.guidance_embed else "schnell"
@@ -432,19 +437,28 @@ def load_flow_model(
     preset: str | Preset | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    weights: str = "full",
 ) -> Flux:
     """Load a Flux transformer from an official single file or a diffusers folder.
 
     preset: None infers the shape from the file; a name is checked against the file (dev vs
     schnell, and every key and shape) and refused, saying what was found, if they disagree.
     Every check (check_flow_model) is made before a tensor is read.
+    weights: "full" holds every weight in `dtype` (an fp8 file is upcast, times its scale_weight);
+    "fp8" holds the blocks' Linear weights as float8 e4m3fn with a per-tensor scale and computes
+    in `dtype` (runtime/fp8.py; a bf16 or float32 file is quantized as it is read).
     """
     if isinstance(preset, str):
         preset = get_preset(preset)
     dtype = resolve_dtype(dtype, device)
+    fp8.check_weights_format(weights, device)
     files = open_weights(path, "transformer")
     params = check_flow_model(files, preset)
-    return _build(Flux, params, files, device, dtype)
+    model = _meta_model(Flux, params)
+    if weights == "fp8":  # the blocks' Linears become Fp8Linear, from outside the model files
+        fp8.quantize_linears(model)
+    model.load_state_dict(fp8.read_tensors(files, model, device, dtype), strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def read_ae_params(path: str | os.PathLike) -> AutoEncoderParams:

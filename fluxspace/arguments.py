@@ -18,6 +18,7 @@ import torch
 from flux_core import PRESETS
 from flux_core.conditioner import VALID_DTYPES
 from flux_core.files import DTYPES
+from flux_core.runtime.fp8 import WEIGHTS_FORMATS
 
 from . import grammar
 from .inversion import FITS, FORWARD_TIMES, SOLVERS, InversionSettings
@@ -66,6 +67,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoders", help="folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ..., mps (default: cpu)")
     g.add_argument("--dtype", choices=MODEL_DTYPES, help="default: bfloat16 on a GPU, float32 on the CPU")
+    g.add_argument(
+        "--weights", choices=WEIGHTS_FORMATS, default="full",
+        help="full: every weight in --dtype; fp8: the transformer's block Linear weights as float8 e4m3fn with a "
+        "per-tensor scale, computed in --dtype (half the bytes of bf16; not on MPS) (default: full)",
+    )  # fmt: skip
     g.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too "
                    "(or set FLUXSPACE_DEBUG=1)")  # fmt: skip
 

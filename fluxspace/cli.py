@@ -21,7 +21,9 @@ import torch
 from flux_core import FluxParams, Preset
 from flux_core.atomic import FileSet
 from flux_core.autoencoder import AutoEncoderParams
+from flux_core.files import open_weights
 from flux_core.loading import read_ae_params, read_flux_params, resolve_dtype
+from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
 from . import grammar
 from .arguments import CLIError, build_parser, check_device, inversion_from, seeds_for, spec_from
@@ -125,6 +127,8 @@ class Chosen:
     n_weights: int  # parameters of all four parts
     device: str
     dtype: torch.dtype
+    weights: str = "full"  # --weights
+    n_fp8: int = 0  # weights held at one byte each under --weights fp8
 
     @property
     def pixels_per_token(self) -> int:
@@ -139,7 +143,8 @@ class Chosen:
     def check_fits(self, s: SampleSettings, batch: int = 1, conditions: int = 0) -> None:
         """Refuse a run whose memory this device does not have (resources.py)."""
         need = footprint(self.n_weights, self.flux, self.ae, self.preset.t5_max_length, s.width, s.height,
-                         self.pixels_per_token, batch, s.cfg_scale != 1.0, conditions, self.dtype)  # fmt: skip
+                         self.pixels_per_token, batch, s.cfg_scale != 1.0, conditions, self.dtype,
+                         self.n_fp8)  # fmt: skip
         try:
             check_fits(need, self.device, f"{s.width}x{s.height} px, batch {batch}")
         except ValueError as e:
@@ -150,11 +155,14 @@ def choose_model(args) -> Chosen:
     """Check device and dtype, find the model's files (default: the shipped flux-mini), read their headers."""
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    check_weights_format(args.weights, device)
     model = args.model if args.model else flux_mini_path()
     paths = resolve_paths(model, args.ae, args.text_encoders)
     preset = resolve_preset(paths, args.preset)
     flux, ae = read_flux_params(paths.transformer), read_ae_params(paths.ae)
-    return Chosen(paths, preset, flux, ae, weight_count(paths.transformer, paths.ae, paths.text_encoders), device, dtype)
+    n_weights = weight_count(paths.transformer, paths.ae, paths.text_encoders)
+    n_fp8 = quantized_count(open_weights(paths.transformer, "transformer")) if args.weights == "fp8" else 0
+    return Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, n_fp8)
 
 
 def run_generate(args) -> int:
@@ -185,7 +193,8 @@ def load_for(args, chosen: Chosen):
     t0 = time.perf_counter()
     p = chosen.paths
     models = load_models(
-        p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device, dtype=args.dtype
+        p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device, dtype=args.dtype,
+        weights=chosen.weights,
     )
     took = time.perf_counter() - t0
     print(f"loaded {models.preset.name}-shaped model from {p.transformer} in {took:.1f} s", file=sys.stderr)

@@ -1,9 +1,10 @@
 """What every output PNG records: the settings that made it, and which code and weights made it.
 
     command, prompt, seed, width, height, steps, guidance, cfg_scale, negative_prompt, parity,
-    preset, model, dtype, device, version, weights
+    preset, model, dtype, weights_format, device, version, weights
 
-`weights` names each weight file (transformer, autoencoder, text encoders) with its size and the
+`weights_format` is how the transformer held its weights: "full" (in `dtype`) or "fp8" (its block
+Linears as float8 e4m3fn with a per-tensor scale, computed in `dtype`). `weights` names each weight file (transformer, autoencoder, text encoders) with its size and the
 SHA-256 of its safetensors header: the header lists every tensor's name, shape, dtype and offsets,
 so two files with the same header hash hold the same layout, and hashing it costs microseconds
 where hashing a 24 GB file costs minutes.
@@ -57,6 +58,7 @@ def run_metadata(command: str, models: FluxModels, settings: SampleSettings, **f
         "command": command, **fields, "width": s.width, "height": s.height, "steps": s.steps, "guidance": s.guidance,
         "cfg_scale": s.cfg_scale, "negative_prompt": s.negative_prompt, "parity": s.parity,
         "preset": models.preset.name, "model": str(models.paths.transformer),
-        "dtype": str(models.dtype).removeprefix("torch."), "device": str(models.device),
+        "dtype": str(models.dtype).removeprefix("torch."), "weights_format": models.weights,
+        "device": str(models.device),
         "version": package_version(), "weights": weight_files(models.paths),
     }  # fmt: skip

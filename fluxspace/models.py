@@ -18,6 +18,7 @@ from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 from flux_core.files import CheckpointError, open_weights
 from flux_core.loading import META_PRESET, check_flow_model, load_autoencoder, load_flow_model, resolve_dtype
 from flux_core.presets import PRESETS
+from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
 from .settings import SampleSettings
 
@@ -118,6 +119,7 @@ class FluxModels:
     preset: Preset
     paths: ModelPaths
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    weights: str = "full"  # how the transformer holds its weights: "full" or "fp8" (flux_core/runtime/fp8.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -145,13 +147,17 @@ def load_models(
     text_encoders: str | None = None,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
+    weights: str = "full",
 ) -> FluxModels:
     """Load transformer, autoencoder and text encoders; the preset is checked against the file.
 
     model: see resolve_paths; None loads the shipped flux-mini.
+    weights: "fp8" holds the transformer's block Linears as float8 e4m3fn with a per-tensor scale,
+    computing in `dtype` (flux_core/runtime/fp8.py); the autoencoder and text encoders stay in `dtype`.
     """
     from flux_core.conditioner import VALID_DTYPES, load_text_encoders
 
+    check_weights_format(weights, device)
     paths = resolve_paths(model if model is not None else flux_mini_path(), ae, text_encoders)
     chosen = resolve_preset(paths, preset)
     dtype = resolve_dtype(dtype, device)
@@ -159,11 +165,14 @@ def load_models(
         valid = ", ".join(str(d).removeprefix("torch.") for d in VALID_DTYPES)
         raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported: the text encoders (T5 "
                          f"overflows in float16) take {valid}")  # fmt: skip
-    from .resources import Footprint, check_fits, weight_count
+    from .resources import Footprint, check_fits, weight_bytes, weight_count
 
-    weights = weight_count(paths.transformer, paths.ae, paths.text_encoders) * torch.empty((), dtype=dtype).element_size()
-    check_fits(Footprint(weights, 0, 0, 0), device, "loading the model")
-    flow = load_flow_model(paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype)
+    n_fp8 = quantized_count(open_weights(paths.transformer, "transformer")) if weights == "fp8" else 0
+    need = weight_bytes(weight_count(paths.transformer, paths.ae, paths.text_encoders), n_fp8, dtype)
+    check_fits(Footprint(need, 0, 0, 0), device, "loading the model")
+    flow = load_flow_model(
+        paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype, weights=weights
+    )
     autoencoder = load_autoencoder(paths.ae, device=device, dtype=dtype)
     text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=device, dtype=dtype)
-    return FluxModels(flow, autoencoder, text, chosen, paths, torch.device(device))
+    return FluxModels(flow, autoencoder, text, chosen, paths, torch.device(device), weights)

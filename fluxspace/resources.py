@@ -1,7 +1,8 @@
 """Will a run fit? Its memory, estimated from the files' headers and the settings before anything is
 loaded, against what the device has.
 
-    weights      every tensor of the transformer, autoencoder and text encoders, in the run's dtype
+    weights      every tensor of the transformer, autoencoder and text encoders, in the run's dtype;
+                 with --weights fp8 the transformer's block Linear weights at one byte each
     activations  one transformer forward: rows (batch x 2 under true CFG) x tokens x width x
                  ACTIVATION_FACTOR, plus FluxSpace's extra conditions; the transformer's attention
                  runs in fused kernels (flux_core.math, fluxspace/attention.py), which never hold the
@@ -55,11 +56,18 @@ def weight_count(transformer: Path, ae: Path, text_encoders: Path) -> int:
     return count
 
 
+def weight_bytes(n_weights: int, n_fp8: int, dtype: torch.dtype) -> int:
+    """Bytes of n_weights parameters in `dtype`, n_fp8 of them held as float8 (one byte each)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return (n_weights - n_fp8) * size + n_fp8
+
+
 def footprint(
     n_weights: int, params: FluxParams, ae: AutoEncoderParams, t5_length: int, width: int, height: int,
-    pixels_per_token: int, batch: int, cfg: bool, conditions: int, dtype: torch.dtype,
+    pixels_per_token: int, batch: int, cfg: bool, conditions: int, dtype: torch.dtype, n_fp8: int = 0,
 ) -> Footprint:  # fmt: skip
-    """The memory of a run; conditions: extra text conditions of a FluxSpace edit (prior + concepts)."""
+    """The memory of a run; conditions: extra text conditions of a FluxSpace edit (prior + concepts);
+    n_fp8: weights held in fp8 (--weights fp8)."""
     size = torch.empty((), dtype=dtype).element_size()
     n_img = (height // pixels_per_token) * (width // pixels_per_token)
     rows = batch * (2 if cfg else 1)
@@ -73,7 +81,7 @@ def footprint(
     # channel width (ch x 4) is beyond the fused CPU kernels: the P x P scores are held.
     positions = (height // ae.downsampling) * (width // ae.downsampling)
     decoder = max(decoder, batch * positions**2 * size)
-    return Footprint(n_weights * size, max(rows * per_row * size, decoder), rows, tokens)
+    return Footprint(weight_bytes(n_weights, n_fp8, dtype), max(rows * per_row * size, decoder), rows, tokens)
 
 
 def available(device: str | torch.device) -> int | None:

@@ -2,7 +2,7 @@
 
     flux-weights inspect FILE_OR_FOLDER [--keys] [--json] [--model transformer|ae]
     flux-weights verify FILE_OR_FOLDER --preset P [--model transformer|ae]
-    flux-weights convert IN OUT --to diffusers|bfl [--model transformer|ae] [--force]
+    flux-weights convert IN OUT --to diffusers|bfl|fp8 [--model transformer|ae] [--force]
     flux-weights random --preset P --out DIR [--seed S] [--dtype float32|bfloat16]
                         [--transformer-only] [--depth N] [--depth-single M] [--force]
 
@@ -20,7 +20,7 @@ import sys
 from flux_core.formats import ConversionError
 from flux_core.loading import CheckpointError
 
-from .convert import convert_file
+from .convert import TARGETS, convert_file
 from .inspect import format_report, inspect_path
 from .random_weights import DTYPE_CHOICES, write_random_checkpoint
 from .verify import verify_file
@@ -93,10 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, help="component of a diffusers pipeline folder")
     p.set_defaults(run=_verify)
 
-    p = sub.add_parser("convert", help="convert between the official (bfl) and diffusers layouts")
+    p = sub.add_parser(
+        "convert", help="convert between the official (bfl) and diffusers layouts, or to a scaled fp8 file"
+    )
     p.add_argument("src", help="a .safetensors file, a folder of shards, or a diffusers pipeline folder")
     p.add_argument("dst", help="the .safetensors file to write")
-    p.add_argument("--to", required=True, choices=("diffusers", "bfl"), help="target layout")
+    p.add_argument(
+        "--to", required=True, choices=TARGETS,
+        help="target layout; fp8: the blocks' Linear weights as float8 e4m3fn + scale_weight (official keys)",
+    )  # fmt: skip
     p.add_argument("--model", choices=MODELS, help="transformer or ae (detected from the keys if left out)")
     p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
     p.set_defaults(run=_convert)

@@ -10,6 +10,9 @@ diffusers folders on load with the same functions). This file adds the file hand
 - `convert_file` converts block by block: the conversion of each transformer block only needs that
   block's tensors, so the plan is made on meta tensors first and the data then flows one block at
   a time (the autoencoder, 335 MB, is one group).
+- `--to fp8` writes a scaled fp8 file in the official layout (flux_core/runtime/fp8.py): the
+  blocks' Linear weights as F8_E4M3 plus a float32 `<module>.scale_weight` each, the rest as stored;
+  quantized block by block too, so a 24 GB bf16 file needs one block of memory.
 """
 
 import json
@@ -27,6 +30,7 @@ from torch import Tensor
 from flux_core.atomic import atomic_file
 from flux_core.files import TORCH_TO_SAFETENSORS, CheckpointError, WeightFiles, open_weights
 from flux_core.formats import CONVERTERS
+from flux_core.runtime import fp8
 
 from .inspect import require_format
 
@@ -127,21 +131,25 @@ def convert_file(
     model: str | None = None,
     force: bool = False,
 ) -> ConvertResult:
-    """Convert a file (or a diffusers folder) to `to` ('diffusers' or 'bfl'), one file out, dtypes kept.
+    """Convert a file (or a diffusers folder) to `to` ('diffusers' or 'bfl'), one file out, dtypes kept;
+    or to 'fp8': a scaled fp8 transformer file in the official layout (see the module docstring).
 
     model ('transformer' or 'ae') is detected from the keys; passing it checks the detection and
     picks the component of a diffusers pipeline folder.
     """
-    if to not in ("diffusers", "bfl"):
-        raise CheckpointError(f"unknown target layout {to!r}; valid: diffusers, bfl")
+    if to not in TARGETS:
+        raise CheckpointError(f"unknown target {to!r}; valid: {', '.join(TARGETS)}")
     if model is not None and model not in ("transformer", "ae"):
         raise CheckpointError(f"unknown model {model!r}; valid: transformer, ae")
     ws = open_weights(src, model)
     layout, found = require_format(ws, src, model)
-    if layout == to:
+    if to == "fp8":
+        convert = _fp8_converter(ws, src, layout, found)
+    elif layout == to:
         raise CheckpointError(f"{src} is already in the {to} layout")
+    else:
+        convert: Callable = CONVERTERS[(found, to)]
     check_writable(dst, force)
-    convert: Callable = CONVERTERS[(found, to)]
 
     # Plan on meta tensors (this also validates every key before a byte is written). Each group's
     # output keys are a contiguous run of the sorted key list, so writing groups in the order of
@@ -161,3 +169,18 @@ def convert_file(
         files = {f: stack.enter_context(safe_open(f, framework="pt", device="cpu")) for f in ws.files}
         path = write_safetensors(dst, plan, produce(files), metadata=ws.metadata, force=force)
     return ConvertResult(path, found, layout, to, len(ws.shapes), len(plan))
+
+
+TARGETS = ("diffusers", "bfl", "fp8")
+
+
+def _fp8_converter(ws: WeightFiles, src, layout: str, found: str) -> Callable:
+    """The group converter of `--to fp8`: to the official layout if needed, then quantized."""
+    if found != "transformer":
+        raise CheckpointError(f"{src} holds an autoencoder; --to fp8 converts a Flux transformer")
+    if fp8.fp8_layout(ws).scales:
+        raise CheckpointError(f"{src} is already a scaled fp8 file")
+    if layout == "bfl":
+        return fp8.quantize_state_dict
+    to_bfl = CONVERTERS[(found, "bfl")]
+    return lambda tensors: fp8.quantize_state_dict(to_bfl(tensors))

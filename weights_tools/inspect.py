@@ -22,6 +22,7 @@ from flux_core.files import (
 from flux_core.formats import BFL_PREFIX, ConversionError
 from flux_core.loading import check_autoencoder, check_flow_model, detect_variant
 from flux_core.presets import PRESETS
+from flux_core.runtime.fp8 import fp8_layout
 
 
 def num_params(shapes) -> int:
@@ -84,6 +85,7 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
         "layout": fmt[0] if fmt else "unknown",
         "model": fmt[1] if fmt else "unknown",
         "key_prefix": BFL_PREFIX if ws.prefixed else None,
+        "weights_format": "full",
         "variant": "unknown",
         "params": None,
         "matching_presets": [],
@@ -95,6 +97,7 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
         # The loader's own checks (flux_core.loading.check_*): params are shown only for a file that
         # loads without a preset, else the loader's refusal is the report's problem.
         try:
+            report["weights_format"] = fp8_layout(ws).describe()  # e.g. 'fp8 (e4m3fn), scaled, 504 fp8 tensors'
             report["variant"] = detect_variant(ws.bfl_shapes()) if fmt[1] == "transformer" else "ae"
             if fmt[1] == "transformer":
                 params = check_flow_model(ws)
@@ -138,6 +141,7 @@ def format_report(report: dict) -> str:
         f"layout    {layout} {report['model']}"
         + (f", keys prefixed {report['key_prefix']!r}" if report["key_prefix"] else ""),
         f"variant   {report['variant']}",
+        f"weights   {report['weights_format']}",
         f"tensors   {report['num_tensors']}, {report['num_params']:,} parameters, dtypes "
         + ", ".join(f"{d} x{n}" for d, n in report["dtypes"].items()),
     ]

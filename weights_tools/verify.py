@@ -7,7 +7,9 @@ header; flux_core.loading.check_metadata: our metadata values), so "OK" means th
 The expected keys are the state dict of the preset's model built on the meta device (no memory),
 so the check is exactly what `load_state_dict(strict=True)` would demand. Files with the
 `model.diffusion_model.` prefix and diffusers-layout files are accepted (the latter are converted
-on meta tensors first; keys are then reported under their official names).
+on meta tensors first; keys are then reported under their official names), and so are fp8
+transformer files: float8 tensors, and `scale_weight` keys checked as flux_core/runtime/fp8.py
+reads them.
 
 Also here: the committed inventories of the official files (weights_tools/inventory/*.json).
 """
@@ -23,6 +25,7 @@ from flux_core.formats import ConversionError
 from flux_core.loading import check_metadata, model_shapes
 from flux_core.model import Flux
 from flux_core.presets import get_preset
+from flux_core.runtime.fp8 import fp8_layout, module_shapes
 
 from .inspect import require_format
 
@@ -98,6 +101,8 @@ def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) 
     except ConversionError as e:
         result.problem = str(e)
         return result
+    if found_model == "transformer":  # an fp8 file's scale_weight (& co.) belong to its layout, not the model
+        found = module_shapes(found, fp8_layout(ws))
     expected = expected_shapes(preset, found_model)
     result.missing = sorted(expected.keys() - found.keys())
     result.unexpected = sorted(found.keys() - expected.keys())
