@@ -6,19 +6,28 @@ used: the library finds its files without importing the flux-mini domain (fluxsp
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from flux_core import Flux, Preset, get_preset
-from flux_core.autoencoder import AutoEncoder
-from flux_core.conditioner import TEXT_ENCODER_FOLDERS
+from flux_core import Flux, FluxParams, Preset, get_preset
+from flux_core.autoencoder import AutoEncoder, AutoEncoderParams
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS, check_text_encoder_folder
 from flux_core.files import CheckpointError, open_weights
-from flux_core.loading import META_PRESET, check_flow_model, load_autoencoder, load_flow_model, resolve_dtype
+from flux_core.loading import (
+    META_PRESET,
+    check_autoencoder,
+    check_flow_model,
+    load_autoencoder,
+    load_flow_model,
+    resolve_dtype,
+)
 from flux_core.presets import PRESETS
 
+from .runtime import Residency, Runtime, resident_weights
 from .settings import SampleSettings
 
 if TYPE_CHECKING:  # the text encoders pull in `transformers`: imported when a model is loaded
@@ -110,23 +119,42 @@ def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
 
 @dataclass
 class FluxModels:
-    """A loaded model: transformer, autoencoder, text encoders, and the preset giving its defaults."""
+    """A loaded model: transformer, autoencoder, text encoders, and the preset giving its defaults.
 
-    flow: Flux
-    ae: AutoEncoder
-    text: "TextEncoders"
+    `flow`, `ae` and `text` hand out a part ready to run: each access is a use of that part
+    (runtime.Runtime.use), which, depending on the residency, loads it, brings it to its device and
+    sends back or frees the part used before. Read sizes and settings from `params`, `ae_params`
+    and `dtype`, which touch no part.
+    """
+
+    runtime: Runtime
+    params: FluxParams  # the transformer's, from the file header
+    ae_params: AutoEncoderParams
     preset: Preset
     paths: ModelPaths
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
 
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.flow.parameters()).dtype
+    def flow(self) -> Flux:
+        return self.runtime.use("flow")
+
+    @property
+    def ae(self) -> AutoEncoder:
+        return self.runtime.use("ae")
+
+    @property
+    def text(self) -> "TextEncoders":
+        return self.runtime.use("text")
+
+    @property
+    def residency(self) -> Residency:
+        return self.runtime.residency
 
     @property
     def pixels_per_token(self) -> int:
         """Image pixels along the side of one image token: 2 x the autoencoder's downsampling."""
-        return 2 * self.ae.params.downsampling
+        return 2 * self.ae_params.downsampling
 
     def token_grid(self, width: int, height: int) -> tuple[int, int]:
         """(rows, cols) of image tokens for an image of width x height pixels."""
@@ -145,13 +173,28 @@ def load_models(
     text_encoders: str | None = None,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
+    offload: str = "none",
+    text_device: str | None = None,
+    staged: bool = False,
+    residency: Residency | None = None,
 ) -> FluxModels:
     """Load transformer, autoencoder and text encoders; the preset is checked against the file.
 
     model: see resolve_paths; None loads the shipped flux-mini.
+    offload: "none" (every part stays on `device`), "model" (each part on the device only while it
+    runs) or "blocks" (also the transformer's blocks streamed in groups; CUDA only). text_device:
+    where T5 and CLIP run (default: `device`). staged: load each part when first used and free it
+    when another part runs (peak memory of the largest part). See runtime.py. residency: all of
+    these as one runtime.Residency (then leave offload, text_device and staged at their defaults).
+    Every file header is checked before anything is loaded, staged or not.
     """
     from flux_core.conditioner import VALID_DTYPES, load_text_encoders
 
+    if residency is None:
+        residency = Residency(offload=offload, text_device=text_device, staged=staged)
+    elif (offload, text_device, staged) != ("none", None, False):
+        raise ValueError("pass either residency= or offload=/text_device=/staged=, not both")
+    residency.check(device)
     paths = resolve_paths(model if model is not None else flux_mini_path(), ae, text_encoders)
     chosen = resolve_preset(paths, preset)
     dtype = resolve_dtype(dtype, device)
@@ -159,11 +202,29 @@ def load_models(
         valid = ", ".join(str(d).removeprefix("torch.") for d in VALID_DTYPES)
         raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported: the text encoders (T5 "
                          f"overflows in float16) take {valid}")  # fmt: skip
-    from .resources import Footprint, check_fits, weight_count
+    from .resources import Footprint, check_fits, part_weights
 
-    weights = weight_count(paths.transformer, paths.ae, paths.text_encoders) * torch.empty((), dtype=dtype).element_size()
+    params = check_flow_model(open_weights(paths.transformer, "transformer"), chosen if preset else None)
+    ae_params = check_autoencoder(open_weights(paths.ae, "ae"))
+    check_text_encoder_folder(paths.text_encoders)
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = resident_weights(part_weights(paths), params, residency, device) * size
     check_fits(Footprint(weights, 0, 0, 0), device, "loading the model")
-    flow = load_flow_model(paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype)
-    autoencoder = load_autoencoder(paths.ae, device=device, dtype=dtype)
-    text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=device, dtype=dtype)
-    return FluxModels(flow, autoencoder, text, chosen, paths, torch.device(device))
+
+    def reload_from(path: Path, kind: str) -> Callable[[torch.nn.Module, torch.device], None]:
+        def reload(module: torch.nn.Module, where: torch.device) -> None:
+            module.load_state_dict(open_weights(path, kind).bfl_tensors(where, dtype), strict=True, assign=True)
+
+        return reload
+
+    loaders = {
+        "flow": lambda where: load_flow_model(paths.transformer, preset=chosen if preset else None, device=where, dtype=dtype),
+        "ae": lambda where: load_autoencoder(paths.ae, device=where, dtype=dtype),
+        "text": lambda where: load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=where,
+                                                 dtype=dtype),  # fmt: skip
+    }
+    reloaders = {"flow": reload_from(paths.transformer, "transformer"), "ae": reload_from(paths.ae, "ae")}
+    runtime = Runtime(residency, device, loaders, reloaders)
+    if not residency.staged:
+        runtime.load_all()
+    return FluxModels(runtime, params, ae_params, chosen, paths, torch.device(device), dtype)
