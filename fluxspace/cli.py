@@ -24,14 +24,23 @@ from flux_core.autoencoder import AutoEncoderParams
 from flux_core.loading import read_ae_params, read_flux_params, resolve_dtype
 
 from . import grammar
-from .arguments import CLIError, build_parser, check_device, inversion_from, seeds_for, spec_from
+from .arguments import (
+    CLIError,
+    build_parser,
+    check_device,
+    inversion_from,
+    residency_from,
+    seeds_for,
+    spec_from,
+)
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
 from .inversion import fit_image, invert_image, read_image
 from .metadata import run_metadata
 from .models import ModelPaths, flux_mini_path, load_models, resolve_paths, resolve_preset
-from .resources import check_fits, footprint, weight_count
+from .resources import check_fits, footprint, part_weights
 from .run import generate
+from .runtime import Residency, resident_weights
 from .settings import SampleSettings
 from .spec import EditSpec, validate
 from .sweep import sweep, vary
@@ -122,9 +131,10 @@ class Chosen:
     preset: Preset
     flux: FluxParams
     ae: AutoEncoderParams
-    n_weights: int  # parameters of all four parts
+    n_weights: int  # parameters on the device at the peak (all four parts, unless offloaded or staged)
     device: str
     dtype: torch.dtype
+    residency: Residency
 
     @property
     def pixels_per_token(self) -> int:
@@ -149,12 +159,14 @@ class Chosen:
 def choose_model(args) -> Chosen:
     """Check device and dtype, find the model's files (default: the shipped flux-mini), read their headers."""
     device = check_device(args.device)
+    residency = residency_from(args)
     dtype = resolve_dtype(args.dtype, device)
     model = args.model if args.model else flux_mini_path()
     paths = resolve_paths(model, args.ae, args.text_encoders)
     preset = resolve_preset(paths, args.preset)
     flux, ae = read_flux_params(paths.transformer), read_ae_params(paths.ae)
-    return Chosen(paths, preset, flux, ae, weight_count(paths.transformer, paths.ae, paths.text_encoders), device, dtype)
+    n_weights = resident_weights(part_weights(paths), flux, residency, device)
+    return Chosen(paths, preset, flux, ae, n_weights, device, dtype, residency)
 
 
 def run_generate(args) -> int:
@@ -184,9 +196,8 @@ def load_for(args, chosen: Chosen):
         transformers_logging.disable_progress_bar()  # its "Loading weights" bars too: --quiet means no bars
     t0 = time.perf_counter()
     p = chosen.paths
-    models = load_models(
-        p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device, dtype=args.dtype
-    )
+    models = load_models(p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device,
+                         dtype=args.dtype, residency=chosen.residency)  # fmt: skip
     took = time.perf_counter() - t0
     print(f"loaded {models.preset.name}-shaped model from {p.transformer} in {took:.1f} s", file=sys.stderr)
     return models

@@ -1,7 +1,7 @@
 """What every output PNG records: the settings that made it, and which code and weights made it.
 
     command, prompt, seed, width, height, steps, guidance, cfg_scale, negative_prompt, parity,
-    preset, model, dtype, device, version, weights
+    preset, model, dtype, device, offload, text_device, staged, version, weights
 
 `weights` names each weight file (transformer, autoencoder, text encoders) with its size and the
 SHA-256 of its safetensors header: the header lists every tensor's name, shape, dtype and offsets,
@@ -57,6 +57,6 @@ def run_metadata(command: str, models: FluxModels, settings: SampleSettings, **f
         "command": command, **fields, "width": s.width, "height": s.height, "steps": s.steps, "guidance": s.guidance,
         "cfg_scale": s.cfg_scale, "negative_prompt": s.negative_prompt, "parity": s.parity,
         "preset": models.preset.name, "model": str(models.paths.transformer),
-        "dtype": str(models.dtype).removeprefix("torch."), "device": str(models.device),
+        "dtype": str(models.dtype).removeprefix("torch."), "device": str(models.device), **models.residency.summary(),
         "version": package_version(), "weights": weight_files(models.paths),
     }  # fmt: skip
