@@ -53,10 +53,17 @@ class Mover:
 
     def __init__(self, storage: str | torch.device = "cpu", pin: bool | None = None):
         self.storage = torch.device(storage)
-        self.pin = pin
+        self.pin_storage = pin
         self.moves: Counter[tuple[str, str]] = Counter()
         self.log: list[tuple[str, str]] = []
         self._away: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # name -> (tensors, storage copies)
+
+    def pin(self, modules: Iterable[nn.Module]) -> None:
+        """Page-lock the modules' CPU tensors now (else each is pinned the first time it is brought)."""
+        with torch.inference_mode(False), torch.no_grad():
+            for t in _tensors(modules):
+                if t.data.device.type == "cpu" and not t.data.is_pinned():
+                    t.data = t.data.pin_memory()
 
     def is_in(self, name: str) -> bool:
         return name in self._away
@@ -68,7 +75,7 @@ class Mover:
         if name in self._away:
             return
         device = torch.device(device)
-        pin = self.pin if self.pin is not None else (device.type == "cuda" and self.storage.type == "cpu")
+        pin = self.pin_storage if self.pin_storage is not None else (device.type == "cuda" and self.storage.type == "cpu")
         tensors = _tensors(modules, exclude)
         stored = []
         # Weights are moved outside inference mode: a copy made inside it would be an inference

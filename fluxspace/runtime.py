@@ -182,6 +182,8 @@ class Runtime:
         else:
             module = self.loaders[part](where)
             self.modules[part] = module
+            if self.offloads and self.residency.device_of(part, self.device).type == "cuda":
+                self.mover.pin([module])  # host copies page-locked once: every later copy is DMA
             if self.residency.offload == "blocks":
                 compute = self.residency.device_of(part, self.device)
                 self.streamers[part] = [stream_blocks(owner, self.residency.block_group, self.mover, compute, lists,
