@@ -22,6 +22,7 @@ from flux_core.runtime.fp8 import WEIGHTS_FORMATS
 
 from . import grammar
 from .inversion import FITS, FORWARD_TIMES, SOLVERS, InversionSettings
+from .runtime import OFFLOAD_MODES, Residency
 from .settings import MAX_PIXELS
 from .spec import COARSE_TARGETS, PRIOR_REMOVALS, PROJECTIONS, Concept, EditSpec
 
@@ -36,23 +37,35 @@ SEED_RANGE = 2**64  # torch.Generator seeds: one seed, one image
 MAX_SIDE = math.isqrt(MAX_PIXELS)  # --size: the longest side an image is resized to
 
 
-def check_device(text: str) -> str:
-    """`--device`: a device torch knows and this machine has."""
+def check_device(text: str, flag: str = "--device") -> str:
+    """`--device` (or `--text-device`): a device torch knows and this machine has."""
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise CLIError(f"--device {text!r} is not a device; valid: cpu, cuda, cuda:N, mps")
+        raise CLIError(f"{flag} {text!r} is not a device; valid: cpu, cuda, cuda:N, mps")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise CLIError(f"--device {text}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+            raise CLIError(f"{flag} {text}: this machine has no CUDA device (torch {torch.__version__}); use {flag} cpu")
         if device.index is not None and device.index >= count:
-            raise CLIError(f"--device {text}: this machine has CUDA devices 0..{count - 1}")
+            raise CLIError(f"{flag} {text}: this machine has CUDA devices 0..{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+        raise CLIError(f"{flag} {text}: MPS is not available on this machine; use {flag} cpu")
     return text
+
+
+def residency_from(args) -> Residency:
+    """--offload, --text-device and --staged, checked against --device (a one-line error if they cannot work)."""
+    if args.text_device is not None:
+        check_device(args.text_device, "--text-device")
+    residency = Residency(offload=args.offload, text_device=args.text_device, staged=args.staged)
+    try:
+        residency.check(args.device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return residency
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +85,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="full: every weight in --dtype; fp8: the transformer's block Linear weights as float8 e4m3fn with a "
         "per-tensor scale, computed in --dtype (half the bytes of bf16; not on MPS) (default: full)",
     )  # fmt: skip
+    g.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                   help="none: every part stays on the device (default); model: T5, CLIP, the transformer and the "
+                   "AE each on the device only while it runs; blocks: also the transformer's blocks streamed to "
+                   "the GPU in groups (CUDA only)")  # fmt: skip
+    g.add_argument("--text-device", help="where T5 and CLIP run, e.g. cpu beside --device cuda (default: --device)")
+    g.add_argument("--staged", action="store_true", help="load each part when first used and free it when the next "
+                   "runs: peak memory of the largest part, not of all; parts are read again for each run")  # fmt: skip
     g.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too "
                    "(or set FLUXSPACE_DEBUG=1)")  # fmt: skip
 

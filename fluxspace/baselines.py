@@ -97,7 +97,7 @@ def direction_edit(
     coarse edit and the block choice do not exist at the output level and must be left unset.
     """
     s = models.sample_settings(settings)
-    validate(spec, num_steps=s.steps, num_double_blocks=len(models.flow.double_blocks))
+    validate(spec, num_steps=s.steps, num_double_blocks=models.params.depth)
     if len(spec.concepts) != 1 or spec.has_coarse or spec.blocks is not None or spec.concepts[0].tau_m != 0:
         raise ValueError(
             "direction_edit takes one concept with tau_m=0 and no coarse edit or block choice "
@@ -105,10 +105,12 @@ def direction_edit(
         )
     run = SamplingRun.prepare(models, [prompt], [seed], s, progress=progress)
     start = run.first_active_step(spec)
+    # The edit and prior prompts are encoded before the transformer runs (runtime.py).
+    directed = DirectionVelocity(run, spec, offset=start) if start is not None else None
     plain, branch = run.plain_and_branch(start)
     if start is None:
         return tuple(run.decode(plain, plain))
-    edited = run.branch(start, branch, DirectionVelocity(run, spec, offset=start))
+    edited = run.branch(start, branch, directed)
     return tuple(run.decode(plain, edited))
 
 
@@ -127,5 +129,6 @@ def prompt_edit(
     negative_prompt: the edited run's CFG negative (e.g. the attribute to remove); default the settings'.
     """
     run = SamplingRun.prepare(models, [prompt], [seed], settings, progress=progress)
+    edited = run.prompt_velocity(edited_prompt, negative_prompt)  # encoded before the transformer runs
     plain, _ = run.plain_and_branch(None)
-    return tuple(run.decode(plain, run.with_prompt(edited_prompt, negative_prompt)))
+    return tuple(run.decode(plain, run.sample(run.inp.img, velocity=edited)))

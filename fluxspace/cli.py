@@ -26,14 +26,23 @@ from flux_core.loading import read_ae_params, read_flux_params, resolve_dtype
 from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
 from . import grammar
-from .arguments import CLIError, build_parser, check_device, inversion_from, seeds_for, spec_from
+from .arguments import (
+    CLIError,
+    build_parser,
+    check_device,
+    inversion_from,
+    residency_from,
+    seeds_for,
+    spec_from,
+)
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
 from .inversion import fit_image, invert_image, read_image
 from .metadata import run_metadata
 from .models import ModelPaths, flux_mini_path, load_models, resolve_paths, resolve_preset
-from .resources import check_fits, footprint, weight_count
+from .resources import check_fits, footprint, part_weights
 from .run import generate
+from .runtime import Residency, resident_weights
 from .settings import SampleSettings
 from .spec import EditSpec, validate
 from .sweep import sweep, vary
@@ -124,11 +133,12 @@ class Chosen:
     preset: Preset
     flux: FluxParams
     ae: AutoEncoderParams
-    n_weights: int  # parameters of all four parts
+    n_weights: int  # parameters on the device at the peak (all four parts, unless offloaded or staged)
     device: str
     dtype: torch.dtype
-    weights: str = "full"  # --weights
-    n_fp8: int = 0  # weights held at one byte each under --weights fp8
+    weights: str  # --weights: "full" or "fp8"
+    n_fp8: int  # weights held at one byte each under --weights fp8
+    residency: Residency
 
     @property
     def pixels_per_token(self) -> int:
@@ -154,15 +164,16 @@ class Chosen:
 def choose_model(args) -> Chosen:
     """Check device and dtype, find the model's files (default: the shipped flux-mini), read their headers."""
     device = check_device(args.device)
+    residency = residency_from(args)
     dtype = resolve_dtype(args.dtype, device)
     check_weights_format(args.weights, device)
     model = args.model if args.model else flux_mini_path()
     paths = resolve_paths(model, args.ae, args.text_encoders)
     preset = resolve_preset(paths, args.preset)
     flux, ae = read_flux_params(paths.transformer), read_ae_params(paths.ae)
-    n_weights = weight_count(paths.transformer, paths.ae, paths.text_encoders)
+    n_weights = resident_weights(part_weights(paths), flux, residency, device)
     n_fp8 = quantized_count(open_weights(paths.transformer, "transformer")) if args.weights == "fp8" else 0
-    return Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, n_fp8)
+    return Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, min(n_fp8, n_weights), residency)
 
 
 def run_generate(args) -> int:
@@ -192,10 +203,8 @@ def load_for(args, chosen: Chosen):
         transformers_logging.disable_progress_bar()  # its "Loading weights" bars too: --quiet means no bars
     t0 = time.perf_counter()
     p = chosen.paths
-    models = load_models(
-        p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device, dtype=args.dtype,
-        weights=chosen.weights,
-    )
+    models = load_models(p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device,
+                         dtype=args.dtype, weights=chosen.weights, residency=chosen.residency)  # fmt: skip
     took = time.perf_counter() - t0
     print(f"loaded {models.preset.name}-shaped model from {p.transformer} in {took:.1f} s", file=sys.stderr)
     return models

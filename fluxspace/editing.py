@@ -95,7 +95,7 @@ def edit_image(
     if image is not None:
         return _edit_real_image(models, prompt, spec, seed, settings, image, inversion, fit, record)
     s = models.sample_settings(settings)
-    validate(spec, num_steps=s.steps, num_double_blocks=len(models.flow.double_blocks))
+    validate(spec, num_steps=s.steps, num_double_blocks=models.params.depth)
     encoded = encode_edit(spec, models.text)  # also checks that the mask words are in the edit prompts
     run = SamplingRun.prepare(models, [prompt], [seed], s, progress=progress)
 

@@ -246,14 +246,15 @@ def invert_image(models: FluxModels, image, prompt: str = "", *, settings: Sampl
     w, h = fitted.size
     encoded = None
     if edit_spec is not None:
-        validate(edit_spec, num_steps=s.steps, num_double_blocks=len(models.flow.double_blocks))
+        validate(edit_spec, num_steps=s.steps, num_double_blocks=models.params.depth)
         encoded = encode_edit(edit_spec, models.text)
 
     run = SamplingRun.prepare(models, [prompt], [seed], replace(s, width=w, height=h), real_image=True)
-    x0 = encode_image(models, fitted)  # (1, N, C)
+    edit_text = run.text(edit_prompt) if edit_spec is not None and edit_prompt is not None else (None, None)
+    x0 = encode_image(models, fitted)  # (1, N, C); every prompt is encoded before this
     y1 = None
     if inversion.gamma > 0:
-        z, ppt = models.ae.params.z_channels, models.pixels_per_token
+        z, ppt = models.ae_params.z_channels, models.pixels_per_token
         y1 = pack(get_noise(1, h, w, seed, z, models.device, torch.float32, pixels_per_token=ppt))
 
     noise, n_inv = invert(run.velocity(), x0, run.timesteps, inversion, noise=y1)
@@ -262,7 +263,7 @@ def invert_image(models: FluxModels, image, prompt: str = "", *, settings: Sampl
     result = RealImageResult(fitted, reconstruction, psnr(fitted, reconstruction), n_inv + n_rec, noise, run.settings)
     if edit_spec is not None:
         schedule = FluxSpaceSchedule(edit_spec, encoded)
-        txt, vec = run.text(edit_prompt) if edit_prompt is not None else (None, None)
+        txt, vec = edit_text
         edited, _ = reconstruct(run.velocity(schedule, txt=txt, vec=vec), noise, run.timesteps, inversion, y0=x0)
         (result.edited,) = run.decode(edited)
         result.masks = schedule.mean_masks(models.token_grid(w, h))

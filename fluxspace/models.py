@@ -12,14 +12,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flux_core import Flux, Preset, get_preset
-from flux_core.autoencoder import AutoEncoder
-from flux_core.conditioner import TEXT_ENCODER_FOLDERS
+from flux_core import Flux, FluxParams, Preset, get_preset
+from flux_core.autoencoder import AutoEncoder, AutoEncoderParams
+from flux_core.conditioner import TEXT_ENCODER_FOLDERS, check_text_encoder_folder
 from flux_core.files import CheckpointError, open_weights
-from flux_core.loading import META_PRESET, check_flow_model, load_autoencoder, load_flow_model, resolve_dtype
+from flux_core.loading import (
+    META_PRESET,
+    check_autoencoder,
+    check_flow_model,
+    load_autoencoder,
+    load_flow_model,
+    resolve_dtype,
+)
 from flux_core.presets import PRESETS
 from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
+from .runtime import Residency, Runtime, resident_weights
 from .settings import SampleSettings
 
 if TYPE_CHECKING:  # the text encoders pull in `transformers`: imported when a model is loaded
@@ -111,24 +119,43 @@ def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
 
 @dataclass
 class FluxModels:
-    """A loaded model: transformer, autoencoder, text encoders, and the preset giving its defaults."""
+    """A loaded model: transformer, autoencoder, text encoders, and the preset giving its defaults.
 
-    flow: Flux
-    ae: AutoEncoder
-    text: "TextEncoders"
+    `flow`, `ae` and `text` hand out a part ready to run: each access is a use of that part
+    (runtime.Runtime.use), which, depending on the residency, loads it, brings it to its device and
+    sends back or frees the part used before. Read sizes and settings from `params`, `ae_params`
+    and `dtype`, which touch no part.
+    """
+
+    runtime: Runtime
+    params: FluxParams  # the transformer's, from the file header
+    ae_params: AutoEncoderParams
     preset: Preset
     paths: ModelPaths
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
     weights: str = "full"  # how the transformer holds its weights: "full" or "fp8" (flux_core/runtime/fp8.py)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.flow.parameters()).dtype
+    def flow(self) -> Flux:
+        return self.runtime.use("flow")
+
+    @property
+    def ae(self) -> AutoEncoder:
+        return self.runtime.use("ae")
+
+    @property
+    def text(self) -> "TextEncoders":
+        return self.runtime.use("text")
+
+    @property
+    def residency(self) -> Residency:
+        return self.runtime.residency
 
     @property
     def pixels_per_token(self) -> int:
         """Image pixels along the side of one image token: 2 x the autoencoder's downsampling."""
-        return 2 * self.ae.params.downsampling
+        return 2 * self.ae_params.downsampling
 
     def token_grid(self, width: int, height: int) -> tuple[int, int]:
         """(rows, cols) of image tokens for an image of width x height pixels."""
@@ -148,16 +175,31 @@ def load_models(
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     weights: str = "full",
+    offload: str = "none",
+    text_device: str | None = None,
+    staged: bool = False,
+    residency: Residency | None = None,
 ) -> FluxModels:
     """Load transformer, autoencoder and text encoders; the preset is checked against the file.
 
     model: see resolve_paths; None loads the shipped flux-mini.
     weights: "fp8" holds the transformer's block Linears as float8 e4m3fn with a per-tensor scale,
     computing in `dtype` (flux_core/runtime/fp8.py); the autoencoder and text encoders stay in `dtype`.
+    offload: "none" (every part stays on `device`), "model" (each part on the device only while it
+    runs) or "blocks" (also the transformer's blocks streamed in groups; CUDA only). text_device:
+    where T5 and CLIP run (default: `device`). staged: load each part when first used and free it
+    when another part runs (peak memory of the largest part). See runtime.py. residency: all of
+    these as one runtime.Residency (then leave offload, text_device and staged at their defaults).
+    Every file header is checked before anything is loaded, staged or not.
     """
     from flux_core.conditioner import VALID_DTYPES, load_text_encoders
 
     check_weights_format(weights, device)
+    if residency is None:
+        residency = Residency(offload=offload, text_device=text_device, staged=staged)
+    elif (offload, text_device, staged) != ("none", None, False):
+        raise ValueError("pass either residency= or offload=/text_device=/staged=, not both")
+    residency.check(device)
     paths = resolve_paths(model if model is not None else flux_mini_path(), ae, text_encoders)
     chosen = resolve_preset(paths, preset)
     dtype = resolve_dtype(dtype, device)
@@ -165,14 +207,37 @@ def load_models(
         valid = ", ".join(str(d).removeprefix("torch.") for d in VALID_DTYPES)
         raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported: the text encoders (T5 "
                          f"overflows in float16) take {valid}")  # fmt: skip
-    from .resources import Footprint, check_fits, weight_bytes, weight_count
+    from .resources import Footprint, check_fits, part_weights, weight_bytes
 
-    n_fp8 = quantized_count(open_weights(paths.transformer, "transformer")) if weights == "fp8" else 0
-    need = weight_bytes(weight_count(paths.transformer, paths.ae, paths.text_encoders), n_fp8, dtype)
-    check_fits(Footprint(need, 0, 0, 0), device, "loading the model")
-    flow = load_flow_model(
-        paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype, weights=weights
-    )
-    autoencoder = load_autoencoder(paths.ae, device=device, dtype=dtype)
-    text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=device, dtype=dtype)
-    return FluxModels(flow, autoencoder, text, chosen, paths, torch.device(device), weights)
+    files = open_weights(paths.transformer, "transformer")
+    params = check_flow_model(files, chosen if preset else None)
+    ae_params = check_autoencoder(open_weights(paths.ae, "ae"))
+    check_text_encoder_folder(paths.text_encoders)
+    resident = resident_weights(part_weights(paths), params, residency, device)
+    n_fp8 = min(quantized_count(files), resident) if weights == "fp8" else 0
+    check_fits(Footprint(weight_bytes(resident, n_fp8, dtype), 0, 0, 0), device, "loading the model")
+
+    def load_flow(where: torch.device) -> Flux:
+        return load_flow_model(paths.transformer, preset=chosen if preset else None, device=where, dtype=dtype,
+                               weights=weights)  # fmt: skip
+
+    def reload_flow(module: torch.nn.Module, where: torch.device) -> None:
+        if weights == "fp8":  # its modules are Fp8Linear: read through the loader that builds them
+            state = load_flow(where).state_dict()
+        else:
+            state = open_weights(paths.transformer, "transformer").bfl_tensors(where, dtype)
+        module.load_state_dict(state, strict=True, assign=True)
+
+    def reload_ae(module: torch.nn.Module, where: torch.device) -> None:
+        module.load_state_dict(open_weights(paths.ae, "ae").bfl_tensors(where, dtype), strict=True, assign=True)
+
+    loaders = {
+        "flow": load_flow,
+        "ae": lambda where: load_autoencoder(paths.ae, device=where, dtype=dtype),
+        "text": lambda where: load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=where,
+                                                 dtype=dtype),  # fmt: skip
+    }
+    runtime = Runtime(residency, device, loaders, {"flow": reload_flow, "ae": reload_ae})
+    if not residency.staged:
+        runtime.load_all()
+    return FluxModels(runtime, params, ae_params, chosen, paths, torch.device(device), dtype, weights)

@@ -60,11 +60,12 @@ class SamplingRun:
         if len(prompts) != len(seeds):
             raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
         s = models.sample_settings(settings, real_image=real_image)
-        need = footprint(0, models.flow.params, models.ae.params, models.preset.t5_max_length, s.width, s.height,
+        need = footprint(0, models.params, models.ae_params, models.preset.t5_max_length, s.width, s.height,
                          models.pixels_per_token, len(seeds), s.cfg_scale != 1.0, 0, models.dtype)  # fmt: skip
         check_fits(need, models.device, f"{s.width}x{s.height} px, batch {len(seeds)}")  # the model is loaded
+        # Every prompt of the run is encoded here, before the transformer runs (runtime.py).
         txt, vec = models.text(prompts)  # (B, T, C'), (B, C'')
-        z, ppt = models.ae.params.z_channels, models.pixels_per_token
+        z, ppt = models.ae_params.z_channels, models.pixels_per_token
         noise = get_noise(len(seeds), s.height, s.width, seeds, z, models.device, torch.bfloat16, pixels_per_token=ppt)
         inp = prepare(noise if s.parity else noise.to(models.dtype), txt, vec)
         timesteps = get_schedule(s.steps, inp.img.shape[1], shift=models.preset.shift_schedule)
@@ -96,14 +97,20 @@ class SamplingRun:
         edit: asked for the edit of step offset + step (a run that branches off at step `offset`);
         model, txt, vec, negative: another model callable, prompt or CFG negative than the run's.
         """
-        s, inp = self.settings, self.inp
+        s, inp, runtime = self.settings, self.inp, self.models.runtime
         neg_txt, neg_vec = self.negative if negative is None else negative
         v = Velocity(
             self.models.flow if model is None else model, inp.img_ids, inp.txt if txt is None else txt,
             inp.txt_ids, inp.vec if vec is None else vec, s.guidance, neg_txt=neg_txt, neg_vec=neg_vec,
             cfg_scale=s.cfg_scale, latent_dtype=self.latent_dtype, parity=s.parity,
         )  # fmt: skip
-        return scheduled(v, edit, s.steps, offset)
+        step_velocity = scheduled(v, edit, s.steps, offset)
+
+        def velocity(x: Tensor, t: float, step: int) -> Tensor:
+            runtime.use("flow")  # the transformer on its device (a no-op while it is there)
+            return step_velocity(x, t, step)
+
+        return velocity
 
     def sample(
         self,
@@ -143,13 +150,19 @@ class SamplingRun:
 
     def with_prompt(self, prompt: str, negative_prompt: str | None = None) -> Tensor:
         """The whole run again from the same noise with another prompt (and optionally another CFG negative)."""
+        return self.sample(self.inp.img, velocity=self.prompt_velocity(prompt, negative_prompt))
+
+    def prompt_velocity(self, prompt: str, negative_prompt: str | None = None) -> StepVelocity:
+        """The velocity with another prompt (and optionally another CFG negative): the prompts are
+        encoded now, so a caller can encode them before the transformer runs."""
         negative = None
         if negative_prompt is not None:
             if self.settings.cfg_scale == 1.0:
                 raise ValueError("a negative prompt needs true CFG (cfg_scale != 1)")
-            negative = self.models.text([negative_prompt])
+            neg_txt, neg_vec = self.models.text([negative_prompt])
+            negative = (neg_txt.to(self.inp.txt), neg_vec.to(self.inp.vec))
         txt, vec = self.text(prompt)
-        return self.sample(self.inp.img, velocity=self.velocity(txt=txt, vec=vec, negative=negative))
+        return self.velocity(txt=txt, vec=vec, negative=negative)
 
     def unpack(self, latents: Tensor) -> Tensor:
         """Packed tokens (B, N, C) -> latents (B, C, h, w), float32."""
