@@ -66,6 +66,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoders", help="folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ..., mps (default: cpu)")
     g.add_argument("--dtype", choices=MODEL_DTYPES, help="default: bfloat16 on a GPU, float32 on the CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block once (regional): "
+                   "the first step takes seconds longer, later steps are faster; needs torch >= 2.5 and a "
+                   "compiler (triton on CUDA, a C++ compiler on the CPU)")  # fmt: skip
     g.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too "
                    "(or set FLUXSPACE_DEBUG=1)")  # fmt: skip
 

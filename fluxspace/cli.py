@@ -22,6 +22,7 @@ from flux_core import FluxParams, Preset
 from flux_core.atomic import FileSet
 from flux_core.autoencoder import AutoEncoderParams
 from flux_core.loading import read_ae_params, read_flux_params, resolve_dtype
+from flux_core.runtime import check_compile_support
 
 from . import grammar
 from .arguments import CLIError, build_parser, check_device, inversion_from, seeds_for, spec_from
@@ -150,6 +151,8 @@ def choose_model(args) -> Chosen:
     """Check device and dtype, find the model's files (default: the shipped flux-mini), read their headers."""
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if getattr(args, "compile", False):
+        check_compile_support(device)  # before any file is read: a one-line refusal (a ValueError)
     model = args.model if args.model else flux_mini_path()
     paths = resolve_paths(model, args.ae, args.text_encoders)
     preset = resolve_preset(paths, args.preset)
@@ -185,8 +188,9 @@ def load_for(args, chosen: Chosen):
     t0 = time.perf_counter()
     p = chosen.paths
     models = load_models(
-        p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device, dtype=args.dtype
-    )
+        p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device, dtype=args.dtype,
+        compile=args.compile,
+    )  # fmt: skip
     took = time.perf_counter() - t0
     print(f"loaded {models.preset.name}-shaped model from {p.transformer} in {took:.1f} s", file=sys.stderr)
     return models

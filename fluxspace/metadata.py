@@ -1,7 +1,7 @@
 """What every output PNG records: the settings that made it, and which code and weights made it.
 
     command, prompt, seed, width, height, steps, guidance, cfg_scale, negative_prompt, parity,
-    preset, model, dtype, device, version, weights
+    preset, model, dtype, device, compile, version, weights
 
 `weights` names each weight file (transformer, autoencoder, text encoders) with its size and the
 SHA-256 of its safetensors header: the header lists every tensor's name, shape, dtype and offsets,
@@ -58,5 +58,5 @@ def run_metadata(command: str, models: FluxModels, settings: SampleSettings, **f
         "cfg_scale": s.cfg_scale, "negative_prompt": s.negative_prompt, "parity": s.parity,
         "preset": models.preset.name, "model": str(models.paths.transformer),
         "dtype": str(models.dtype).removeprefix("torch."), "device": str(models.device),
-        "version": package_version(), "weights": weight_files(models.paths),
+        "compile": models.compiled, "version": package_version(), "weights": weight_files(models.paths),
     }  # fmt: skip

@@ -118,6 +118,7 @@ class FluxModels:
     preset: Preset
     paths: ModelPaths
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    compiled: bool = False  # the transformer's blocks run under torch.compile (flux_core.runtime)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -145,12 +146,20 @@ def load_models(
     text_encoders: str | None = None,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
+    compile: bool = False,
 ) -> FluxModels:
     """Load transformer, autoencoder and text encoders; the preset is checked against the file.
 
     model: see resolve_paths; None loads the shipped flux-mini.
+    compile: compile each transformer block once (flux_core.runtime.compile_blocks): the first
+    forward takes seconds longer, the following ones are faster. Refused before loading where torch
+    cannot compile (CompileUnsupported, a ValueError).
     """
     from flux_core.conditioner import VALID_DTYPES, load_text_encoders
+    from flux_core.runtime import check_compile_support, compile_blocks
+
+    if compile:
+        check_compile_support(device)
 
     paths = resolve_paths(model if model is not None else flux_mini_path(), ae, text_encoders)
     chosen = resolve_preset(paths, preset)
@@ -166,4 +175,6 @@ def load_models(
     flow = load_flow_model(paths.transformer, preset=chosen if preset else None, device=device, dtype=dtype)
     autoencoder = load_autoencoder(paths.ae, device=device, dtype=dtype)
     text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=device, dtype=dtype)
-    return FluxModels(flow, autoencoder, text, chosen, paths, torch.device(device))
+    if compile:
+        compile_blocks(flow)
+    return FluxModels(flow, autoencoder, text, chosen, paths, torch.device(device), compiled=compile)
