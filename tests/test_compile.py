@@ -135,3 +135,14 @@ def test_compile_is_refused_with_one_line_where_it_cannot_work(monkeypatch):
         check_compile_support("mps")
     with pytest.raises(TypeError, match="compile_blocks expects a flux_core.Flux"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_cli_refuses_compile_before_loading_anything(monkeypatch, tmp_path, capsys):
+    from fluxspace.cli import main
+
+    monkeypatch.setattr(runtime_compile.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "a cat", "--compile", "--quiet", "--out", str(tmp_path / "cat.png")])
+    assert e.value.code == 2
+    assert "fluxspace: error: --compile on the CPU needs a C++ compiler" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
