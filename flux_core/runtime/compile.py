@@ -22,7 +22,10 @@ call (lists of kept tensors, counters) would become guards that fail every step;
 `torch.compiler.disable` where it is defined (`MaskLog.add`, `Recorder.double_block/single_block`),
 so it runs eagerly behind a graph break. An edit of your own that keeps state the same way should
 mark it the same way, or it recompiles until torch's recompile limit (8 per function), after which
-that function runs eagerly.
+that function runs eagerly. The same limit counts edit configurations: each distinct structure (number
+of concepts, tau_m > 0 or not, reference mode) compiles its own graphs of the block forward, so a
+process that runs more than a few (benchmarks/edit_cost.py) raises torch._dynamo.config.recompile_limit.
+Values that only enter tensor math (lambda_fine, lambda_coarse) do not recompile.
 
 Letters: none; no tensor math here.
 """
