@@ -9,6 +9,10 @@ Rows (one transformer forward each, same random weights and inputs):
   reference      fine + coarse executed as the unofficial code does (a full joint attention per branch)
   naive-batch3   the naive way: base, prior and edit prompts as a batch-3 full forward
 
+With --compile every row runs with each block compiled once (flux_core.runtime.compile_blocks);
+the warmup calls compile (`first call s` per row, in row order, so later rows reuse the plain
+graphs), and each row's output is compared with the same row run eagerly first (`rel err`).
+
 Rounds interleave the rows (plain, fluxspace, ..., plain, fluxspace, ...) so that a slow spell of
 the machine hits every row alike; the table gives each row's median and its ratio to plain.
 
@@ -21,6 +25,7 @@ import argparse
 import dataclasses
 import statistics
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import RESULTS, machine_info, random_official_state_dict, time_calls, write_json  # noqa: E402
 
 from flux_core import Flux, get_preset  # noqa: E402
+from flux_core.runtime import compile_blocks  # noqa: E402
 from flux_core.sampling import img_ids, txt_ids  # noqa: E402
 from fluxspace.spec import Concept, EditSpec, EncodedEdit  # noqa: E402
 from fluxspace.step import FluxSpaceEdit  # noqa: E402
@@ -50,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bf16 on cuda, float32 on cpu")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row, at least 1 (it compiles)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (rows compare with eager)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
@@ -104,9 +112,21 @@ def main(argv=None) -> dict:
         calls[name] = lambda spec=spec, enc=enc: model(**inp, edit=FluxSpaceEdit(spec, enc))
 
     times = {name: [] for name in ROWS}
+    first_call_s, rel_err = {}, {}
     with torch.inference_mode():
+        if args.compile:
+            eager_out = {name: calls[name]().float() for name in ROWS}
+            # Seven edit configurations in one process, each its own graphs of the block forward: more
+            # than dynamo's default 8 per function, past which the rest would silently run eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            compile_blocks(model, mode=None if args.compile_mode == "default" else args.compile_mode)
         for name in ROWS:
-            time_calls(calls[name], args.device, args.warmup)
+            t0 = time.perf_counter()
+            out = calls[name]()
+            first_call_s[name] = time.perf_counter() - t0
+            if args.compile:
+                rel_err[name] = ((out.float() - eager_out[name]).norm() / eager_out[name].norm()).item()
+            time_calls(calls[name], args.device, args.warmup - 1)
         for _ in range(args.rounds):
             for name in ROWS:
                 times[name] += time_calls(calls[name], args.device, 1)
@@ -120,18 +140,24 @@ def main(argv=None) -> dict:
             "min_ms": mins[n],
             "min_ratio_to_plain": mins[n] / mins["plain"],
             "times_ms": times[n],
+            "first_call_s": first_call_s[n],
+            "rel_err_vs_eager": rel_err.get(n),
         }
         for n in ROWS
     ]
     print(f"\nFluxSpace step cost: {args.preset} hidden {params.hidden_size}, {params.depth} double + "
-          f"{params.depth_single_blocks} single blocks, {N} image + {T} text tokens, {args.device} {dtype}\n")  # fmt: skip
-    print("| step | median ms | x plain (median) | min ms | x plain (min) |\n|---|---|---|---|---|")
+          f"{params.depth_single_blocks} single blocks, {N} image + {T} text tokens, {args.device} {dtype}"
+          f"{', blocks compiled (regional)' if args.compile else ', eager'}\n")  # fmt: skip
+    print("| step | median ms | x plain (median) | min ms | x plain (min) | first call s | rel err vs eager |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | {r['median_ms']:.1f} | {r['ratio_to_plain']:.3f} | {r['min_ms']:.1f} | {r['min_ratio_to_plain']:.3f} |")
+        err = "-" if r["rel_err_vs_eager"] is None else f"{r['rel_err_vs_eager']:.1e}"
+        print(f"| {r['row']} | {r['median_ms']:.1f} | {r['ratio_to_plain']:.3f} | {r['min_ms']:.1f} "
+              f"| {r['min_ratio_to_plain']:.3f} | {r['first_call_s']:.1f} | {err} |")  # fmt: skip
     out = (
         args.out
         or RESULTS
-        / f"edit_cost-{args.device}-{args.preset}-h{params.hidden_size}-d{params.depth}s{params.depth_single_blocks}-{args.height}x{args.width}-t{T}.json"
+        / f"edit_cost-{args.device}-{args.preset}-h{params.hidden_size}-d{params.depth}s{params.depth_single_blocks}-{args.height}x{args.width}-t{T}{'-compiled' if args.compile else ''}.json"
     )
     data = {
         "settings": {

@@ -1,7 +1,9 @@
 """Time one transformer forward: our flux_core.Flux against diffusers' FluxTransformer2DModel.
 
 Same random weights (official layout, seeded), same inputs, same device and dtype; each model eager
-and under torch.compile. Prints a markdown table and writes JSON (settings, machine, results).
+and under torch.compile, whole-model and regional (each repeated block compiled once,
+flux_core.runtime.compile_blocks; for diffusers its transformer_blocks and single_transformer_blocks
+the same way). Prints a markdown table and writes JSON (settings, machine, results).
 
     python benchmarks/forward.py --preset flux-dev --height 1024 --width 1024 --device cuda
     python benchmarks/forward.py --preset flux-dev --depth 2 --depth-single 4 --height 512 --width 512 \
@@ -63,14 +65,14 @@ from flux_core.sampling import txt_ids as make_txt_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("ours", "diffusers")
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "regional")  # compiled: torch.compile of the whole model
 GIB = 1024**3
 # glibc mallopt parameter number (malloc.h): blocks at least this large get their own mmap.
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 64 * 1024
 # The settings a worker needs to rebuild the same model and inputs.
 WORKER_FLAGS = tuple(
-    "preset depth depth_single height width txt_len batch device dtype warmup iters compile_mode threads seed".split()
+    "preset depth depth_single height width txt_len batch device dtype warmup iters compile_mode compile_scope threads seed".split()
 )
 # Inputs of the forward: a mid-trajectory time and the dev default guidance.
 TIMESTEP, GUIDANCE = 0.7, 3.5
@@ -101,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)"
     )
+    p.add_argument("--compile-scope", choices=("whole", "regional", "both"), default="both",
+                   help="compile the whole model ('compiled' rows), each block ('regional' rows), or both")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: ours,diffusers")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -361,8 +365,11 @@ def run_worker(args) -> dict:
             inputs = make_inputs(params, args, device, dtype)
             gc.collect()
             result["weights_bytes"] = memory_in_use(device) - baseline
+            compile_mode = None if args.compile_mode == "default" else args.compile_mode
             if mode == "compiled":
-                net = torch.compile(net, mode=None if args.compile_mode == "default" else args.compile_mode)
+                net = torch.compile(net, mode=compile_mode)
+            elif mode == "regional":
+                compile_regions(model, net, mode=compile_mode)
             fn = forward_fn(model, net, inputs)
             t0 = time.perf_counter()
             time_calls(fn, device, 1)
@@ -386,6 +393,17 @@ def run_worker(args) -> dict:
         result.update(status="failed", error=f"{type(e).__name__}: {first_line(str(e))}")
         result["traceback"] = traceback.format_exc()[-4000:]
     return result
+
+
+def compile_regions(model: str, net, **compile_kwargs) -> None:
+    """Each repeated block compiled once, in place: ours through flux_core.runtime, diffusers' alike."""
+    if model == "ours":
+        from flux_core.runtime import compile_blocks
+
+        compile_blocks(net, **compile_kwargs)
+    else:
+        for block in [*net.transformer_blocks, *net.single_transformer_blocks]:
+            block.compile(**compile_kwargs)
 
 
 def first_line(text: str, limit: int = 300) -> str:
@@ -536,7 +554,8 @@ def main(argv=None) -> dict:
         return result
 
     params = model_params(args)
-    modes = ["eager"] if args.no_compile else list(MODES)
+    scopes = {"whole": ["compiled"], "regional": ["regional"], "both": ["compiled", "regional"]}[args.compile_scope]
+    modes = ["eager"] if args.no_compile else ["eager", *scopes]
     models = [m for m in MODELS if m in args.models.split(",")]
     unsupported = diffusers_support(params)
     results = []

@@ -78,6 +78,9 @@ class Recorder:
         t = site.timesteps.detach().cpu().clone() if site.timesteps is not None else torch.empty(0)
         self.entries.append(Record(kind, site.index, self._forward, t, site.n_txt, tensors))
 
+    # Eager under torch.compile: `entries` grows every call, which a traced call would guard on
+    # and recompile for (flux_core/runtime/compile.py).
+    @torch.compiler.disable
     def double_block(self, site: DoubleBlockSite) -> tuple[Tensor, Tensor]:
         computed = {
             "img_attn": lambda: site.attention()[0],
@@ -88,6 +91,7 @@ class Recorder:
         self._record("double", site, DOUBLE_FIELDS, computed)
         return site.outputs()
 
+    @torch.compiler.disable
     def single_block(self, site: SingleBlockSite) -> Tensor:
         self._record("single", site, SINGLE_FIELDS, {"attn": site.attention})
         return site.attention()

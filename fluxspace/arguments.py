@@ -92,6 +92,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-device", help="where T5 and CLIP run, e.g. cpu beside --device cuda (default: --device)")
     g.add_argument("--staged", action="store_true", help="load each part when first used and free it when the next "
                    "runs: peak memory of the largest part, not of all; parts are read again for each run")  # fmt: skip
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block once (regional): "
+                   "the first step takes seconds longer, later steps are faster; needs torch >= 2.5 and a "
+                   "compiler (triton on CUDA, a C++ compiler on the CPU)")  # fmt: skip
     g.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too "
                    "(or set FLUXSPACE_DEBUG=1)")  # fmt: skip
 

@@ -31,7 +31,15 @@ def attention_with_lse_reference(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tenso
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Attention output (q's dtype) and its log-sum-exp (float32), through a fused kernel where one exists."""
+    """Attention output (q's dtype) and its log-sum-exp (float32), through a fused kernel where one exists.
+
+    The kernels follow flux_core.math.SDPA_PRIORITY where they can return the log-sum-exp: on CUDA
+    FlashAttention (fp16/bf16, head dim <= 256), else the memory-efficient kernel; on the CPU the flash
+    kernel. cuDNN, which the plain attention prefers on Hopper, is not used here: its log-sum-exp
+    layout varies across cuDNN versions and has not been checked against the reference on a GPU, and
+    a kernel that refuses its inputs inside a compiled graph cannot fall back the way this function
+    does in eager mode.
+    """
     global _warned
     try:
         if q.device.type == "cpu":

@@ -23,6 +23,7 @@ from flux_core.atomic import FileSet
 from flux_core.autoencoder import AutoEncoderParams
 from flux_core.files import open_weights
 from flux_core.loading import read_ae_params, read_flux_params, resolve_dtype
+from flux_core.runtime import check_compile_support
 from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
 from . import grammar
@@ -167,6 +168,8 @@ def choose_model(args) -> Chosen:
     residency = residency_from(args)
     dtype = resolve_dtype(args.dtype, device)
     check_weights_format(args.weights, device)
+    if getattr(args, "compile", False):
+        check_compile_support(device)  # before any file is read: a one-line refusal (a ValueError)
     model = args.model if args.model else flux_mini_path()
     paths = resolve_paths(model, args.ae, args.text_encoders)
     preset = resolve_preset(paths, args.preset)
@@ -204,7 +207,8 @@ def load_for(args, chosen: Chosen):
     t0 = time.perf_counter()
     p = chosen.paths
     models = load_models(p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device,
-                         dtype=args.dtype, weights=chosen.weights, residency=chosen.residency)  # fmt: skip
+                         dtype=args.dtype, weights=chosen.weights, residency=chosen.residency,
+                         compile=args.compile)  # fmt: skip
     took = time.perf_counter() - t0
     print(f"loaded {models.preset.name}-shaped model from {p.transformer} in {took:.1f} s", file=sys.stderr)
     return models

@@ -1,7 +1,7 @@
 """What every output PNG records: the settings that made it, and which code and weights made it.
 
     command, prompt, seed, width, height, steps, guidance, cfg_scale, negative_prompt, parity,
-    preset, model, dtype, weights_format, device, offload, text_device, staged, version, weights
+    preset, model, dtype, weights_format, device, offload, text_device, staged, compile, version, weights
 
 `weights_format` is how the transformer held its weights: "full" (in `dtype`) or "fp8" (its block
 Linears as float8 e4m3fn with a per-tensor scale, computed in `dtype`). `weights` names each weight file (transformer, autoencoder, text encoders) with its size and the
@@ -59,6 +59,6 @@ def run_metadata(command: str, models: FluxModels, settings: SampleSettings, **f
         "cfg_scale": s.cfg_scale, "negative_prompt": s.negative_prompt, "parity": s.parity,
         "preset": models.preset.name, "model": str(models.paths.transformer),
         "dtype": str(models.dtype).removeprefix("torch."), "weights_format": models.weights,
-        "device": str(models.device), **models.residency.summary(),
+        "device": str(models.device), **models.residency.summary(), "compile": models.compiled,
         "version": package_version(), "weights": weight_files(models.paths),
     }  # fmt: skip

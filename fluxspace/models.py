@@ -135,6 +135,7 @@ class FluxModels:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     weights: str = "full"  # how the transformer holds its weights: "full" or "fp8" (flux_core/runtime/fp8.py)
+    compiled: bool = False  # the transformer's blocks run under torch.compile (flux_core.runtime)
 
     @property
     def flow(self) -> Flux:
@@ -179,6 +180,7 @@ def load_models(
     text_device: str | None = None,
     staged: bool = False,
     residency: Residency | None = None,
+    compile: bool = False,
 ) -> FluxModels:
     """Load transformer, autoencoder and text encoders; the preset is checked against the file.
 
@@ -191,8 +193,15 @@ def load_models(
     when another part runs (peak memory of the largest part). See runtime.py. residency: all of
     these as one runtime.Residency (then leave offload, text_device and staged at their defaults).
     Every file header is checked before anything is loaded, staged or not.
+    compile: compile each transformer block once (flux_core.runtime.compile_blocks): the first
+    forward takes seconds longer, the following ones are faster. Refused before loading where torch
+    cannot compile (CompileUnsupported, a ValueError).
     """
     from flux_core.conditioner import VALID_DTYPES, load_text_encoders
+    from flux_core.runtime import check_compile_support, compile_blocks
+
+    if compile:
+        check_compile_support(device)
 
     check_weights_format(weights, device)
     if residency is None:
@@ -217,13 +226,19 @@ def load_models(
     n_fp8 = min(quantized_count(files), resident) if weights == "fp8" else 0
     check_fits(Footprint(weight_bytes(resident, n_fp8, dtype), 0, 0, 0), device, "loading the model")
 
-    def load_flow(where: torch.device) -> Flux:
+    def read_flow(where: torch.device) -> Flux:
         return load_flow_model(paths.transformer, preset=chosen if preset else None, device=where, dtype=dtype,
                                weights=weights)  # fmt: skip
 
+    def load_flow(where: torch.device) -> Flux:
+        flow = read_flow(where)
+        if compile:
+            compile_blocks(flow)  # in place: a staged reload keeps the compiled blocks
+        return flow
+
     def reload_flow(module: torch.nn.Module, where: torch.device) -> None:
         if weights == "fp8":  # its modules are Fp8Linear: read through the loader that builds them
-            state = load_flow(where).state_dict()
+            state = read_flow(where).state_dict()
         else:
             state = open_weights(paths.transformer, "transformer").bfl_tensors(where, dtype)
         module.load_state_dict(state, strict=True, assign=True)
@@ -240,4 +255,4 @@ def load_models(
     runtime = Runtime(residency, device, loaders, {"flow": reload_flow, "ae": reload_ae})
     if not residency.staged:
         runtime.load_all()
-    return FluxModels(runtime, params, ae_params, chosen, paths, torch.device(device), dtype, weights)
+    return FluxModels(runtime, params, ae_params, chosen, paths, torch.device(device), dtype, weights, compile)

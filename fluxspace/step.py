@@ -44,6 +44,9 @@ class MaskLog:
     step: int = -1  # set by FluxSpaceSchedule before each edited step
     entries: list[tuple[int, int, list[Tensor]]] = field(default_factory=list)
 
+    # Eager under torch.compile: the lists and counts it keeps change every call and would become
+    # guards that fail every step (flux_core/runtime/compile.py).
+    @torch.compiler.disable
     def add(self, masks: list[Tensor], block: int = -1) -> None:
         if self.keep:
             self.entries.append((self.step, block, [m.detach().float().cpu().clone() for m in masks]))

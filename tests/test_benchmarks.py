@@ -53,10 +53,11 @@ def test_forward_reports_a_failing_worker_instead_of_crashing(tmp_path, capsys):
         [*TINY_FORWARD, "--models", "ours", "--compile-mode", "not-a-mode", "--out", str(out)]
     )
     rows = {(r["model"], r["mode"]): r for r in json.loads(out.read_text())["results"]}
-    assert rows.keys() == {("ours", "eager"), ("ours", "compiled")}
+    assert rows.keys() == {("ours", "eager"), ("ours", "compiled"), ("ours", "regional")}
     assert rows["ours", "eager"]["status"] == "ok"
-    assert rows["ours", "compiled"]["status"] == "failed"
-    assert "Unrecognized mode=not-a-mode" in rows["ours", "compiled"]["error"]
+    for mode in ("compiled", "regional"):  # whole-model and regional compile both report the failure
+        assert rows["ours", mode]["status"] == "failed"
+        assert "Unrecognized mode=not-a-mode" in rows["ours", mode]["error"]
     assert data["reference"] == "ours eager"
     assert "failed: RuntimeError: Unrecognized mode=not-a-mode" in capsys.readouterr().out
 

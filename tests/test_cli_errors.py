@@ -125,7 +125,7 @@ def test_every_png_records_the_same_complete_metadata(tiny_checkpoint, tmp_path)
     Image.new("RGB", (64, 48), "red").save(tmp_path / "photo.png")
     main(["invert", str(tmp_path / "photo.png"), "--out", str(tmp_path / "i.png"), *model])
     common = {"command", "prompt", "seed", "width", "height", "steps", "guidance", "cfg_scale", "negative_prompt",
-              "parity", "preset", "model", "dtype", "weights_format", "device", "offload", "text_device", "staged",
+              "parity", "preset", "model", "dtype", "weights_format", "device", "offload", "text_device", "staged", "compile",
               "version", "weights"}  # fmt: skip
     for png in [tmp_path / "g.png", *(tmp_path / "e").glob("*.png"), tmp_path / "s.png", tmp_path / "i.png"]:
         params = read_png_params(png)
