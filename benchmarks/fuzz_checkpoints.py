@@ -50,7 +50,7 @@ from safetensors import safe_open  # noqa: E402
 from flux_core.autoencoder import AutoEncoder  # noqa: E402
 from flux_core.files import SAFETENSORS_DTYPES, CheckpointError, read_header  # noqa: E402
 from flux_core.formats import BFL_PREFIX  # noqa: E402
-from flux_core.loading import (  # noqa: E402
+from flux_core.inference import (  # noqa: E402
     META_AXES_DIM,
     META_PRESET,
     META_RESOLUTION,
@@ -59,6 +59,8 @@ from flux_core.loading import (  # noqa: E402
     META_THETA,
     ae_metadata,
     flux_metadata,
+)
+from flux_core.loading import (  # noqa: E402
     load_autoencoder,
     load_flow_model,
     read_ae_params,

@@ -16,8 +16,8 @@ from flux_core import Flux, FluxParams, Preset, get_preset
 from flux_core.autoencoder import AutoEncoder, AutoEncoderParams
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS, check_text_encoder_folder
 from flux_core.files import CheckpointError, open_weights
+from flux_core.inference import META_PRESET
 from flux_core.loading import (
-    META_PRESET,
     check_autoencoder,
     check_flow_model,
     load_autoencoder,

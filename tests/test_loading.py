@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from flux_core import CheckpointError, Flux, get_preset, load_autoencoder, load_flow_model
 from flux_core.files import read_header
 from flux_core.formats import bfl_to_diffusers_ae, bfl_to_diffusers_transformer
-from flux_core.loading import flux_metadata, flux_params_from_shapes, read_flux_params
+from flux_core.inference import flux_metadata, flux_params_from_shapes
+from flux_core.loading import read_flux_params
 
 
 def test_loads_without_a_preset_and_infers_the_shape(tiny_checkpoint):

@@ -20,7 +20,8 @@ from flux_core.files import (
     shard_files,
 )
 from flux_core.formats import BFL_PREFIX, ConversionError
-from flux_core.loading import check_autoencoder, check_flow_model, detect_variant
+from flux_core.inference import detect_variant
+from flux_core.loading import check_autoencoder, check_flow_model
 from flux_core.presets import PRESETS
 from flux_core.runtime.fp8 import fp8_layout
 

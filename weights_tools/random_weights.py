@@ -32,7 +32,7 @@ from torch import Tensor
 from flux_core.autoencoder import AutoEncoder
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 from flux_core.files import CheckpointError, dtype_named
-from flux_core.loading import ae_metadata, flux_metadata
+from flux_core.inference import ae_metadata, flux_metadata
 from flux_core.model import Flux
 from flux_core.presets import Preset, get_preset
 

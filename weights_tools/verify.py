@@ -1,7 +1,7 @@
 """Check a weight file against a preset: missing, unexpected and mis-shaped keys.
 
 The file is first checked as the loader checks it (flux_core.files.open_weights: the safetensors
-header; flux_core.loading.check_metadata: our metadata values), so "OK" means that
+header; flux_core.inference.check_metadata: our metadata values), so "OK" means that
 `load_flow_model(path, preset)` (or `load_autoencoder(path, params=preset.ae_params)`) loads it.
 
 The expected keys are the state dict of the preset's model built on the meta device (no memory),
@@ -22,7 +22,7 @@ from importlib import resources
 from flux_core.autoencoder import AutoEncoder
 from flux_core.files import CheckpointError, open_weights
 from flux_core.formats import ConversionError
-from flux_core.loading import check_metadata, model_shapes
+from flux_core.inference import check_metadata, model_shapes
 from flux_core.model import Flux
 from flux_core.presets import get_preset
 from flux_core.runtime.fp8 import fp8_layout, module_shapes

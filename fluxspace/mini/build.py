@@ -45,7 +45,7 @@ import torch
 
 from flux_core.atomic import atomic_file
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS, TextEncoders, load_text_encoders
-from flux_core.loading import ae_metadata, flux_metadata
+from flux_core.inference import ae_metadata, flux_metadata
 from flux_core.model import Flux
 from flux_core.presets import get_preset
 from weights_tools.text_encoders import install_text_encoders
