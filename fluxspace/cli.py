@@ -192,9 +192,10 @@ def run_generate(args) -> int:
     images = []
     for i in range(0, len(prompts), len(seeds)):
         images += generate(models, prompts[i : i + len(seeds)], all_seeds[i : i + len(seeds)], s, progress=not args.quiet)
+    params = run_metadata("generate", models, s, prompt=None, seed=None)  # weight files hashed once
     with FileSet() as outputs:
         for image, path, prompt, seed in zip(images, paths, prompts, all_seeds, strict=True):
-            save_png(image, path, run_metadata("generate", models, s, prompt=prompt, seed=seed), outputs)
+            save_png(image, path, {**params, "prompt": prompt, "seed": seed}, outputs)
     print(*paths, sep="\n")
     return 0
 

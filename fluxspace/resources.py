@@ -46,27 +46,18 @@ class Footprint:
         return self.weights + self.activations
 
 
-def weight_count(transformer: Path, ae: Path, text_encoders: Path) -> int:
-    """Parameters of the four parts, from their headers."""
-    return sum(part_weights_of(transformer, ae, text_encoders).values())
-
-
-def part_weights_of(transformer: Path, ae: Path, text_encoders: Path) -> dict[str, int]:
-    """Parameters of each part (flow, ae, text: T5 and CLIP together), from their headers."""
+def part_weights(paths) -> dict[str, int]:
+    """Parameters of each part of a models.ModelPaths (flow, ae, text: T5 and CLIP together), from
+    their headers."""
     counts = {
-        "flow": sum(math.prod(s) for s in open_weights(transformer, "transformer").shapes.values()),
-        "ae": sum(math.prod(s) for s in open_weights(ae, "ae").shapes.values()),
+        "flow": sum(math.prod(s) for s in open_weights(paths.transformer, "transformer").shapes.values()),
+        "ae": sum(math.prod(s) for s in open_weights(paths.ae, "ae").shapes.values()),
         "text": 0,
     }
     for folder in TEXT_ENCODER_FOLDERS[:2]:  # text_encoder/, text_encoder_2/: the two models
-        for file in sorted((Path(text_encoders) / folder).glob("*.safetensors")):
+        for file in sorted((Path(paths.text_encoders) / folder).glob("*.safetensors")):
             counts["text"] += sum(math.prod(s) for s in read_header(file)[0].values())
     return counts
-
-
-def part_weights(paths) -> dict[str, int]:
-    """part_weights_of a models.ModelPaths."""
-    return part_weights_of(paths.transformer, paths.ae, paths.text_encoders)
 
 
 def weight_bytes(n_weights: int, n_fp8: int, dtype: torch.dtype) -> int:
