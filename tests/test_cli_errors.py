@@ -141,25 +141,35 @@ def test_sigterm_leaves_the_whole_set_or_nothing(tiny_checkpoint, tmp_path):
     cmd = [sys.executable, "-m", "fluxspace.cli", "generate", "x", "--seed", "1", "2", "3", "--width", "64",
            "--height", "48", "--steps", "40", "--quiet", "--model", str(tiny_checkpoint.transformer)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    subprocess.run([*cmd, "--out", str(tmp_path / "full" / "g.png")], env=env, check=True, capture_output=True)
-    whole = time.perf_counter() - t0
-    outcomes = set()
-    for k, fraction in enumerate((0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05)):
-        out = tmp_path / f"run{k}"
+
+    def started(out: Path) -> subprocess.Popen:
+        """The command, once its model is loaded (the "loaded" line): from then on it is sampling and saving."""
         proc = subprocess.Popen([*cmd, "--out", str(out / "g.png")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(whole * fraction)
+        while b"loaded" not in proc.stderr.readline():
+            assert proc.poll() is None, "the command ended before loading its model"
+        return proc
+
+    proc = started(tmp_path / "full")
+    t0 = time.perf_counter()
+    proc.communicate(timeout=120)
+    work = time.perf_counter() - t0  # sampling and saving, timed from the "loaded" line
+    outcomes = set()
+    # Kills timed from the start of the work, past its end too: so the timing of a busy machine cannot
+    # make every kill land before the command starts or after it ends.
+    for k, fraction in enumerate((0.0, 0.3, 0.6, 0.9, 0.95, 1.0, 1.1)):
+        out = tmp_path / f"run{k}"
+        proc = started(out)
+        time.sleep(work * fraction)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        _, rest = proc.communicate(timeout=120)
+        err = b"loaded" + rest
         names = sorted(p.name for p in out.glob("*")) if out.exists() else []
         hidden = [p for p in out.rglob(".*")] if out.exists() else []
         assert not hidden, hidden
         assert names in ([], ["g-0.png", "g-1.png", "g-2.png"]), names
         assert b"Traceback" not in err
-        if not names and proc.returncode == 143:  # stopped part-way: said so, exit status 128 + 15
-            assert b"stopped by SIGTERM" in err, err
-        elif not names:  # killed while Python was still starting, before the command ran: nothing to clean
-            assert proc.returncode == -signal.SIGTERM and b"loaded" not in err, (proc.returncode, err)
+        if not names:  # stopped part-way: said so, exit status 128 + 15
+            assert proc.returncode == 143 and b"stopped by SIGTERM" in err, (proc.returncode, err)
         else:  # finished; a SIGTERM while the interpreter shuts down still ends it by the signal (-15)
             assert proc.returncode in (0, 143, -signal.SIGTERM), (proc.returncode, err)
         outcomes.add((proc.returncode, len(names)))
