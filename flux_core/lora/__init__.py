@@ -1,0 +1,32 @@
+"""LoRA for FLUX.1: the file formats in use, read strictly, applied fused or unfused from outside the model.
+
+    lora = read_lora("style.safetensors")                     # format from the keys, every key checked
+    updates = updates_for(lora, "flow", linear_shapes(flow))  # one LowRank per target Linear
+    fused = fuse(flow, updates, scale=0.8); ...; fused.undo() # in the weights; undo is bit-exact
+    scales = LoraScales(style=0.8); attach(flow, "style", updates, scales)   # unfused: change scales freely
+
+    formats   the key grammar and module names of each format (diffusers/PEFT, kohya, bfl, xlabs)
+    files     reading and checking a file; its updates against a model's Linear shapes
+    apply     LowRank, fuse / Fused.undo, LoraLinear / attach / detach
+"""
+
+from .apply import Fused, LoraLinear, LoraScales, LowRank, attach, detach, fuse, linear_shapes
+from .files import LoraError, LoraFile, file_sha256, read_lora, updates_for
+from .formats import FORMATS
+
+__all__ = [
+    "FORMATS",
+    "Fused",
+    "LoraError",
+    "LoraFile",
+    "LoraLinear",
+    "LoraScales",
+    "LowRank",
+    "attach",
+    "detach",
+    "file_sha256",
+    "fuse",
+    "linear_shapes",
+    "read_lora",
+    "updates_for",
+]

@@ -1,0 +1,255 @@
+"""The LoRA file formats of FLUX.1, read from the keys: which module each low-rank pair updates.
+
+A LoRA file stores, per module, a down matrix A (r, in), an up matrix B (out, r), sometimes an
+alpha (strength alpha / r) and a bias of B. Formats differ in the module names and the suffixes:
+
+    diffusers  PEFT / diffusers / ai-toolkit: `transformer.<diffusers module>.lora_A.weight`, `.lora_B.weight`
+               (`.lora_A.default.weight` from PEFT's save; optional `<module>.alpha`, `.lora_B.bias`);
+               text encoders `text_encoder.<CLIP module>`, `text_encoder_2.<T5 module>`
+    kohya      sd-scripts: `lora_unet_<official module, dots as _>.lora_down.weight`, `.lora_up.weight`,
+               `.alpha` (one per module, always written); `lora_transformer_<diffusers module, dots as _>`
+               for the same grammar on diffusers names (ai-toolkit's older files); `lora_te1_` CLIP,
+               `lora_te3_` T5 (sd-scripts networks/lora_flux.py: LORA_PREFIX_*)
+    bfl        the official form (flux src/flux/modules/lora.py, the control LoRAs):
+               `<official module>.lora_A.weight`, `.lora_B.weight`, `.lora_B.bias`; no alpha
+    xlabs      XLabs x-flux: `double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight` (1 the
+               image stream, 2 the text stream), `single_blocks.N.processor.{qkv,proj}_lora.*`; no alpha
+
+Names: every module a LoRA may update is one of the official transformer's Linears
+(`FLOW_LINEARS`) or of the text encoders' (`CLIP_LINEARS`, `T5_LINEARS`, transformers' names). The
+diffusers names of the transformer come from the one rename table of flux_core/formats.py: a
+diffusers Linear that is part of a fused official one (to_q of qkv, proj_mlp of linear1) updates
+a block of that module's output rows, and diffusers' norm_out.linear holds the two halves of
+final_layer.adaLN_modulation.1 swapped. kohya names are the same names with dots written as `_`.
+
+Nothing here reads tensors or knows a model's sizes: `parse` maps keys to `Entry`s; files.py reads
+and checks them.
+"""
+
+import re
+from dataclasses import dataclass
+from functools import cache
+
+from ..formats import BFL_PREFIX, TRANSFORMER_FUSED, TRANSFORMER_HALF_SWAPPED, TRANSFORMER_RENAMES
+
+FORMATS = ("diffusers", "kohya", "bfl", "xlabs")
+
+# The official transformer's Linear modules (flux src/flux/model.py, modules/layers.py).
+FLOW_LINEARS: tuple[str, ...] = (
+    "img_in", "txt_in",
+    "time_in.in_layer", "time_in.out_layer",
+    "vector_in.in_layer", "vector_in.out_layer",
+    "guidance_in.in_layer", "guidance_in.out_layer",
+    *(f"double_blocks.{{i}}.{s}_{m}" for s in ("img", "txt")
+      for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")),
+    "single_blocks.{i}.linear1", "single_blocks.{i}.linear2", "single_blocks.{i}.modulation.lin",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)  # fmt: skip
+# transformers' CLIPTextModel and T5EncoderModel (T5 v1.1: gated wi_0 / wi_1), as TextEncoders holds them.
+CLIP_LINEARS: tuple[str, ...] = tuple(
+    f"text_model.encoder.layers.{{i}}.{m}"
+    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+)
+T5_LINEARS: tuple[str, ...] = tuple(
+    f"encoder.block.{{i}}.{m}"
+    for m in ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",
+              "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1",
+              "layer.1.DenseReluDense.wo")
+)  # fmt: skip
+# Where each text encoder sits in flux_core.conditioner.TextEncoders.
+TEXT_PARTS = {"clip": CLIP_LINEARS, "t5": T5_LINEARS}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which output rows of the target an update covers: parts `parts` of the target split into
+    `of` parts as a fused official Linear splits (every part but the last as wide as the input,
+    flux_core/formats.py: Fused), the first half / second half swapped if `swap`. None: all rows."""
+
+    parts: tuple[int, ...]
+    of: int
+    swap: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """The module a file's entry updates: `part` of the model ("flow" or "text"), the module's name
+    in that part (TextEncoders names the encoders `clip.` and `t5.`), and its rows."""
+
+    part: str
+    module: str
+    rows: Rows | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One low-rank pair of a file: its keys, and the module it updates (None: unknown name)."""
+
+    name: str  # the module name as the file spells it
+    down: str | None
+    up: str | None
+    bias: str | None
+    alpha: str | None
+    dora: str | None
+    target: Target | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Module names of each format -> targets
+
+
+@cache
+def _pattern(name: str, underscores: bool) -> re.Pattern:
+    text = re.escape(name.replace(".", "_") if underscores else name)
+    return re.compile(text.replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+
+def _lookup(table: dict[str, Target], name: str, underscores: bool) -> Target | None:
+    for pattern, target in table.items():
+        m = _pattern(pattern, underscores).fullmatch(name)
+        if m is not None:
+            fields = m.groupdict()
+            return Target(target.part, target.module.format(**fields), target.rows)
+    return None
+
+
+@cache
+def official_names() -> dict[str, Target]:
+    return {p: Target("flow", p) for p in FLOW_LINEARS}
+
+
+@cache
+def diffusers_names() -> dict[str, Target]:
+    """diffusers module pattern -> the official module (and rows) it is, from flux_core/formats.py's table."""
+    table = {}
+    for bfl, diffusers in TRANSFORMER_RENAMES:
+        if bfl in FLOW_LINEARS:  # the table also renames norm scales, which no LoRA updates
+            table[diffusers] = Target("flow", bfl)
+    for fused in TRANSFORMER_FUSED:
+        for k, diffusers in enumerate(fused.diffusers):
+            table[diffusers] = Target("flow", fused.bfl, Rows((k,), len(fused.diffusers)))
+    for bfl, diffusers in TRANSFORMER_HALF_SWAPPED:
+        table[diffusers] = Target("flow", bfl, Rows((0, 1), 2, swap=True))
+    return table
+
+
+@cache
+def text_names(encoder: str) -> dict[str, Target]:
+    return {p: Target("text", f"{encoder}.{p}") for p in TEXT_PARTS[encoder]}
+
+
+# XLabs processor LoRAs (x-flux src/flux/modules/layers.py: DoubleStreamBlockLoraProcessor,
+# SingleStreamBlockLoraProcessor): lora1 the image stream, lora2 the text stream; a single block's
+# qkv_lora covers the q, k, v rows of linear1 (not its MLP rows).
+XLABS_NAMES: dict[str, Target] = {
+    "double_blocks.{i}.processor.qkv_lora1": Target("flow", "double_blocks.{i}.img_attn.qkv"),
+    "double_blocks.{i}.processor.qkv_lora2": Target("flow", "double_blocks.{i}.txt_attn.qkv"),
+    "double_blocks.{i}.processor.proj_lora1": Target("flow", "double_blocks.{i}.img_attn.proj"),
+    "double_blocks.{i}.processor.proj_lora2": Target("flow", "double_blocks.{i}.txt_attn.proj"),
+    "single_blocks.{i}.processor.qkv_lora": Target("flow", "single_blocks.{i}.linear1", Rows((0, 1, 2), 4)),
+    "single_blocks.{i}.processor.proj_lora": Target("flow", "single_blocks.{i}.linear2"),
+}
+
+
+def _diffusers_target(name: str) -> Target | None:
+    for prefix in ("transformer.", "base_model.model.", ""):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            if prefix != "transformer." and rest.startswith(("text_encoder.", "text_encoder_2.")):
+                break
+            hit = _lookup(diffusers_names(), rest, False)
+            if hit is not None:
+                return hit
+    for prefix, encoder in (("text_encoder.", "clip"), ("text_encoder_2.", "t5")):
+        if name.startswith(prefix):
+            return _lookup(text_names(encoder), name[len(prefix):], False)
+    return None
+
+
+def _kohya_target(name: str) -> Target | None:
+    tables = {"lora_unet_": official_names, "lora_transformer_": diffusers_names,
+              "lora_te1_": lambda: text_names("clip"), "lora_te3_": lambda: text_names("t5")}  # fmt: skip
+    for prefix, table in tables.items():
+        if name.startswith(prefix):
+            return _lookup(table(), name[len(prefix):], True)
+    return None
+
+
+def _bfl_target(name: str) -> Target | None:
+    for prefix in (BFL_PREFIX, "diffusion_model.", "base_model.model.", ""):
+        if name.startswith(prefix):
+            hit = _lookup(official_names(), name[len(prefix):], False)
+            if hit is not None:
+                return hit
+    return None
+
+
+def _xlabs_target(name: str) -> Target | None:
+    return _lookup(XLABS_NAMES, name.removeprefix("diffusion_model."), False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key grammar of each format: (format, suffix) -> role of the tensor
+
+
+@dataclass(frozen=True)
+class Grammar:
+    down: tuple[str, ...]
+    up: tuple[str, ...]
+    bias: tuple[str, ...]
+    alpha: tuple[str, ...]
+    target: object  # name -> Target | None
+
+
+GRAMMARS: dict[str, Grammar] = {
+    "diffusers": Grammar((".lora_A.weight", ".lora_A.default.weight"), (".lora_B.weight", ".lora_B.default.weight"),
+                         (".lora_B.bias", ".lora_B.default.bias"), (".alpha",), _diffusers_target),
+    "kohya": Grammar((".lora_down.weight",), (".lora_up.weight",), (), (".alpha",), _kohya_target),
+    "bfl": Grammar((".lora_A.weight",), (".lora_B.weight",), (".lora_B.bias",), (), _bfl_target),
+    "xlabs": Grammar((".down.weight",), (".up.weight",), (), (), _xlabs_target),
+}  # fmt: skip
+DORA_SUFFIXES = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.default")
+
+
+def detect(keys) -> str | None:
+    """The format of a LoRA file from its keys; None if no key looks like a LoRA's."""
+    keys = list(keys)
+    if any(k.endswith(".lora_down.weight") for k in keys):
+        return "kohya"
+    if any(".processor." in k and k.endswith((".down.weight", ".up.weight")) for k in keys):
+        return "xlabs"
+    lora_a = [k for k in keys if ".lora_A." in k or ".lora_B." in k]
+    if not lora_a:
+        return None
+    official = sum(_bfl_target(_module(k)) is not None for k in lora_a)
+    return "bfl" if official > len(lora_a) / 2 else "diffusers"
+
+
+def _module(key: str) -> str:
+    for grammar in GRAMMARS.values():
+        for suffix in (*grammar.down, *grammar.up, *grammar.bias, *grammar.alpha, *DORA_SUFFIXES):
+            if key.endswith(suffix):
+                return key.removesuffix(suffix)
+    return key
+
+
+def parse(keys, fmt: str) -> tuple[list[Entry], list[str]]:
+    """The entries of a file in format `fmt`, and the keys that are none of an entry's tensors."""
+    grammar = GRAMMARS[fmt]
+    roles = {"down": grammar.down, "up": grammar.up, "bias": grammar.bias, "alpha": grammar.alpha, "dora": DORA_SUFFIXES}
+    found: dict[str, dict[str, str]] = {}
+    left = []
+    for key in keys:
+        for role, suffixes in roles.items():
+            suffix = next((s for s in suffixes if key.endswith(s)), None)
+            if suffix is not None:
+                found.setdefault(key.removesuffix(suffix), {})[role] = key
+                break
+        else:
+            left.append(key)
+    entries = [
+        Entry(name, tensors.get("down"), tensors.get("up"), tensors.get("bias"), tensors.get("alpha"),
+              tensors.get("dora"), grammar.target(name))
+        for name, tensors in sorted(found.items())
+    ]  # fmt: skip
+    return entries, left
