@@ -57,13 +57,8 @@ def bfl_file(pairs, biases: dict[str, torch.Tensor] | None = None, prefix: str =
     return sd
 
 
-# XLabs processor names -> the official module (x-flux src/flux/modules/layers.py).
-XLABS = {
-    "qkv_lora1": "img_attn.qkv",
-    "qkv_lora2": "txt_attn.qkv",
-    "proj_lora1": "img_attn.proj",
-    "proj_lora2": "txt_attn.proj",
-}
+# XLabs' double-block processor LoRAs (x-flux src/flux/modules/layers.py): 1 image, 2 text stream.
+XLABS = ("qkv_lora1", "qkv_lora2", "proj_lora1", "proj_lora2")
 
 
 def xlabs_file(model: nn.Module, rank: int, seed: int, std: float = 0.05):
@@ -72,7 +67,7 @@ def xlabs_file(model: nn.Module, rank: int, seed: int, std: float = 0.05):
     hidden = model.params.hidden_size
     sd = {}
     for i in range(len(model.double_blocks)):
-        for name, module in XLABS.items():
+        for name in XLABS:
             out = 3 * hidden if "qkv" in name else hidden
             sd[f"double_blocks.{i}.processor.{name}.down.weight"] = torch.randn(rank, hidden, generator=g) * std
             sd[f"double_blocks.{i}.processor.{name}.up.weight"] = torch.randn(out, rank, generator=g) * std
