@@ -22,6 +22,7 @@ from flux_core.runtime.fp8 import WEIGHTS_FORMATS
 
 from . import grammar
 from .inversion import FITS, FORWARD_TIMES, SOLVERS, InversionSettings
+from .loras import LORA_MODES, Loras, LoraSpec
 from .runtime import OFFLOAD_MODES, Residency
 from .settings import MAX_PIXELS
 from .spec import COARSE_TARGETS, PRIOR_REMOVALS, PROJECTIONS, Concept, EditSpec
@@ -68,6 +69,18 @@ def residency_from(args) -> Residency:
     return residency
 
 
+def loras_from(args, unfused: bool = False) -> Loras:
+    """--lora FILE[:SCALE] (each read and checked now) and --lora-mode; `unfused` when strengths will change."""
+    try:
+        specs = [LoraSpec.parse(text) for text in args.lora]
+    except ValueError as e:
+        raise CLIError(f"--lora {e}") from None
+    for spec in specs:
+        if not spec.path.is_file():
+            raise CLIError(f"--lora {spec.path}: no such file")
+    return Loras(specs, "unfused" if unfused else args.lora_mode)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -95,6 +108,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block once (regional): "
                    "the first step takes seconds longer, later steps are faster; needs torch >= 2.5 and a "
                    "compiler (triton on CUDA, a C++ compiler on the CPU)")  # fmt: skip
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA .safetensors (diffusers/PEFT, kohya, official or XLabs keys) at strength SCALE "
+                   "(default 1); repeat for several")  # fmt: skip
+    g.add_argument("--lora-mode", choices=LORA_MODES, default="fused",
+                   help="fused: added into the weights at load (no run-time cost, default); unfused: kept as "
+                   "low-rank modules whose strength can change (sweep --vary lora_scale uses it)")  # fmt: skip
     g.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too "
                    "(or set FLUXSPACE_DEBUG=1)")  # fmt: skip
 

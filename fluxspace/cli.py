@@ -32,6 +32,7 @@ from .arguments import (
     build_parser,
     check_device,
     inversion_from,
+    loras_from,
     residency_from,
     seeds_for,
     spec_from,
@@ -39,6 +40,7 @@ from .arguments import (
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
 from .inversion import fit_image, invert_image, read_image
+from .loras import Loras
 from .metadata import run_metadata
 from .models import ModelPaths, flux_mini_path, load_models, resolve_paths, resolve_preset
 from .resources import check_fits, footprint, part_weights
@@ -140,6 +142,7 @@ class Chosen:
     weights: str  # --weights: "full" or "fp8"
     n_fp8: int  # weights held at one byte each under --weights fp8
     residency: Residency
+    loras: Loras  # --lora files, read and checked against the transformer's header
 
     @property
     def pixels_per_token(self) -> int:
@@ -162,8 +165,9 @@ class Chosen:
             raise CLIError(str(e)) from None
 
 
-def choose_model(args) -> Chosen:
-    """Check device and dtype, find the model's files (default: the shipped flux-mini), read their headers."""
+def choose_model(args, unfused_loras: bool = False) -> Chosen:
+    """Check device and dtype, find the model's files (default: the shipped flux-mini), read their headers
+    and the LoRA files (unfused_loras: their strengths will change, as in a lora_scale sweep)."""
     device = check_device(args.device)
     residency = residency_from(args)
     dtype = resolve_dtype(args.dtype, device)
@@ -175,8 +179,12 @@ def choose_model(args) -> Chosen:
     preset = resolve_preset(paths, args.preset)
     flux, ae = read_flux_params(paths.transformer), read_ae_params(paths.ae)
     n_weights = resident_weights(part_weights(paths), flux, residency, device)
-    n_fp8 = quantized_count(open_weights(paths.transformer, "transformer")) if args.weights == "fp8" else 0
-    return Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, min(n_fp8, n_weights), residency)
+    files = open_weights(paths.transformer, "transformer")
+    n_fp8 = quantized_count(files) if args.weights == "fp8" else 0
+    loras = loras_from(args, unfused_loras)
+    loras.check_flow(files)
+    return Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, min(n_fp8, n_weights), residency,
+                  loras)  # fmt: skip
 
 
 def run_generate(args) -> int:
@@ -209,7 +217,7 @@ def load_for(args, chosen: Chosen):
     p = chosen.paths
     models = load_models(p.transformer, preset=args.preset, ae=p.ae, text_encoders=p.text_encoders, device=args.device,
                          dtype=args.dtype, weights=chosen.weights, residency=chosen.residency,
-                         compile=args.compile)  # fmt: skip
+                         compile=args.compile, loras=chosen.loras)  # fmt: skip
     took = time.perf_counter() - t0
     print(f"loaded {models.preset.name}-shaped model from {p.transformer} in {took:.1f} s", file=sys.stderr)
     return models
@@ -281,12 +289,15 @@ def run_invert(args) -> int:
 
 
 def run_sweep(args) -> int:
-    chosen = choose_model(args)
-    spec = spec_from(args)
-    settings = settings_from(args, chosen)
     axes = [grammar.vary(item) for item in args.vary]
     if len(axes) > 2:
         raise CLIError(f"--vary at most twice; got {len(axes)}")
+    lora_sweep = any(name == "lora_scale" for name, _ in axes)
+    if lora_sweep and not args.lora:
+        raise CLIError("--vary lora_scale needs a LoRA: add --lora FILE")
+    chosen = choose_model(args, unfused_loras=lora_sweep)  # strengths change cell to cell: unfused
+    spec = spec_from(args)
+    settings = settings_from(args, chosen)
     for name, values in axes:
         for v in values:
             check_spec(vary(spec, name, v), settings, chosen)

@@ -61,4 +61,5 @@ def run_metadata(command: str, models: FluxModels, settings: SampleSettings, **f
         "dtype": str(models.dtype).removeprefix("torch."), "weights_format": models.weights,
         "device": str(models.device), **models.residency.summary(), "compile": models.compiled,
         "version": package_version(), "weights": weight_files(models.paths),
+        "loras": models.loras.summary(), "lora_mode": models.loras.mode,
     }  # fmt: skip

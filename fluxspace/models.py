@@ -27,6 +27,7 @@ from flux_core.loading import (
 from flux_core.presets import PRESETS
 from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
+from .loras import Loras
 from .runtime import Residency, Runtime, resident_weights
 from .settings import SampleSettings
 
@@ -136,6 +137,7 @@ class FluxModels:
     dtype: torch.dtype = torch.float32
     weights: str = "full"  # how the transformer holds its weights: "full" or "fp8" (flux_core/runtime/fp8.py)
     compiled: bool = False  # the transformer's blocks run under torch.compile (flux_core.runtime)
+    loras: Loras = field(default_factory=lambda: Loras(()))  # LoRAs on the transformer / text encoders
 
     @property
     def flow(self) -> Flux:
@@ -181,6 +183,8 @@ def load_models(
     staged: bool = False,
     residency: Residency | None = None,
     compile: bool = False,
+    loras=(),
+    lora_mode: str = "fused",
 ) -> FluxModels:
     """Load transformer, autoencoder and text encoders; the preset is checked against the file.
 
@@ -196,6 +200,9 @@ def load_models(
     compile: compile each transformer block once (flux_core.runtime.compile_blocks): the first
     forward takes seconds longer, the following ones are faster. Refused before loading where torch
     cannot compile (CompileUnsupported, a ValueError).
+    loras: LoRA files, each a path, 'FILE:SCALE' or a LoraSpec; lora_mode "fused" (added to the
+    weights as each part loads: no run-time cost) or "unfused" (strengths can change later through
+    `models.loras.set_scale`). Files are read and checked before anything loads (loras.py).
     """
     from flux_core.conditioner import VALID_DTYPES, load_text_encoders
     from flux_core.runtime import check_compile_support, compile_blocks
@@ -222,6 +229,8 @@ def load_models(
     params = check_flow_model(files, chosen if preset else None)
     ae_params = check_autoencoder(open_weights(paths.ae, "ae"))
     check_text_encoder_folder(paths.text_encoders)
+    loras = loras if isinstance(loras, Loras) else Loras(loras, lora_mode)
+    loras.check_flow(files)
     resident = resident_weights(part_weights(paths), params, residency, device)
     n_fp8 = min(quantized_count(files), resident) if weights == "fp8" else 0
     check_fits(Footprint(weight_bytes(resident, n_fp8, dtype), 0, 0, 0), device, "loading the model")
@@ -232,13 +241,16 @@ def load_models(
 
     def load_flow(where: torch.device) -> Flux:
         flow = read_flow(where)
+        loras.apply("flow", flow)
         if compile:
             compile_blocks(flow)  # in place: a staged reload keeps the compiled blocks
         return flow
 
     def reload_flow(module: torch.nn.Module, where: torch.device) -> None:
-        if weights == "fp8":  # its modules are Fp8Linear: read through the loader that builds them
-            state = read_flow(where).state_dict()
+        if weights == "fp8" or loras:  # Fp8Linear / LoRA modules: built as at the first load
+            fresh = read_flow(where)
+            loras.apply("flow", fresh)
+            state = fresh.state_dict()
         else:
             state = open_weights(paths.transformer, "transformer").bfl_tensors(where, dtype)
         module.load_state_dict(state, strict=True, assign=True)
@@ -246,13 +258,17 @@ def load_models(
     def reload_ae(module: torch.nn.Module, where: torch.device) -> None:
         module.load_state_dict(open_weights(paths.ae, "ae").bfl_tensors(where, dtype), strict=True, assign=True)
 
+    def load_text(where: torch.device) -> "TextEncoders":
+        text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=where, dtype=dtype)
+        loras.apply("text", text)
+        return text
+
     loaders = {
         "flow": load_flow,
         "ae": lambda where: load_autoencoder(paths.ae, device=where, dtype=dtype),
-        "text": lambda where: load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=where,
-                                                 dtype=dtype),  # fmt: skip
+        "text": load_text,
     }
     runtime = Runtime(residency, device, loaders, {"flow": reload_flow, "ae": reload_ae})
     if not residency.staged:
         runtime.load_all()
-    return FluxModels(runtime, params, ae_params, chosen, paths, torch.device(device), dtype, weights, compile)
+    return FluxModels(runtime, params, ae_params, chosen, paths, torch.device(device), dtype, weights, compile, loras)

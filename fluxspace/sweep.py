@@ -18,13 +18,16 @@ from .models import FluxModels
 from .settings import SampleSettings
 from .spec import EditSpec
 
-SWEEPABLE = ("lambda_fine", "lambda_coarse", "tau_m", "start")
-SHORT = {"lambda_fine": "fine", "lambda_coarse": "coarse", "tau_m": "tau", "start": "start"}
+SWEEPABLE = ("lambda_fine", "lambda_coarse", "tau_m", "start", "lora_scale")
+SHORT = {"lambda_fine": "fine", "lambda_coarse": "coarse", "tau_m": "tau", "start": "start", "lora_scale": "lora"}
 LABEL_HEIGHT = 14
 
 
 def vary(spec: EditSpec, name: str, value) -> EditSpec:
-    """The edit with one parameter set; lambda_fine and tau_m apply to every concept."""
+    """The edit with one parameter set; lambda_fine and tau_m apply to every concept. lora_scale is
+    the model's (every LoRA's strength, set by `sweep`): the edit stays as it is."""
+    if name == "lora_scale":
+        return spec
     if name in ("lambda_fine", "tau_m"):
         return replace(spec, concepts=tuple(replace(c, **{name: value}) for c in spec.concepts))
     if name in ("lambda_coarse", "start"):
@@ -52,14 +55,26 @@ def sweep(
         raise ValueError(f"sweep one or two parameters; got {len(axes)}")
     cols_name, cols = axes[0]
     rows_name, rows = axes[1] if len(axes) == 2 else (None, [None])
+    if "lora_scale" in (cols_name, rows_name):
+        if not models.loras:
+            raise ValueError("sweeping lora_scale needs a LoRA on the model (--lora FILE, load_models(loras=...))")
+        models.loras.set_scale(1.0)  # refused in fused mode, before any cell runs
     rank, size = world()
     results = [[None] * len(cols) for _ in rows]
-    for k in range(rank, len(rows) * len(cols), size):
-        i, j = divmod(k, len(cols))
-        cell = vary(spec, cols_name, cols[j])
-        if rows_name is not None:
-            cell = vary(cell, rows_name, rows[i])
-        results[i][j] = edit_image(models, prompt, cell, seed, settings, progress=progress)
+    strengths = [models.loras.scales[n] for n in models.loras.names]
+    try:
+        for k in range(rank, len(rows) * len(cols), size):
+            i, j = divmod(k, len(cols))
+            cell = spec
+            for name, value in ((cols_name, cols[j]), (rows_name, rows[i])):
+                if name == "lora_scale":
+                    models.loras.set_scale(value)
+                elif name is not None:
+                    cell = vary(cell, name, value)
+            results[i][j] = edit_image(models, prompt, cell, seed, settings, progress=progress)
+    finally:  # the model's LoRAs as they were
+        for name, value in zip(models.loras.names, strengths, strict=True):
+            models.loras.scales[name] = value
     col_labels = [f"{SHORT[cols_name]}={c}" for c in cols]
     row_labels = [f"{SHORT[rows_name]}={r}" if rows_name else "unedited" for r in rows]
     if size == 1:

@@ -160,6 +160,23 @@ class LoraLinear(nn.Module):
         self.scales = scales
         self.loras: list[str] = []
 
+    # The wrapped Linear's attributes, for code that reads them (transformers' T5 checks wo.weight's dtype).
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
     def add(self, name: str, update: LowRank) -> None:
         if name in self.loras:
             raise ValueError(f"LoRA {name!r} is already attached")

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..files import CheckpointError, read_header
 from .apply import LowRank
-from .formats import FORMATS, Entry, Rows, detect, parse
+from .formats import FORMATS, PARTS, Entry, Rows, detect, parse
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Known model families by a key that only their LoRAs carry: named in the refusal of a foreign file.
@@ -84,8 +84,8 @@ class LoraFile:
 
     @property
     def parts(self) -> tuple[str, ...]:
-        """The model parts it updates, in run order: "text", "flow"."""
-        return tuple(p for p in ("text", "flow") if any(x.entry.target.part == p for x in self.pieces))
+        """The model parts it updates, in run order: "clip", "t5", "flow"."""
+        return tuple(p for p in PARTS if any(x.entry.target.part == p for x in self.pieces))
 
     def ranks(self) -> list[int]:
         return sorted({p.rank for p in self.pieces})

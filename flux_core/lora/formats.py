@@ -45,9 +45,11 @@ FLOW_LINEARS: tuple[str, ...] = (
     "single_blocks.{i}.linear1", "single_blocks.{i}.linear2", "single_blocks.{i}.modulation.lin",
     "final_layer.linear", "final_layer.adaLN_modulation.1",
 )  # fmt: skip
-# transformers' CLIPTextModel and T5EncoderModel (T5 v1.1: gated wi_0 / wi_1), as TextEncoders holds them.
+# transformers' CLIPTextModel (its text transformer: `text_model.` before transformers 5, which files
+# keep; read with or without it) and T5EncoderModel (T5 v1.1: gated wi_0 / wi_1).
+CLIP_TEXT_MODEL = "text_model."
 CLIP_LINEARS: tuple[str, ...] = tuple(
-    f"text_model.encoder.layers.{{i}}.{m}"
+    f"encoder.layers.{{i}}.{m}"
     for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 )
 T5_LINEARS: tuple[str, ...] = tuple(
@@ -56,8 +58,9 @@ T5_LINEARS: tuple[str, ...] = tuple(
               "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1",
               "layer.1.DenseReluDense.wo")
 )  # fmt: skip
-# Where each text encoder sits in flux_core.conditioner.TextEncoders.
+# The text encoders, by their attribute in flux_core.conditioner.TextEncoders.
 TEXT_PARTS = {"clip": CLIP_LINEARS, "t5": T5_LINEARS}
+PARTS = ("clip", "t5", "flow")  # in the order a run uses them
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ class Rows:
 
 @dataclass(frozen=True)
 class Target:
-    """The module a file's entry updates: `part` of the model ("flow" or "text"), the module's name
-    in that part (TextEncoders names the encoders `clip.` and `t5.`), and its rows."""
+    """The module a file's entry updates: `part` of the model ("flow", "clip" or "t5"), the module's
+    name in that part (CLIP's without `text_model.`), and its rows."""
 
     part: str
     module: str
@@ -135,7 +138,14 @@ def diffusers_names() -> dict[str, Target]:
 
 @cache
 def text_names(encoder: str) -> dict[str, Target]:
-    return {p: Target("text", f"{encoder}.{p}") for p in TEXT_PARTS[encoder]}
+    return {p: Target(encoder, p) for p in TEXT_PARTS[encoder]}
+
+
+def _text_target(encoder: str, name: str, underscores: bool) -> Target | None:
+    if encoder == "clip":
+        prefix = CLIP_TEXT_MODEL.replace(".", "_") if underscores else CLIP_TEXT_MODEL
+        name = name.removeprefix(prefix)
+    return _lookup(text_names(encoder), name, underscores)
 
 
 # XLabs processor LoRAs (x-flux src/flux/modules/layers.py: DoubleStreamBlockLoraProcessor,
@@ -162,16 +172,17 @@ def _diffusers_target(name: str) -> Target | None:
                 return hit
     for prefix, encoder in (("text_encoder.", "clip"), ("text_encoder_2.", "t5")):
         if name.startswith(prefix):
-            return _lookup(text_names(encoder), name[len(prefix):], False)
+            return _text_target(encoder, name[len(prefix):], False)
     return None
 
 
 def _kohya_target(name: str) -> Target | None:
-    tables = {"lora_unet_": official_names, "lora_transformer_": diffusers_names,
-              "lora_te1_": lambda: text_names("clip"), "lora_te3_": lambda: text_names("t5")}  # fmt: skip
-    for prefix, table in tables.items():
+    for prefix, table in (("lora_unet_", official_names), ("lora_transformer_", diffusers_names)):
         if name.startswith(prefix):
             return _lookup(table(), name[len(prefix):], True)
+    for prefix, encoder in (("lora_te1_", "clip"), ("lora_te3_", "t5")):
+        if name.startswith(prefix):
+            return _text_target(encoder, name[len(prefix):], True)
     return None
 
 
