@@ -338,3 +338,22 @@ def test_refusals(tmp_path, tiny):
     refused(tmp_path, {**good, f"{key}.alpha": torch.tensor([1.0, 2.0])}, model, r"an alpha is one number")
     refused(tmp_path, diffusers_file(random_pairs({"transformer_blocks.0.attn.to_q": (32, 32)}, RANK, 1)),
             model, r"alpha_pattern", metadata={"lora_adapter_metadata": '{"alpha_pattern": {"x": 1}}'})
+
+
+def test_flux_weights_inspect_describes_a_lora(tmp_path, tiny, capsys):
+    from weights_tools.cli import main as weights_main
+    from weights_tools.inspect import inspect_path
+
+    model, _ = tiny
+    pairs = random_pairs(linear_names(model, in_blocks), RANK, 1)
+    sd = kohya_file(pairs, "lora_unet_", 2.0) | diffusers_file({}, prefix="")  # kohya, every block Linear
+    (report,) = inspect_path(write(tmp_path, sd))
+    assert (report["format"], report["ranks"], report["alphas"], report["strengths"]) == ("kohya", [4], [2.0], [0.5])
+    assert report["entries"] == len(pairs) and report["problem"] is None
+    assert "double_blocks.{0..1}.img_attn.qkv" in report["targets"]["flow"]
+    assert "single_blocks.{0..1}.linear1" in report["targets"]["flow"]
+    bad = {k: v for k, v in sd.items() if not k.endswith("img_attn_qkv.alpha")}
+    assert weights_main(["inspect", str(write(tmp_path, bad, "bad.safetensors"))]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA      kohya format" in out
+    assert "problem   " + str(tmp_path / "bad.safetensors") + ": kohya LoRA entries without .alpha: " in out

@@ -17,11 +17,14 @@ from flux_core.files import (
     WeightFiles,
     component_folders,
     open_weights,
+    read_header,
     shard_files,
 )
 from flux_core.formats import BFL_PREFIX, ConversionError
 from flux_core.inference import detect_variant
 from flux_core.loading import check_autoencoder, check_flow_model
+from flux_core.lora import LoraError, read_lora
+from flux_core.lora.formats import detect as detect_lora
 from flux_core.presets import PRESETS
 from flux_core.runtime.fp8 import fp8_layout
 
@@ -116,9 +119,62 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
     return report
 
 
+def _collapse(names) -> list[str]:
+    """Module names with block indices collapsed: double_blocks.{0..18}.img_attn.qkv."""
+    return [g["keys"] for g in group_keys({n + ".": () for n in names}, {n + ".": "" for n in names})]
+
+
+def inspect_lora(path: Path, with_keys: bool = False) -> dict:
+    """What `flux-weights inspect` reports of a LoRA file: format, ranks, alphas, the modules it updates."""
+    shapes, dtypes, metadata = read_header(path)
+    report = {
+        "path": str(path), "files": [str(path)], "size_bytes": path.stat().st_size, "model": "lora",
+        "num_tensors": len(shapes), "num_params": num_params(shapes),
+        "dtypes": dict(sorted(Counter(dtypes.values()).items())), "format": detect_lora(shapes),
+        "ranks": [], "alphas": [], "strengths": [], "entries": 0, "targets": {}, "problem": None, "metadata": metadata,
+    }  # fmt: skip
+    try:
+        lora = read_lora(path)
+    except LoraError as e:
+        report["problem"] = str(e)
+    else:
+        report["ranks"], report["alphas"], report["entries"] = lora.ranks(), lora.alphas(), len(lora.pieces)
+        report["strengths"] = sorted({p.alpha / p.rank if p.alpha is not None else 1.0 for p in lora.pieces})
+        report["targets"] = {part: [n.removesuffix(".") for n in _collapse(lora.targets(part))] for part in lora.parts}
+    if with_keys:
+        report["keys"] = {k: {"shape": list(shapes[k]), "dtype": dtypes[k]} for k in sorted(shapes, key=_natural)}
+    return report
+
+
+def format_lora_report(report: dict) -> str:
+    parts = {"flow": "transformer", "clip": "CLIP", "t5": "T5"}
+    lines = [
+        f"path      {report['path']} ({_human_bytes(report['size_bytes'])})",
+        f"LoRA      {report['format']} format, {report['entries']} low-rank pairs, {report['num_tensors']} tensors, "
+        + ", ".join(f"{d} x{n}" for d, n in report["dtypes"].items()),
+        "rank      " + (", ".join(map(str, report["ranks"])) or "-"),
+        "alpha     " + (", ".join(f"{a:g}" for a in report["alphas"]) or "none (strength 1 per pair)"),
+        "alpha/r   " + (", ".join(f"{a:g}" for a in report["strengths"]) or "-"),
+    ]
+    for part, names in report["targets"].items():
+        lines.append(f"updates   {parts[part]}: {len(names)} module groups")
+        lines += [f"  {n}" for n in names]
+    if report["problem"]:
+        lines.append(f"problem   {report['problem']}")
+    if report["metadata"]:
+        lines.append("metadata  " + ", ".join(f"{k}={v}" for k, v in sorted(report["metadata"].items())))
+    if "keys" in report:
+        lines.append("keys:")
+        lines += [f"  {k}  {tuple(v['shape'])}  {v['dtype']}" for k, v in report["keys"].items()]
+    return "\n".join(lines)
+
+
 def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | None = None) -> list[dict]:
-    """One report per model: a file or shard folder gives one, a diffusers pipeline folder one per component."""
+    """One report per model: a file or shard folder gives one, a diffusers pipeline folder one per component,
+    a LoRA file its own report (inspect_lora)."""
     path = Path(path)
+    if path.is_file() and model is None and detect_lora(read_header(path)[0]) is not None:
+        return [inspect_lora(path, with_keys)]
     if path.is_dir() and not shard_files(path) and model is None:
         components = component_folders(path)
         if components:
@@ -135,7 +191,9 @@ def _human_bytes(n: int) -> str:
 
 
 def format_report(report: dict) -> str:
-    """The human-readable form of one `inspect_weights` report."""
+    """The human-readable form of one `inspect_weights` (or `inspect_lora`) report."""
+    if report["model"] == "lora":
+        return format_lora_report(report)
     layout = {"bfl": "official (BFL)", "diffusers": "diffusers", "unknown": "unknown"}[report["layout"]]
     lines = [
         f"path      {report['path']} ({len(report['files'])} file(s), {_human_bytes(report['size_bytes'])})",
