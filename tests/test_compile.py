@@ -146,3 +146,30 @@ def test_cli_refuses_compile_before_loading_anything(monkeypatch, tmp_path, caps
     assert e.value.code == 2
     assert "fluxspace: error: --compile on the CPU needs a C++ compiler" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unfused_lora_under_compile_recompiles_only_for_a_new_strength():
+    """LoraLinear modules inside the blocks compile with them: no recompile step after step; a new
+    strength is a new constant in the graph (one recompile), and the output follows it."""
+    from flux_core.lora import LoraScales, LowRank, attach, linear_shapes
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    updates = {n: LowRank(torch.randn(2, i, generator=g) * 0.2, torch.randn(o, 2, generator=g) * 0.2)
+               for n, (o, i) in linear_shapes(model).items() if n.startswith(("double_blocks.", "single_blocks."))}  # fmt: skip
+    scales = LoraScales(a=0.5)
+    attach(model, "a", updates, scales)
+    enc = encoded(model)
+    eager = sample(model, FluxSpaceSchedule(SPEC, enc))
+    compile_blocks(model, backend="eager")
+    schedule = CountingSchedule(FluxSpaceSchedule(SPEC, enc))
+    out = sample(model, schedule)
+    seen = [*schedule.seen, graphs()]
+    assert seen[1] > 0 and seen[1:] == [seen[1]] * 4, f"recompiled after the first step: {seen}"
+    torch.testing.assert_close(out, eager, **TOL)
+    scales["a"] = 1.0
+    again = sample(model, CountingSchedule(FluxSpaceSchedule(SPEC, enc)))
+    assert not torch.allclose(again, out, **TOL), "the new strength reaches the compiled blocks"
+    settled = graphs()
+    sample(model, CountingSchedule(FluxSpaceSchedule(SPEC, enc)))
+    assert graphs() == settled, "the same strength again compiles nothing"

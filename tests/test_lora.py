@@ -391,3 +391,30 @@ def test_flux_weights_inspect_describes_a_lora(tmp_path, tiny, capsys):
     out = capsys.readouterr().out
     assert "LoRA      kohya format" in out
     assert "problem   " + str(tmp_path / "bad.safetensors") + ": kohya LoRA entries without .alpha: " in out
+
+
+def test_module_names_of_every_format_resolve_to_the_official_module():
+    """One key per naming form, including those diffusers misreads (kohya-style proj_mlp) and the text
+    encoders' (CLIP with or without transformers 4's `text_model.`)."""
+    from flux_core.lora.formats import Rows, Target, detect, parse
+
+    cases = {
+        "lora_transformer_single_transformer_blocks_3_proj_mlp.lora_down.weight":
+            Target("flow", "single_blocks.3.linear1", Rows((3,), 4)),
+        "lora_transformer_norm_out_linear.lora_down.weight": Target("flow", "final_layer.adaLN_modulation.1", Rows((0, 1), 2, True)),
+        "lora_unet_double_blocks_12_txt_mod_lin.lora_down.weight": Target("flow", "double_blocks.12.txt_mod.lin"),
+        "lora_te1_text_model_encoder_layers_5_mlp_fc2.lora_down.weight": Target("clip", "encoder.layers.5.mlp.fc2"),
+        "lora_te1_encoder_layers_5_self_attn_out_proj.lora_down.weight": Target("clip", "encoder.layers.5.self_attn.out_proj"),
+        "lora_te3_encoder_block_2_layer_1_DenseReluDense_wi_1.lora_down.weight":
+            Target("t5", "encoder.block.2.layer.1.DenseReluDense.wi_1"),
+        "transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight": Target("flow", "single_blocks.0.linear1", Rows((1,), 4)),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": Target("clip", "encoder.layers.0.self_attn.q_proj"),
+        "text_encoder_2.encoder.block.0.layer.0.SelfAttention.o.lora_A.weight": Target("t5", "encoder.block.0.layer.0.SelfAttention.o"),
+        "double_blocks.4.processor.proj_lora2.down.weight": Target("flow", "double_blocks.4.txt_attn.proj"),
+        "single_blocks.1.processor.qkv_lora.down.weight": Target("flow", "single_blocks.1.linear1", Rows((0, 1, 2), 4)),
+        "model.diffusion_model.guidance_in.out_layer.lora_A.weight": Target("flow", "guidance_in.out_layer"),
+    }  # fmt: skip
+    for key, target in cases.items():
+        fmt = detect([key])
+        (entry,), left = parse([key], fmt)
+        assert (entry.target, left) == (target, []), key
