@@ -119,15 +119,18 @@ def unpack(x: Tensor, height: int, width: int, pixels_per_token: int = PIXELS_PE
 
 
 def img_ids(
-    batch: int, height: int, width: int, device: torch.device | str = "cpu", pixels_per_token: int = PIXELS_PER_TOKEN
+    batch: int, height: int, width: int, device: torch.device | str = "cpu", pixels_per_token: int = PIXELS_PER_TOKEN,
+    index: int = 0,
 ) -> Tensor:
-    """Position ids of the image tokens in pack() order: (0, row, col) per token. Returns (B, N, 3) float32.
+    """Position ids of the image tokens in pack() order: (index, row, col) per token. Returns (B, N, 3) float32.
 
-    RoPE axis 0 is unused by text-to-image (reserved for conditioning images); axes 1, 2 are the grid.
+    RoPE axis 0 tells images apart: 0 for the image being generated, 1 for a Kontext conditioning
+    image (official sampling.prepare_kontext: "the same as base image with the first dimension set
+    to 1"); axes 1, 2 are the grid.
     """
     rows, cols = (s // 2 for s in latent_size(height, width, pixels_per_token))
     grid = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")  # 2 x (H, W)
-    ids = torch.stack([torch.zeros_like(grid[0]), *grid], dim=-1).to(device, torch.float32)  # (H, W, 3)
+    ids = torch.stack([torch.full_like(grid[0], index), *grid], dim=-1).to(device, torch.float32)  # (H, W, 3)
     return repeat(ids, "H W three -> B (H W) three", B=batch)  # (B, N, 3)
 
 
@@ -175,6 +178,41 @@ def prepare(img: Tensor, txt: Tensor, vec: Tensor) -> ModelInputs:
         txt_ids=txt_ids(bs, txt.shape[1], device=img.device),  # (B, T, 3)
         vec=to_batch(vec).to(img.device),  # (B, C'')
     )
+
+
+# ----------------------------------------------------------------------------- Kontext conditioning
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A Kontext conditioning image as tokens: appended after the generated image's tokens in the
+    sequence, its ids the usual grid with axis 0 set to 1 (official sampling.prepare_kontext)."""
+
+    img: Tensor  # (B, M, C*4) packed latents of the encoded image
+    ids: Tensor  # (B, M, 3)
+
+
+def prepare_condition(latent: Tensor, batch: int | None = None) -> Condition:
+    """An encoded conditioning image (B or 1, C, h, w) as tokens, repeated to `batch` if given."""
+    if latent.ndim != 4:
+        raise ValueError(f"a conditioning latent is (B, C, h, w); got shape {tuple(latent.shape)}")
+    bs = batch or latent.shape[0]
+    if latent.shape[0] not in (1, bs):
+        raise ValueError(f"conditioning latent batch {latent.shape[0]} for a batch of {bs}: give 1 or {bs}")
+    img = pack(latent)  # (b, M, C*4)
+    img = repeat(img, "1 M C -> B M C", B=bs) if img.shape[0] == 1 else img  # (B, M, C*4)
+    h, w = latent.shape[-2:]
+    return Condition(img, img_ids(bs, h, w, device=latent.device, pixels_per_token=2, index=1))  # (B, M, 3)
+
+
+def preferred_size(width: int, height: int, resolutions: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (width, height) of `resolutions` closest in aspect ratio to width x height, floored to
+    whole tokens (16 px), as the official prepare_kontext fits its conditioning image."""
+    if not resolutions:
+        raise ValueError("no preferred resolutions to choose from")
+    aspect = width / height
+    _, w, h = min((abs(aspect - rw / rh), rw, rh) for rw, rh in resolutions)
+    return PIXELS_PER_TOKEN * (w // PIXELS_PER_TOKEN), PIXELS_PER_TOKEN * (h // PIXELS_PER_TOKEN)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -264,8 +302,17 @@ class Velocity:
         cfg_scale: float = 1.0,
         latent_dtype: torch.dtype = torch.float32,  # parity mode: the caller's latent dtype (bf16)
         parity: bool = False,
+        condition: Condition | None = None,  # Kontext: the conditioning image's tokens
     ):
         bs = img_ids.shape[0]
+        self.n_img = img_ids.shape[1]  # the generated tokens: the velocity is theirs only
+        self.cond = None
+        if condition is not None:
+            if condition.img.shape[0] != bs or condition.ids.shape[:2] != condition.img.shape[:2]:
+                raise ValueError(f"the condition's tokens {tuple(condition.img.shape)} and ids {tuple(condition.ids.shape)} "
+                                 f"must have the batch size {bs} and one id per token")  # fmt: skip
+            img_ids = torch.cat([img_ids, condition.ids.to(img_ids)], dim=1)  # (B, N+M, 3)
+            self.cond = condition.img
         self.use_cfg = cfg_scale != 1.0
         if self.use_cfg:
             if neg_txt is None or neg_vec is None:
@@ -296,14 +343,20 @@ class Velocity:
             self.guidance_vec = g.to(self.model_dtype)
         self.img_ids, self.txt_ids = img_ids, txt_ids
         self.txt, self.vec = txt.to(self.model_dtype), vec.to(self.model_dtype)
+        if self.cond is not None:  # in the latent dtype first, as the official loop concatenates it
+            cond = self.cond.to(latent_dtype).to(self.model_dtype)  # (B, M, C)
+            self.cond = torch.cat([cond, cond]) if self.use_cfg else cond
 
     def __call__(self, img: Tensor, t: float, edit: Edit | None = None) -> Tensor:
         """The (guided) velocity at latent img (B, N, C) and time t, in img's dtype. edit: this step's edit or None."""
         t_vec = torch.full((self.n_model,), t, dtype=self.t_dtype, device=img.device).to(self.model_dtype)
         x = img.to(self.model_dtype)  # (B, N, C)
+        x = torch.cat([x, x]) if self.use_cfg else x  # (B or 2B, N, C)
+        if self.cond is not None:
+            x = torch.cat([x, self.cond], dim=1)  # (B or 2B, N+M, C): Kontext's conditioning tokens after
         extra = {"edit": edit} if edit is not None else {}
         pred = self.model(
-            img=torch.cat([x, x]) if self.use_cfg else x,
+            img=x,
             img_ids=self.img_ids,
             txt=self.txt,
             txt_ids=self.txt_ids,
@@ -311,7 +364,7 @@ class Velocity:
             timesteps=t_vec,
             guidance=self.guidance_vec,
             **extra,
-        ).to(img.dtype)  # (B or 2B, N, C)
+        )[:, : self.n_img].to(img.dtype)  # (B or 2B, N, C): the conditioning tokens' prediction is dropped
         if self.use_cfg:
             v_pos, v_neg = pred.chunk(2)  # (B, N, C) each
             pred = v_neg + self.cfg_scale * (v_pos - v_neg)  # (B, N, C)
@@ -374,6 +427,7 @@ def denoise(
     progress: bool = True,
     parity: bool = False,
     edit: EditSchedule | None = None,
+    condition: Condition | None = None,
 ) -> Tensor:
     """Integrate dx/dt = v from timesteps[0] to timesteps[-1] with Euler steps. Returns (B, N, C*4).
 
@@ -388,6 +442,8 @@ def denoise(
     from get_noise gives the official bf16 loop); the result keeps that dtype.
     edit: an EditSchedule (flux_core.seam): asked for each step's edit, None for a plain step;
     FluxSpace and the recorder provide one.
+    condition: Kontext's conditioning image (prepare_condition): its tokens ride along after the
+    image's at every step and their prediction is dropped (official denoise's img_cond_seq).
     """
     if len(timesteps) < 2:
         raise ValueError(f"timesteps needs at least 2 values (start and end); got {len(timesteps)}")
@@ -401,6 +457,6 @@ def denoise(
     # The latent the update runs in: float32 by default, the caller's dtype in parity mode.
     img = img if parity else img.float()
     v = Velocity(model, img_ids, txt, txt_ids, vec, guidance, neg_txt=neg_txt, neg_vec=neg_vec,
-                 cfg_scale=cfg_scale, latent_dtype=img.dtype, parity=parity)  # fmt: skip
+                 cfg_scale=cfg_scale, latent_dtype=img.dtype, parity=parity, condition=condition)  # fmt: skip
     num_steps = len(timesteps) - 1
     return euler(scheduled(v, edit, num_steps), img, timesteps, callback=callback, progress=progress)

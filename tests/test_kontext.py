@@ -1,0 +1,142 @@
+"""FLUX.1 Kontext in flux_core: conditioning tokens after the image's, ids on axis 0 = 1, their
+prediction dropped; against the official loop (bf16 parity: the same bits) and against diffusers'
+FluxKontextPipeline transformer call (float32, <= 1e-5); the preferred-resolution fit."""
+
+import pytest
+import torch
+from test_model import random_state_dict, rel_err
+
+from flux_core import Flux, get_preset
+from flux_core.formats import bfl_to_diffusers_transformer
+from flux_core.sampling import (
+    Condition,
+    Velocity,
+    denoise,
+    get_noise,
+    get_schedule,
+    img_ids,
+    prepare,
+    prepare_condition,
+    preferred_size,
+)
+from weights_tools.diffusers_reference import diffusers_transformer
+
+# The official list (flux/util.py PREFERED_KONTEXT_RESOLUTIONS), as (width, height).
+OFFICIAL = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+            (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+            (1568, 672)]  # fmt: skip
+
+
+def tiny(dtype=torch.float32) -> Flux:
+    with torch.device("meta"):
+        model = Flux(get_preset("tiny").params)
+    model.load_state_dict(random_state_dict(model, 0), strict=True, assign=True)
+    return model.to(dtype).eval()
+
+
+def inputs(dtype, h=32, w=48, ch=24, cw=16):
+    """Text-to-image inputs for an h x w latent and a conditioning latent of ch x cw (another size)."""
+    p = get_preset("tiny").params
+    g = torch.Generator().manual_seed(1)
+    txt, vec = torch.randn(1, 7, p.context_in_dim, generator=g), torch.randn(1, p.vec_in_dim, generator=g)
+    inp = prepare(get_noise(1, 8 * h, 8 * w, seed=3, dtype=dtype), txt.to(dtype), vec.to(dtype))
+    cond = prepare_condition(torch.randn(1, 16, ch, cw, generator=g).to(dtype))
+    return inp, cond
+
+
+def official_kontext_denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, img_cond_seq, img_cond_seq_ids):
+    """The loop of BFL `flux/sampling.py` `denoise` with sequence conditioning, verbatim apart from names."""
+    guidance_vec = torch.full((img.shape[0],), guidance, device=img.device, dtype=img.dtype)
+    with torch.inference_mode():
+        for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:], strict=True):
+            t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+            img_input = torch.cat((img, img_cond_seq), dim=1)
+            img_input_ids = torch.cat((img_ids, img_cond_seq_ids), dim=1)
+            pred = model(img=img_input, img_ids=img_input_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec,
+                         guidance=guidance_vec)  # fmt: skip
+            pred = pred[:, : img.shape[1]]
+            img = img + (t_prev - t_curr) * pred
+    return img
+
+
+def test_condition_ids_are_the_grid_with_axis_0_set_to_1():
+    cond = prepare_condition(torch.zeros(1, 16, 6, 4), batch=2)
+    assert cond.img.shape == (2, 6, 64) and cond.ids.shape == (2, 6, 3)
+    expected = img_ids(2, 6, 4, pixels_per_token=2).clone()
+    expected[..., 0] = 1
+    assert torch.equal(cond.ids, expected)
+
+
+def test_kontext_denoise_is_the_official_loop_bit_for_bit_in_parity_mode():
+    model = tiny(torch.bfloat16)
+    inp, cond = inputs(torch.bfloat16)
+    ts = get_schedule(3, inp.img.shape[1])  # the schedule of the generated tokens only (official cli_kontext)
+    fields = (inp.img, inp.img_ids, inp.txt, inp.txt_ids, inp.vec)
+    ours = denoise(model, *fields, ts, guidance=2.5, progress=False, parity=True, condition=cond)
+    ref = official_kontext_denoise(model, *fields, ts, 2.5, cond.img, cond.ids)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, ref)
+    plain = denoise(model, *fields, ts, guidance=2.5, progress=False, parity=True)
+    assert not torch.equal(plain, ours), "the conditioning image must reach the prediction"
+
+
+def test_kontext_velocity_matches_diffusers_kontext_transformer_call():
+    from diffusers import FluxKontextPipeline
+
+    model = tiny()
+    ref = diffusers_transformer(model.params)
+    ref.load_state_dict(bfl_to_diffusers_transformer(model.state_dict()), strict=True, assign=True)
+    ref.eval()
+    p = model.params
+    g = torch.Generator().manual_seed(5)
+    h, w, ch, cw = 8, 12, 6, 10  # latent sizes (2x the token grid)
+    latents, image = torch.randn(1, 16, h, w, generator=g), torch.randn(1, 16, ch, cw, generator=g)
+    txt, vec = torch.randn(1, 7, p.context_in_dim, generator=g), torch.randn(1, p.vec_in_dim, generator=g)
+    t = 0.7
+    # diffusers: FluxKontextPipeline.prepare_latents and the denoising loop's transformer call
+    packed = FluxKontextPipeline._pack_latents(latents, 1, 16, h, w)
+    image_latents = FluxKontextPipeline._pack_latents(image, 1, 16, ch, cw)
+    image_ids = FluxKontextPipeline._prepare_latent_image_ids(1, ch // 2, cw // 2, "cpu", torch.float32)
+    image_ids[..., 0] = 1
+    latent_ids = FluxKontextPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+    with torch.inference_mode():
+        expected = ref(hidden_states=torch.cat([packed, image_latents], dim=1), timestep=torch.tensor([t]),
+                       guidance=torch.tensor([2.5]), pooled_projections=vec, encoder_hidden_states=txt,
+                       txt_ids=torch.zeros(7, 3), img_ids=torch.cat([latent_ids, image_ids], dim=0),
+                       return_dict=False)[0][:, : packed.shape[1]]  # fmt: skip
+    inp = prepare(latents, txt, vec)
+    v = Velocity(model, inp.img_ids, inp.txt, inp.txt_ids, inp.vec, 2.5, condition=prepare_condition(image))
+    ours = v(inp.img, t)
+    assert torch.equal(inp.img, packed)
+    assert ours.shape == packed.shape and rel_err(ours, expected) <= 1e-5
+    plain = Velocity(model, inp.img_ids, inp.txt, inp.txt_ids, inp.vec, 2.5)(inp.img, t)
+    assert rel_err(plain, expected) > 1e-3
+
+
+def test_true_cfg_carries_the_condition_in_both_halves():
+    model = tiny()
+    inp, cond = inputs(torch.float32)
+    neg_txt, neg_vec = torch.zeros_like(inp.txt), torch.zeros_like(inp.vec)
+    pos = Velocity(model, inp.img_ids, inp.txt, inp.txt_ids, inp.vec, 2.5, condition=cond)(inp.img, 0.5)
+    neg = Velocity(model, inp.img_ids, neg_txt, inp.txt_ids, neg_vec, 2.5, condition=cond)(inp.img, 0.5)
+    cfg = Velocity(model, inp.img_ids, inp.txt, inp.txt_ids, inp.vec, 2.5, neg_txt=neg_txt, neg_vec=neg_vec,
+                   cfg_scale=3.0, condition=cond)(inp.img, 0.5)  # fmt: skip
+    torch.testing.assert_close(cfg, neg + 3.0 * (pos - neg), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size, fitted", [((1000, 1000), (1024, 1024)), ((1920, 1080), (1392, 752)),
+                                          ((600, 800), (880, 1184)), ((64, 64), (1024, 1024))])  # fmt: skip
+def test_preferred_size_is_the_official_choice(size, fitted):
+    """The official rule: min over (|aspect - w/h|, w, h), so ties go to the smaller width."""
+    assert preferred_size(*size, OFFICIAL) == fitted
+    w, h = size
+    official = min((abs(w / h - rw / rh), rw, rh) for rw, rh in OFFICIAL)[1:]
+    assert fitted == official
+
+
+def test_bad_conditions_are_refused():
+    with pytest.raises(ValueError, match=r"a conditioning latent is \(B, C, h, w\)"):
+        prepare_condition(torch.zeros(16, 4, 4))
+    model = tiny()
+    inp, cond = inputs(torch.float32)
+    with pytest.raises(ValueError, match="must have the batch size 1"):
+        Velocity(model, inp.img_ids, inp.txt, inp.txt_ids, inp.vec, 2.5, condition=Condition(cond.img.repeat(2, 1, 1), cond.ids))
