@@ -20,6 +20,14 @@ class Preset:
     default_guidance: float  # distilled guidance (dev) or true-CFG scale where the model needs it
     description: str
     default_size: int = 1024  # pixels a side when the user gives no width or height (FLUX.1: 1024)
+    # Kontext models only: the (width, height) they were trained on; a conditioning image is fitted
+    # to the closest in aspect ratio (official util.PREFERED_KONTEXT_RESOLUTIONS). Empty: text-to-image.
+    kontext_resolutions: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def kontext(self) -> bool:
+        """Whether the model edits a conditioning image (Kontext) rather than drawing from text alone."""
+        return bool(self.kontext_resolutions)
 
 
 # ae.safetensors of FLUX.1 (shared by dev, schnell and Krea-dev).
@@ -34,6 +42,14 @@ FLUX_AE = AutoEncoderParams(
     scale_factor=0.3611,
     shift_factor=0.1159,
 )
+
+
+# FLUX.1 Kontext [dev]'s training resolutions, (width, height) (official flux/util.py).
+KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)  # fmt: skip
 
 
 def _flux_12b(guidance_embed: bool) -> FluxParams:
@@ -87,6 +103,18 @@ PRESETS: dict[str, Preset] = {
             default_steps=28,
             default_guidance=4.5,
             description="FLUX.1 Krea [dev], a dev-shaped fine-tune",
+        ),
+        Preset(
+            name="flux-kontext-dev",
+            params=_flux_12b(guidance_embed=True),
+            ae_params=FLUX_AE,
+            t5_max_length=512,
+            shift_schedule=True,
+            # official cli_kontext defaults: 30 steps, guidance 2.5
+            default_steps=30,
+            default_guidance=2.5,
+            description="FLUX.1 Kontext [dev], image editing by instruction, dev-shaped (12B)",
+            kontext_resolutions=KONTEXT_RESOLUTIONS,
         ),
         Preset(
             # Random weights at toy size, for tests and smoke runs; every code path of dev.

@@ -15,9 +15,9 @@ from flux_core.sampling import (
     get_noise,
     get_schedule,
     img_ids,
+    preferred_size,
     prepare,
     prepare_condition,
-    preferred_size,
 )
 from weights_tools.diffusers_reference import diffusers_transformer
 

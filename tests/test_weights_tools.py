@@ -144,7 +144,7 @@ def test_random_refuses_to_overwrite(ckpt, capsys):
 
 def test_unknown_preset(tmp_path, capsys):
     expected = (
-        "error: unknown preset 'flux-pro'; valid presets: flux-dev, flux-krea-dev, flux-mini, flux-schnell, tiny\n"
+        "error: unknown preset 'flux-pro'; valid presets: flux-dev, flux-kontext-dev, flux-krea-dev, flux-mini, flux-schnell, tiny\n"
     )
     assert run(capsys, "random", "--preset", "flux-pro", "--out", tmp_path) == (2, "", expected)
     assert run(capsys, "verify", tmp_path / "x.safetensors", "--preset", "flux-pro") == (2, "", expected)
@@ -157,7 +157,8 @@ def test_unknown_preset(tmp_path, capsys):
 def test_inspect_text(ckpt, capsys):
     code, out, _ = run(capsys, "inspect", ckpt / "flux1-tiny.safetensors")
     assert code == 0
-    assert "variant   dev\n" in out
+    assert ("variant   dev (dev-shaped: FLUX.1 [dev], Krea [dev] and Kontext [dev] share these keys; the model is "
+            "--preset flux-dev / flux-krea-dev / flux-kontext-dev, or the preset the file's metadata records)\n") in out
     assert f"tensors   60, {TINY_PARAMS:,} parameters, dtypes F32 x60\n" in out
     assert "presets   tiny\n" in out
     assert "  single_blocks.{0..1}.linear1.weight  x2  (448, 64)  F32\n" in out

@@ -76,6 +76,11 @@ def _natural(key: str):
     return [(0, int(p), "") if p.isdecimal() else (1, 0, p) for p in key.split(".")]
 
 
+# FLUX.1 [dev], Krea [dev] and Kontext [dev] have the same keys and shapes: only a name can tell them apart.
+DEV_SHAPED_NOTE = ("dev-shaped: FLUX.1 [dev], Krea [dev] and Kontext [dev] share these keys; the model is "
+                   "--preset flux-dev / flux-krea-dev / flux-kontext-dev, or the preset the file's metadata records")  # fmt: skip
+
+
 def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
     """Everything `flux-weights inspect` reports, as a JSON-ready dict."""
     fmt = ws.format
@@ -91,6 +96,7 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
         "key_prefix": BFL_PREFIX if ws.prefixed else None,
         "weights_format": "full",
         "variant": "unknown",
+        "variant_note": None,
         "params": None,
         "matching_presets": [],
         "problem": None,
@@ -103,6 +109,8 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
         try:
             report["weights_format"] = fp8_layout(ws).describe()  # e.g. 'fp8 (e4m3fn), scaled, 504 fp8 tensors'
             report["variant"] = detect_variant(ws.bfl_shapes()) if fmt[1] == "transformer" else "ae"
+            if report["variant"] == "dev":
+                report["variant_note"] = DEV_SHAPED_NOTE
             if fmt[1] == "transformer":
                 params = check_flow_model(ws)
                 report["matching_presets"] = sorted(n for n, p in PRESETS.items() if p.params == params)
@@ -199,7 +207,7 @@ def format_report(report: dict) -> str:
         f"path      {report['path']} ({len(report['files'])} file(s), {_human_bytes(report['size_bytes'])})",
         f"layout    {layout} {report['model']}"
         + (f", keys prefixed {report['key_prefix']!r}" if report["key_prefix"] else ""),
-        f"variant   {report['variant']}",
+        f"variant   {report['variant']}" + (f" ({report['variant_note']})" if report.get("variant_note") else ""),
         f"weights   {report['weights_format']}",
         f"tensors   {report['num_tensors']}, {report['num_params']:,} parameters, dtypes "
         + ", ".join(f"{d} x{n}" for d, n in report["dtypes"].items()),
