@@ -181,6 +181,8 @@ SPEC_ARGS: dict[str, SpecArg] = {
                              choices=PRIOR_REMOVALS),  # fmt: skip
     "reference": SpecArg("--reference", "reproduce the unofficial implementation exactly "
                          "(docs/fluxspace_reference_notes.md)", switch=True, kind="switch"),  # fmt: skip
+    "edit_condition": SpecArg("--edit-condition", "Kontext models: edit the conditioning image's tokens too "
+                              "(default: only the generated image's)", switch=True, kind="switch"),  # fmt: skip
 }
 # Concepts come from --edit WORD[:LAMBDA] (prompt, lambda_fine), --tau and --mask-words, or from
 # [[concept]] tables of the edits file whose keys are Concept's field names.

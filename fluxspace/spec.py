@@ -68,6 +68,8 @@ class EditSpec:
     # lookup, which keeps a single T5 token (the one holding the first occurrence, in the edit prompt,
     # of the keyword's last character).
     reference: bool = False
+    # Kontext models: also edit the conditioning image's tokens (default: only the generated image's).
+    edit_condition: bool = False
 
     @property
     def has_fine(self) -> bool:

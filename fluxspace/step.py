@@ -68,16 +68,17 @@ class FluxSpaceSchedule:
     Implements flux_core.seam.EditSchedule; `masks` collects every concept's mask as the run goes.
     """
 
-    def __init__(self, spec: EditSpec, encoded: EncodedEdit, keep_masks: bool = False):
+    def __init__(self, spec: EditSpec, encoded: EncodedEdit, keep_masks: bool = False, n_generated: int | None = None):
         self.spec = spec
         self.encoded = encoded
         self.masks = MaskLog(keep=keep_masks)
+        self.n_generated = n_generated  # Kontext: the image tokens being generated (conditioning tokens follow)
 
     def at_step(self, step: int, t: float, num_steps: int) -> "FluxSpaceEdit | None":
         if not self.spec.is_active(step, t):
             return None  # the model runs exactly as without an edit
         self.masks.step = step
-        return FluxSpaceEdit(self.spec, self.encoded, self.masks)
+        return FluxSpaceEdit(self.spec, self.encoded, self.masks, self.n_generated)
 
     def mean_masks(self, grid: tuple[int, int]) -> list[Tensor]:
         """Per concept (h, w) on the CPU: the share of edited blocks x steps with each token in the
@@ -93,12 +94,19 @@ class FluxSpaceEdit:
     In each double block, J = 1 + K conditions share the block's image q, k, v: the base text (row 0)
     and the K branches (prior, then the concepts). The image-image attention is computed once; each
     condition adds its own image-text part, merged exactly through log-sum-exp (attention.py).
+
+    On Kontext the image stream holds the generated tokens, then the conditioning image's
+    (flux_core.sampling.Condition). n_generated: how many come first; the edit then moves only
+    them, and the conditioning tokens are carried through as the plain model carries them, unless
+    spec.edit_condition. Every image token still attends as in the plain model.
     """
 
-    def __init__(self, spec: EditSpec, encoded: EncodedEdit, masks: MaskLog | None = None):
+    def __init__(self, spec: EditSpec, encoded: EncodedEdit, masks: MaskLog | None = None,
+                 n_generated: int | None = None):  # fmt: skip
         self.spec = spec
         self.encoded = encoded
         self.mask_log = masks
+        self.n_generated = None if spec.edit_condition else n_generated
         self.streams: Tensor | None = None  # (B*K, T, C) the branches' text streams
         self.branch_vec: Tensor | None = None  # (B*K, C) their modulation vector
         self.edit_blocks: set[int] = set()
@@ -167,10 +175,13 @@ class FluxSpaceEdit:
                     mask = concept_mask(m, concept.tau_m)  # (B, N)
                 else:
                     mask = torch.ones(a_hat.shape[:2], device=a_hat.device)  # (B, N)
+                if self.n_generated is not None:  # Kontext: the conditioning tokens stay as they are
+                    mask = torch.cat([mask[:, : self.n_generated], torch.zeros_like(mask[:, self.n_generated :])], dim=1)
                 masks.append(mask)
                 a_hat = a_hat + concept.lambda_fine * mask[..., None] * delta[:, j]  # (B, N, C)
-            if self.mask_log is not None:
-                self.mask_log.add(masks, site.index)
+            if self.mask_log is not None:  # the generated image's masks (its grid)
+                n = self.n_generated if self.n_generated is not None else a_hat.shape[1]
+                self.mask_log.add([m[:, :n] for m in masks], site.index)
             a_hat = a_hat.to(a.dtype)
         return (a_hat if after else blk.img_attn.proj(a_hat)), txt_attn_out
 

@@ -140,3 +140,68 @@ def test_bad_conditions_are_refused():
     inp, cond = inputs(torch.float32)
     with pytest.raises(ValueError, match="must have the batch size 1"):
         Velocity(model, inp.img_ids, inp.txt, inp.txt_ids, inp.vec, 2.5, condition=Condition(cond.img.repeat(2, 1, 1), cond.ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# FluxSpace on Kontext (fluxspace/step.py: n_generated)
+
+
+def encoded(model, seed=2):
+    """A prior and one concept as random T5 embeddings of inputs()'s 7 tokens, and a coarse vector."""
+    from fluxspace.spec import EncodedEdit
+
+    g = torch.Generator().manual_seed(seed)
+    p = model.params
+    return EncodedEdit(torch.randn(2, 7, p.context_in_dim, generator=g), torch.randn(1, p.vec_in_dim, generator=g), [[1, 2]])
+
+
+def kontext_step(model, spec, n_generated, seed=2):
+    """One forward on (generated + conditioning) image tokens with a FluxSpace edit; per double
+    block (the edit's image attention output, the plain one)."""
+    from test_edit import Spy
+
+    from fluxspace.step import FluxSpaceEdit
+
+    inp, cond = inputs(torch.float32, h=8, w=8, ch=8, cw=4)
+    assert inp.img.shape[1] == n_generated
+    enc = encoded(model, seed=seed)
+    spy = Spy(FluxSpaceEdit(spec, enc, n_generated=n_generated))
+    with torch.inference_mode():
+        model(img=torch.cat([inp.img, cond.img], 1), img_ids=torch.cat([inp.img_ids, cond.ids], 1), txt=inp.txt,
+              txt_ids=inp.txt_ids, y=inp.vec, timesteps=torch.tensor([0.6]), guidance=torch.tensor([2.5]), edit=spy)  # fmt: skip
+    return spy.outputs
+
+
+def test_fluxspace_on_kontext_leaves_the_conditioning_tokens_as_the_plain_model_does():
+    from fluxspace.spec import Concept, EditSpec
+
+    model = tiny()
+    n = 16  # an 8 x 8 latent: 16 generated tokens, then 8 conditioning tokens
+    spec = EditSpec(concepts=(Concept("x", 4.0, tau_m=0.0),))
+    for a_hat, a_plain in kontext_step(model, spec, n).values():
+        assert a_hat.shape[1] == n + 8
+        assert (a_hat[:, :n] - a_plain[:, :n]).abs().max() > 1e-3, "the generated tokens are edited"
+        # no edit on them: the plain attention, up to the rounding of the shared-key merge (attention.py)
+        torch.testing.assert_close(a_hat[:, n:], a_plain[:, n:], rtol=1e-5, atol=1e-6)
+    both = EditSpec(concepts=(Concept("x", 4.0, tau_m=0.0),), edit_condition=True)
+    for a_hat, a_plain in kontext_step(model, both, n).values():
+        assert (a_hat[:, n:] - a_plain[:, n:]).abs().max() > 1e-3, "--edit-condition edits them too"
+
+
+def test_fluxspace_on_kontext_with_zero_scales_is_plain_kontext_bit_for_bit():
+    from fluxspace.spec import Concept, EditSpec
+    from fluxspace.step import FluxSpaceSchedule
+
+    model = tiny()
+    inp, cond = inputs(torch.float32)
+    ts = get_schedule(3, inp.img.shape[1])
+    fields = (inp.img, inp.img_ids, inp.txt, inp.txt_ids, inp.vec)
+    enc = encoded(model)
+    plain = denoise(model, *fields, ts, guidance=2.5, progress=False, condition=cond)
+    zero = FluxSpaceSchedule(EditSpec(concepts=(Concept("x", 0.0),)), enc, n_generated=inp.img.shape[1])
+    assert torch.equal(plain, denoise(model, *fields, ts, guidance=2.5, progress=False, condition=cond, edit=zero))
+    on = FluxSpaceSchedule(EditSpec(concepts=(Concept("x", 3.0, tau_m=0.5),)), enc, n_generated=inp.img.shape[1])
+    edited = denoise(model, *fields, ts, guidance=2.5, progress=False, condition=cond, edit=on)
+    assert not torch.allclose(plain, edited)
+    (mask,) = on.masks.mean()
+    assert mask.shape == (1, inp.img.shape[1]), "masks cover the generated image's grid"
