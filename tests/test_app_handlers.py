@@ -105,7 +105,7 @@ def test_render_edit_writes_the_cli_outputs_and_metadata(models, outputs, tmp_pa
     params = read_png_params(r.edited)
     assert params["command"] == "edit" and params["image"] == "edited" and params["seed"] == 3
     assert params["edit"]["concepts"][1] == {"prompt": "red hat", "lambda_fine": -2.0, "tau_m": 0.5, "mask_words": None}
-    assert r.message == "edited in 3 steps at 64x48 px, seed 3"
+    assert r.message == "edited in 3 steps at 64x48 px, seed 3: glasses 4, red hat -2"
     # The same edit through the CLI gives the same pixels.
     cli_out = tmp_path / "cli"
     main(["edit", "a smiling woman", "--edit", "glasses:4", "--edit", "red hat:-2", "--seed", "3", "--width", "64",

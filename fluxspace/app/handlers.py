@@ -216,7 +216,8 @@ def render_edit(models: FluxModels, outputs: Outputs, sample: SampleControls, ed
     spec = checked_spec(models, edit, settings)
     result = edit_image(models, sample.prompt, spec, seed=seed, settings=settings)
     r = _edit_files(outputs.folder(), result, edit_params(result, models))
-    r.message = f"edited in {settings.steps} steps at {settings.width}x{settings.height} px, seed {seed}"
+    strengths = ", ".join(f"{c.prompt} {c.lambda_fine:g}" for c in spec.concepts)
+    r.message = f"edited in {settings.steps} steps at {settings.width}x{settings.height} px, seed {seed}: {strengths}"
     return r
 
 
@@ -264,6 +265,12 @@ def _real_image(models: FluxModels, c: RealControls) -> tuple[Image.Image, Inver
     return fit_image(image, models.pixels_per_token, c.fit), SOLVERS[c.solver]
 
 
+def _real_settings(models: FluxModels, sample: SampleControls) -> SampleSettings:
+    """The size comes from the image, and true CFG is off (it pulls the reconstruction off the image; the
+    CLI's default for real images too): the page's CFG box is for generated images."""
+    return settings_from(models, replace(sample, width=None, height=None, cfg_scale=None), real_image=True)
+
+
 def _real_params(c: RealControls, inversion: InversionSettings) -> dict:
     return {"image_path": Path(c.path).name, "inversion": dataclasses.asdict(inversion), "fit": c.fit}
 
@@ -272,7 +279,7 @@ def render_inversion(models: FluxModels, outputs: Outputs, sample: SampleControl
     """Invert the upload and reconstruct it; the PSNR says how faithful the chosen solver is."""
     image, inversion = _real_image(models, real)
     seed = seed_from(sample.seed)
-    settings = settings_from(models, replace(sample, width=None, height=None), real_image=True)
+    settings = _real_settings(models, sample)
     r = invert_image(models, image, sample.prompt, settings=settings, inversion=inversion, seed=seed)
     params = run_metadata("invert", models, r.settings, prompt=sample.prompt, seed=seed, psnr_db=r.psnr,
                           evaluations=r.evaluations, **_real_params(real, inversion))  # fmt: skip
@@ -288,7 +295,7 @@ def render_real_edit(models: FluxModels, outputs: Outputs, sample: SampleControl
     """Edit the upload: inverted, then sampled back with the edit; `original` is the reconstruction."""
     image, inversion = _real_image(models, real)
     seed = seed_from(sample.seed)
-    settings = settings_from(models, replace(sample, width=None, height=None), real_image=True)
+    settings = _real_settings(models, sample)
     spec = checked_spec(models, edit, settings)
     result = edit_image(models, sample.prompt, spec, seed=seed, settings=settings, image=image, inversion=inversion)
     r = _edit_files(outputs.folder(), result, {**edit_params(result, models), **_real_params(real, inversion)})

@@ -140,10 +140,11 @@ class Page:
 
     def _real_image_tab(self) -> None:
         gr.Markdown("Upload an image: it is fitted to the token grid, inverted to noise, and sampled back with "
-                    "the edit. The prompt box above serves as its caption; true CFG stays off.")  # fmt: skip
+                    "the edit. The prompt box above serves as its caption; the steps box sets the steps; true CFG "
+                    "is off here.")  # fmt: skip
         self.upload = gr.File(label="image (PNG, JPEG, ...)", file_count="single", elem_id="upload")
         with gr.Row():
-            self.solver = gr.Dropdown(list(h.SOLVERS), value="midpoint + FireFlow reuse", label="solver",
+            self.solver = gr.Dropdown(list(h.SOLVERS), value="midpoint (RF-Solver)", label="solver",
                                       elem_id="solver")  # fmt: skip
             self.fit = gr.Radio(list(FITS), value=FITS[0], label="fit to the token grid")
             self.size = gr.Number(self.models.preset.default_size, label="resize the longer side to (px)",
@@ -284,7 +285,8 @@ class Page:
             row[0].submit(**render)
             row[3].submit(**render)
         self.lambda_coarse.input(**live)
-        for box in (self.prompt, self.negative, self.coarse_prompt, self.start, self.end, self.seed):
+        for box in (self.prompt, self.negative, self.cfg, self.guidance, self.seed, self.width, self.height, self.steps,
+                    self.coarse_prompt, self.start, self.end, self.blocks_text, self.prior):
             box.submit(**render)
         self.dice.click(lambda: random.randrange(DICE_RANGE), outputs=self.seed, queue=False).then(**render)
         self.show_masks.change(lambda show: gr.update(visible=show), self.show_masks, self.masks, queue=False)
