@@ -207,14 +207,16 @@ def _edit_files(folder: Path, result: EditResult, params: dict) -> Rendered:
 # The requests
 
 
-def render_edit(models: FluxModels, outputs: Outputs, sample: SampleControls, edit: EditControls) -> Rendered:
-    """A generated image, unedited and edited from the same noise, with the concepts' mask overlays."""
+def render_edit(models: FluxModels, outputs: Outputs, sample: SampleControls, edit: EditControls,
+                progress: bool = False) -> Rendered:  # fmt: skip
+    """A generated image, unedited and edited from the same noise, with the concepts' mask overlays.
+    progress: show the sampler's progress bars (tqdm), which the page can follow."""
     if not sample.prompt.strip():
         raise ValueError("the prompt is empty; describe the image to generate")
     seed = seed_from(sample.seed)
     settings = settings_from(models, sample)
     spec = checked_spec(models, edit, settings)
-    result = edit_image(models, sample.prompt, spec, seed=seed, settings=settings)
+    result = edit_image(models, sample.prompt, spec, seed=seed, settings=settings, progress=progress)
     r = _edit_files(outputs.folder(), result, edit_params(result, models))
     strengths = ", ".join(f"{c.prompt} {c.lambda_fine:g}" for c in spec.concepts)
     r.message = f"edited in {settings.steps} steps at {settings.width}x{settings.height} px, seed {seed}: {strengths}"
@@ -235,7 +237,8 @@ def render_strip(models: FluxModels, outputs: Outputs, sample: SampleControls, e
     if not spec.concepts:
         raise ValueError("a lambda strip needs at least one concept")
     values = [round(low + (high - low) * k / (count - 1), 4) for k in range(count)]
-    grid, results = sweep(models, sample.prompt, spec, [("lambda_fine", values)], seed=seed, settings=settings)
+    grid, results = sweep(models, sample.prompt, spec, [("lambda_fine", values)], seed=seed, settings=settings,
+                          progress=True)
     params = {**edit_params(results[0][0], models, "sweep"), "vary": {"lambda_fine": values}}
     (path,) = _write(outputs.folder(), [grid], ["strip.png"], params, ["strip"])
     return Rendered([path], strip=path, message=f"lambda_fine = {', '.join(map(str, values))}")

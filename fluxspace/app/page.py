@@ -210,9 +210,14 @@ class Page:
             return [gr.skip()] * n_outputs + [f"**error:** {line}"]
 
     def on_render(self, *values, progress=PROGRESS):
+        return self.on_live(*values, progress_bars=True)
+
+    def on_live(self, *values, progress_bars: bool = False):
+        """A render as a slider moves: no progress bars (each step's update would cost more than it shows)."""
+
         def work():
             sample, edit, _ = self._split(values)
-            r = h.render_edit(self.models, self.outputs, sample, edit)
+            r = h.render_edit(self.models, self.outputs, sample, edit, progress=progress_bars)
             overlays = [(str(path), caption) for path, caption in r.overlays]
             return [str(r.original), str(r.edited), overlays, [str(p) for p in r.files], r.message]
 
@@ -275,7 +280,7 @@ class Page:
         inputs = self.sample_inputs + self.edit_inputs
         rendered = [self.original, self.edited, self.masks, self.downloads, self.status]
         render = dict(fn=self.on_render, inputs=inputs, outputs=rendered, concurrency_id=MODEL, concurrency_limit=1)
-        live = dict(render, trigger_mode="always_last", show_progress="minimal")
+        live = dict(render, fn=self.on_live, trigger_mode="always_last", show_progress="minimal")
 
         self.blocks.load(**render)
         self.render.click(**render)
