@@ -238,7 +238,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="fluxspace", description="generate images, edit them with FluxSpace, sweep edit parameters"
+        prog="fluxspace", description="generate images, edit them with FluxSpace, sweep edit parameters, "
+        "edit interactively in the browser (app)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text to image")

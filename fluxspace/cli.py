@@ -1,4 +1,5 @@
-"""The `fluxspace` command: generate images, edit them with FluxSpace, sweep edit parameters.
+"""The `fluxspace` command: generate images, edit them with FluxSpace, sweep edit parameters, and
+serve the interactive editor (`app`, fluxspace/app/).
 
 Every argument, output path and the run's memory are checked before any model is loaded, so a typo
 costs nothing; a command's images are written as a set, all or none (flux_core.atomic.FileSet), and

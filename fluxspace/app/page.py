@@ -29,9 +29,9 @@ LAMBDA_COARSE = (-2.0, 2.0, 0.05)
 FLUX_MINI_EXAMPLE = ("a cartoon portrait of a person with red hair on a blue background", "hat", 1)
 OTHER_EXAMPLE = ("a portrait photo of a woman in a park", "eyeglasses", 0)
 # 64 px flux-mini images drawn large, pixel for pixel.
-CSS = ("#original img, #edited img, #real-input img, #real-output img, #masks img "
+CSS = ("#original img, #edited img, #real-input img, #real-output img "
        "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;} "
-       "#strip img {image-rendering: pixelated;}")  # fmt: skip
+       "#strip img, #masks img {image-rendering: pixelated;}")  # fmt: skip
 
 
 class Page:
@@ -126,8 +126,8 @@ class Page:
             self.edited = gr.Image(label="edited", type="filepath", format="png", interactive=False,
                                    height=320, elem_id="edited")  # fmt: skip
         self.show_masks = gr.Checkbox(False, label="show each concept's mask over the original", elem_id="show-masks")
-        self.masks = gr.Gallery(label="masks (red: where the edit acts)", format="png", columns=4, height=240,
-                                visible=False, elem_id="masks")  # fmt: skip
+        self.masks = gr.Gallery(label="masks (red: where the edit acts)", format="png", columns=4, height=260,
+                                object_fit="contain", allow_preview=False, visible=False, elem_id="masks")  # fmt: skip
         with gr.Accordion("strip over lambda_fine (every concept at once)", open=False):
             with gr.Row():
                 self.strip_low = gr.Number(0.0, label="from", elem_id="strip-from")
@@ -243,7 +243,7 @@ class Page:
         def work():
             sample, edit, (path, solver, fit, size) = self._split(values)
             r = h.render_real_edit(self.models, self.outputs, sample, edit, h.RealControls(path, solver, fit, size))
-            return [str(r.original), str(r.edited), "", [str(p) for p in r.files], r.message]
+            return [str(r.original), str(r.edited), gr.skip(), [str(p) for p in r.files], r.message]
 
         return self._guarded(work, 4)
 
