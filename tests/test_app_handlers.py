@@ -279,6 +279,10 @@ def test_page_render_and_error_paths(page):
     original, edited, overlays, files, status = page.on_render(*v)
     assert read_png_params(edited)["edit"]["concepts"][0]["lambda_fine"] == 3
     assert overlays == [(str(h.Path(files[3])), "glasses")] and status.startswith("edited in 3 steps")
+    # A slider move samples only the edited branch: the plain run is the page's from before.
+    moved = values(page, prompt="a smiling woman", width=64, height=48, steps=3, **{"concept-0": "glasses", "lambda-0": -2})
+    hits = page.plain_runs.hits
+    assert page.on_live(*moved)[4].endswith("glasses -2") and page.plain_runs.hits == hits + 1
     # A bad value changes no output and says what was wrong.
     bad = values(page, prompt="a smiling woman", width=50, height=48, steps=3, **{"concept-0": "glasses"})
     out = page.on_render(*bad)

@@ -22,7 +22,7 @@ from flux_core.atomic import FileSet
 
 from ..arguments import SEED_RANGE, SPEC_ARGS
 from ..cli import edit_params, error_message, mask_names
-from ..editing import EditResult, edit_image, mask_overlay
+from ..editing import EditResult, PlainRuns, edit_image, mask_overlay
 from ..images import read_png_params, save_png, side_by_side
 from ..inversion import FITS, InversionSettings, fit_image, invert_image, read_image
 from ..metadata import run_metadata
@@ -208,15 +208,17 @@ def _edit_files(folder: Path, result: EditResult, params: dict) -> Rendered:
 
 
 def render_edit(models: FluxModels, outputs: Outputs, sample: SampleControls, edit: EditControls,
-                progress: bool = False) -> Rendered:  # fmt: skip
+                progress: bool = False, plain_runs: PlainRuns | None = None) -> Rendered:  # fmt: skip
     """A generated image, unedited and edited from the same noise, with the concepts' mask overlays.
-    progress: show the sampler's progress bars (tqdm), which the page can follow."""
+    progress: show the sampler's progress bars (tqdm), which the page can follow. plain_runs: the
+    page's recent plain runs (editing.PlainRuns): a slider move then samples only the edited branch."""
     if not sample.prompt.strip():
         raise ValueError("the prompt is empty; describe the image to generate")
     seed = seed_from(sample.seed)
     settings = settings_from(models, sample)
     spec = checked_spec(models, edit, settings)
-    result = edit_image(models, sample.prompt, spec, seed=seed, settings=settings, progress=progress)
+    result = edit_image(models, sample.prompt, spec, seed=seed, settings=settings, progress=progress,
+                        plain_runs=plain_runs)
     r = _edit_files(outputs.folder(), result, edit_params(result, models))
     strengths = ", ".join(f"{c.prompt} {c.lambda_fine:g}" for c in spec.concepts)
     r.message = f"edited in {settings.steps} steps at {settings.width}x{settings.height} px, seed {seed}: {strengths}"

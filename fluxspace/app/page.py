@@ -14,6 +14,7 @@ import traceback
 
 import gradio as gr
 
+from ..editing import PlainRuns
 from ..inversion import FITS
 from ..models import FluxModels
 from ..spec import COARSE_TARGETS, PRIOR_REMOVALS, PROJECTIONS
@@ -39,6 +40,7 @@ class Page:
 
     def __init__(self, models: FluxModels, outputs: h.Outputs):
         self.models, self.outputs = models, outputs
+        self.plain_runs = PlainRuns()  # a slider move re-samples only the edited branch
         defaults = models.sample_settings(None)
         uses_cfg = defaults.cfg_scale != 1.0
         prompt, concept, seed = FLUX_MINI_EXAMPLE if models.preset.name == "flux-mini" else OTHER_EXAMPLE
@@ -217,7 +219,8 @@ class Page:
 
         def work():
             sample, edit, _ = self._split(values)
-            r = h.render_edit(self.models, self.outputs, sample, edit, progress=progress_bars)
+            r = h.render_edit(self.models, self.outputs, sample, edit, progress=progress_bars,
+                              plain_runs=self.plain_runs)
             overlays = [(str(path), caption) for path, caption in r.overlays]
             return [str(r.original), str(r.edited), overlays, [str(p) for p in r.files], r.message]
 
