@@ -17,6 +17,7 @@ Then a drag: `--drag` key presses in a row without waiting, timed to the image o
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -63,6 +64,7 @@ def summary(values: list[float]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     moves, drags = [], []
+    load_before = os.getloadavg()
     with running_app(["--port", str(free_port()), *args.app_args]) as url, chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
@@ -91,6 +93,8 @@ def main(argv=None) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"app_args": args.app_args, "steps": args.steps, "page_status": status, "drag_presses": args.drag},
         "machine": machine_info("cpu"),
+        # Other work on the machine slows every figure: the 1-minute load average before and after.
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "move": summary(moves),
         "drag_to_last_value": summary(drags),
     }
