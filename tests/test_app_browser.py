@@ -106,13 +106,20 @@ def test_slider_renders_a_new_edit_and_the_download_records_it(page, tmp_path):
     assert params["command"] == "edit" and params["preset"] == "flux-mini" and params["weights"]
 
 
-def test_mask_overlay_toggles(page):
+def test_mask_overlay_toggles_with_a_row_per_concept(page):
     masks = page.locator("#masks")
     assert not masks.is_visible()
     page.locator("#show-masks input[type=checkbox]").check()
-    masks.locator("img").first.wait_for(state="visible")
-    assert masks.locator("img").count() == 1  # one concept, one overlay
+    masks.locator("#mask-0 img").wait_for(state="visible")
+    assert masks.locator("img:visible").count() == 1  # one concept, one overlay
+    page.locator("#add-concept").click()
+    set_text(page, "#concept-1", "smile")
+    wait_for_status(page, f"edited in {STEPS} steps at 64x64 px, seed 1: hat 5, smile 5")
+    masks.locator("#mask-1 img").wait_for(state="visible")
+    assert masks.locator("img:visible").count() == 2
     shot(page, "editor.png")
+    page.locator("#remove-concept").click()
+    page.locator("#concept-1").wait_for(state="hidden")
     page.locator("#show-masks input[type=checkbox]").uncheck()
     masks.wait_for(state="hidden")
 

@@ -276,23 +276,25 @@ def test_page_render_and_error_paths(page):
     defaults = page.models.sample_settings(None)
     assert sample_c == h.SampleControls("a smiling woman", 0, 64, 48, 3, defaults.guidance, 1.0, "")
     assert edit_c.concepts == (h.ConceptRow("glasses", 3, 0.5, ""),) and rest == []
-    original, edited, overlays, files, status = page.on_render(*v)
+    original, edited, *overlays, files, status = page.on_render(*v)
     assert read_png_params(edited)["edit"]["concepts"][0]["lambda_fine"] == 3
-    assert overlays == [(str(h.Path(files[3])), "glasses")] and status.startswith("edited in 3 steps")
+    assert overlays[0]["value"] == files[3] and overlays[0]["label"].startswith("mask: glasses")
+    assert [u["visible"] for u in overlays] == [True, False, False, False]
+    assert status.startswith("edited in 3 steps")
     # A slider move samples only the edited branch: the plain run is the page's from before.
     moved = values(page, prompt="a smiling woman", width=64, height=48, steps=3, **{"concept-0": "glasses", "lambda-0": -2})
     hits = page.plain_runs.hits
-    assert page.on_live(*moved)[4].endswith("glasses -2") and page.plain_runs.hits == hits + 1
+    assert page.on_live(*moved)[-1].endswith("glasses -2") and page.plain_runs.hits == hits + 1
     # A bad value changes no output and says what was wrong.
     bad = values(page, prompt="a smiling woman", width=50, height=48, steps=3, **{"concept-0": "glasses"})
     out = page.on_render(*bad)
-    assert out[:4] == [page_skip()] * 4 and out[4] == "**error:** width 50 is not a multiple of 16; nearest valid: 48 or 64"
+    assert out[:-1] == [page_skip()] * (len(out) - 1) and out[-1] == "**error:** width 50 is not a multiple of 16; nearest valid: 48 or 64"
     # An unexpected failure is a message too, and the page keeps working.
     page.outputs.folder = lambda: 1 / 0
     out = page.on_render(*v)
-    assert out[4] == "**error:** internal error: ZeroDivisionError: division by zero"
+    assert out[-1] == "**error:** internal error: ZeroDivisionError: division by zero"
     del page.outputs.folder
-    assert page.on_render(*v)[4].startswith("edited in 3 steps")
+    assert page.on_render(*v)[-1].startswith("edited in 3 steps")
 
 
 def page_skip():

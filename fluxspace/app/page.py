@@ -30,9 +30,9 @@ LAMBDA_COARSE = (-2.0, 2.0, 0.05)
 FLUX_MINI_EXAMPLE = ("a cartoon portrait of a person with red hair on a blue background", "hat", 1)
 OTHER_EXAMPLE = ("a portrait photo of a woman in a park", "eyeglasses", 0)
 # 64 px flux-mini images drawn large, pixel for pixel.
-CSS = ("#original img, #edited img, #real-input img, #real-output img "
+CSS = ("#original img, #edited img, #real-input img, #real-output img, #masks img "
        "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;} "
-       "#strip img, #masks img {image-rendering: pixelated;}")  # fmt: skip
+       "#strip img {image-rendering: pixelated;}")  # fmt: skip
 
 
 class Page:
@@ -128,8 +128,10 @@ class Page:
             self.edited = gr.Image(label="edited", type="filepath", format="png", interactive=False,
                                    height=320, elem_id="edited")  # fmt: skip
         self.show_masks = gr.Checkbox(False, label="show each concept's mask over the original", elem_id="show-masks")
-        self.masks = gr.Gallery(label="masks (red: where the edit acts)", format="png", columns=4, height=260,
-                                object_fit="contain", allow_preview=False, visible=False, elem_id="masks")  # fmt: skip
+        with gr.Row(visible=False, elem_id="masks") as self.masks:  # one image per concept row in use
+            self.mask_images = [gr.Image(label=f"mask {i + 1}", type="filepath", format="png", interactive=False,
+                                         height=200, visible=i == 0, elem_id=f"mask-{i}")
+                                for i in range(h.MAX_CONCEPTS)]  # fmt: skip
         with gr.Accordion("strip over lambda_fine (every concept at once)", open=False):
             with gr.Row():
                 self.strip_low = gr.Number(0.0, label="from", elem_id="strip-from")
@@ -221,10 +223,12 @@ class Page:
             sample, edit, _ = self._split(values)
             r = h.render_edit(self.models, self.outputs, sample, edit, progress=progress_bars,
                               plain_runs=self.plain_runs)
-            overlays = [(str(path), caption) for path, caption in r.overlays]
-            return [str(r.original), str(r.edited), overlays, [str(p) for p in r.files], r.message]
+            overlays = [gr.update(value=str(path), label=f"mask: {caption} (red: where the edit acts)", visible=True)
+                        for path, caption in r.overlays]  # fmt: skip
+            overlays += [gr.update(value=None, visible=False)] * (h.MAX_CONCEPTS - len(overlays))
+            return [str(r.original), str(r.edited), *overlays, [str(p) for p in r.files], r.message]
 
-        return self._guarded(work, 4)
+        return self._guarded(work, 3 + h.MAX_CONCEPTS)
 
     def on_strip(self, *values, progress=PROGRESS):
         def work():
@@ -281,7 +285,7 @@ class Page:
 
     def _wire(self) -> None:
         inputs = self.sample_inputs + self.edit_inputs
-        rendered = [self.original, self.edited, self.masks, self.downloads, self.status]
+        rendered = [self.original, self.edited, *self.mask_images, self.downloads, self.status]
         render = dict(fn=self.on_render, inputs=inputs, outputs=rendered, concurrency_id=MODEL, concurrency_limit=1)
         live = dict(render, fn=self.on_live, trigger_mode="always_last", show_progress="minimal")
 
