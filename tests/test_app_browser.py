@@ -189,3 +189,15 @@ def test_bad_input_shows_its_message_and_the_page_keeps_working(page, tmp_path):
     move_slider(page, "#lambda-0", "ArrowRight")
     wait_for_status(page, f"edited in {STEPS} steps at 64x64 px, seed 1: hat 5.5")
     wait_for_new_image(page, "#edited", old)
+
+
+def test_latency_benchmark_runs(tmp_path):
+    """benchmarks/app_latency.py at toy size: it drives the page and writes its JSON (no timing asserted)."""
+    from scripts import load_script
+
+    out = tmp_path / "latency.json"
+    result = load_script("app_latency").main(["--moves", "2", "--drags", "1", "--drag", "3", "--steps", "2",
+                                              "--out", str(out)])  # fmt: skip
+    assert result["move"]["n"] == 2 and result["drag_to_last_value"]["n"] == 1
+    assert 0 < result["move"]["min_s"] <= result["move"]["median_s"] <= result["move"]["max_s"]
+    assert result["settings"]["page_status"].startswith("edited in 2 steps at 64x64 px")
