@@ -91,7 +91,9 @@ def chromium(executable: str | None = None):
     if executable is None:
         raise FileNotFoundError(f"no Chromium found (looked for {', '.join(CHROMIUM_NAMES)}; or set FLUXSPACE_CHROMIUM)")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        # As root in a container: no sandbox, and /tmp instead of a small /dev/shm.
+        args = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        browser = p.chromium.launch(executable_path=executable, args=args)
         try:
             yield browser
         finally:
