@@ -259,7 +259,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="fluxspace", description="generate images, edit them with FluxSpace, sweep edit parameters"
+        prog="fluxspace", description="generate images, edit them with FluxSpace, sweep edit parameters, "
+        "edit interactively in the browser (app)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text to image")
@@ -293,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_args(sw)
     add_model_args(sw)
     add_sampling_args(sw)
+
+    app = sub.add_parser("app", help="the interactive editor in the browser (needs the app extra: "
+                         "pip install 'fluxspace[app]')")  # fmt: skip
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                     "only; 0.0.0.0 serves every network the machine is on)")  # fmt: skip
+    app.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    add_model_args(app)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The `fluxspace` command: generate images, edit them with FluxSpace, sweep edit parameters.
+"""The `fluxspace` command: generate images, edit them with FluxSpace, sweep edit parameters, and
+serve the interactive editor (`app`, fluxspace/app/).
 
 Every argument, output path and the run's memory are checked before any model is loaded, so a typo
 costs nothing; a command's images are written as a set, all or none (flux_core.atomic.FileSet), and
@@ -318,7 +319,20 @@ def run_sweep(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": run_generate, "edit": run_edit, "invert": run_invert, "sweep": run_sweep}
+def run_app(args) -> int:
+    """Load the model once, then serve the editor (fluxspace/app/) until Ctrl-C."""
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be in [1, 65535]; got {args.port}")
+    try:
+        from .app.page import serve
+    except ImportError as e:
+        raise CLIError(f"the app needs the app extra ({e.name or e} is missing): pip install 'fluxspace[app]'") from None
+    chosen = choose_model(args)
+    models = load_for(args, chosen)
+    return serve(models, host=args.host, port=args.port)
+
+
+COMMANDS = {"generate": run_generate, "edit": run_edit, "invert": run_invert, "sweep": run_sweep, "app": run_app}
 
 
 _RUNNING = []  # commands in progress in this process (main() calls)
@@ -336,7 +350,7 @@ def _terminate(signum, frame):
     os._exit(128 + signum)
 
 
-def _message(e: BaseException) -> str:
+def error_message(e: BaseException) -> str:
     """One line for an error: our own errors say it all; the system's get their file name."""
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
@@ -369,12 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:
         if debug:
             traceback.print_exc()
-        parser.exit(2, f"fluxspace: error: {_message(e)}\n")
+        parser.exit(2, f"fluxspace: error: {error_message(e)}\n")
     except Exception as e:  # a bug of ours: still one line, with the way to see more
         if debug:
             traceback.print_exc()
         hint = "" if debug else " (run with --debug for the traceback)"
-        parser.exit(1, f"fluxspace: internal error: {type(e).__name__}: {_message(e)}{hint}\n")
+        parser.exit(1, f"fluxspace: internal error: {type(e).__name__}: {error_message(e)}{hint}\n")
     finally:
         _RUNNING.pop()
 

@@ -8,7 +8,8 @@ The steps before the edit switches on are the same in both runs, so the edited r
 plain run's latent at that step instead of computing them again (run.py: SamplingRun).
 """
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +39,33 @@ class EditResult:
     prompt: str
     recorder: Recorder | None = None
     block_masks: list | None = None  # with record=True: (step, double block, [per concept (1, N)]) entries
+
+
+@dataclass
+class PlainRuns:
+    """The plain runs of recent edits, so that an edit that differs from an earlier one only in the
+    edit itself (a strength, a mask, a concept: an editor's slider) samples only its edited branch.
+
+    Keyed on everything the plain run depends on: prompt, seed, resolved settings and the step where
+    the edit branches off (the plain run's latent there is kept too). Valid for one model as loaded:
+    make a new one if its weights change. Holds at most `size` runs (latents only: N x C floats each).
+    """
+
+    size: int = 8
+    runs: OrderedDict = field(default_factory=OrderedDict)
+    hits: int = 0
+
+    def get(self, key):
+        if key in self.runs:
+            self.runs.move_to_end(key)
+            self.hits += 1
+        return self.runs.get(key)
+
+    def put(self, key, value) -> None:
+        self.runs[key] = value
+        self.runs.move_to_end(key)
+        while len(self.runs) > self.size:
+            self.runs.popitem(last=False)
 
 
 class Recorded:
@@ -81,6 +109,7 @@ def edit_image(
     image=None,
     inversion=None,
     fit: str = "resize",
+    plain_runs: PlainRuns | None = None,
 ) -> EditResult:
     """Generate `prompt` from `seed` twice, plain and with the FluxSpace edit `spec`.
 
@@ -90,6 +119,9 @@ def edit_image(
     inversion.InversionSettings) and `original` is its reconstruction, `edited` the reverse pass with
     the edit; the size comes from the image (fit: "resize" or "crop" to the token grid), `seed` is
     RF-Inversion's target noise, and true CFG is off unless settings.cfg_scale asks for it.
+    plain_runs: reuse the plain run of an earlier call with the same prompt, seed, settings and
+    branch step (PlainRuns; generated images only): the images are the same, sampled in about half
+    the time when the edit is on from the first step.
     Everything is validated before any sampling starts.
     """
     if image is not None:
@@ -100,7 +132,11 @@ def edit_image(
     run = SamplingRun.prepare(models, [prompt], [seed], s, progress=progress)
 
     start = run.first_active_step(spec)
-    plain, branch = run.plain_and_branch(start)
+    key = (prompt, seed, s, start)
+    known = plain_runs.get(key) if plain_runs is not None else None
+    plain, branch = known if known is not None else run.plain_and_branch(start)
+    if plain_runs is not None:
+        plain_runs.put(key, (plain, branch))
     schedule = FluxSpaceSchedule(spec, encoded, keep_masks=record)
     recorder = Recorder(keep=("img_attn_out", "attn")) if record else None
     if start is None:  # the edit never switches on: the edited image is the plain one

@@ -63,3 +63,19 @@ def test_bad_edit_is_refused_before_sampling(models, monkeypatch):
         edit_image(models, "a man", EditSpec(concepts=(Concept("hat"),), start=4), settings=SETTINGS)
     with pytest.raises(ValueError, match=r"double block indices \[5\] out of range"):
         edit_image(models, "a man", EditSpec(concepts=(Concept("hat"),), blocks=(5,)), settings=SETTINGS)
+
+
+def test_plain_runs_reuse_the_plain_run_and_change_nothing(models):
+    from fluxspace.editing import PlainRuns
+
+    runs = PlainRuns(size=2)
+    for start in (0, 2):
+        for lam in (4.0, -2.0):
+            spec = EditSpec(concepts=(Concept("glasses", lam),), start=start)
+            fresh = edit_image(models, "a smiling woman", spec, seed=5, settings=SETTINGS, progress=False)
+            reused = edit_image(models, "a smiling woman", spec, seed=5, settings=SETTINGS, progress=False, plain_runs=runs)
+            assert np.array_equal(np.asarray(fresh.original), np.asarray(reused.original))
+            assert np.array_equal(np.asarray(fresh.edited), np.asarray(reused.edited))
+    assert runs.hits == 2  # the second strength at each start sampled only the edited branch
+    edit_image(models, "a man", spec, seed=5, settings=SETTINGS, progress=False, plain_runs=runs)
+    assert len(runs.runs) == 2 and ("a man", 5) == next(reversed(runs.runs))[:2]  # at most `size`, latest kept
