@@ -46,7 +46,7 @@ class PlainRuns:
     """The plain runs of recent edits, so that an edit that differs from an earlier one only in the
     edit itself (a strength, a mask, a concept: an editor's slider) samples only its edited branch.
 
-    Keyed on everything the plain run depends on: prompt, seed, resolved settings and the step where
+    Keyed on everything the plain run depends on: prompt, seed, resolved settings, LoRA strengths and the step where
     the edit branches off (the plain run's latent there is kept too). Valid for one model as loaded:
     make a new one if its weights change. Holds at most `size` runs (latents only: N x C floats each).
     """
@@ -132,7 +132,7 @@ def edit_image(
     run = SamplingRun.prepare(models, [prompt], [seed], s, progress=progress)
 
     start = run.first_active_step(spec)
-    key = (prompt, seed, s, start)
+    key = (prompt, seed, s, start, tuple(models.loras.scales.values()))  # unfused LoRA strengths change the run
     known = plain_runs.get(key) if plain_runs is not None else None
     plain, branch = known if known is not None else run.plain_and_branch(start)
     if plain_runs is not None:
