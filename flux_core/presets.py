@@ -3,7 +3,7 @@
 Numbers from the official BFL release (`flux/util.py` configs) and the model cards.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .autoencoder import AutoEncoderParams
 from .model import FluxParams
@@ -193,6 +193,18 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
+# Kontext twins of our small models: the same weights' shapes, conditioned on an image to edit.
+# flux-mini-kontext is flux-mini fine-tuned on the domain's instruction-edit pairs (fluxspace/mini/
+# edit_pairs.py), at flux-mini's one training size; tiny-kontext is the random toy for tests.
+PRESETS |= {
+    p.name: p
+    for p in (
+        replace(PRESETS["flux-mini"], name="flux-mini-kontext", kontext_resolutions=((64, 64),),
+                description="flux-mini-kontext: flux-mini fine-tuned to edit a face by instruction, 64x64"),
+        replace(PRESETS["tiny"], name="tiny-kontext", kontext_resolutions=((128, 128), (96, 160), (160, 96)),
+                description="random toy Kontext model for tests"),
+    )
+}  # fmt: skip
 
 
 def get_preset(name: str) -> Preset:

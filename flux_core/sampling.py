@@ -205,14 +205,15 @@ def prepare_condition(latent: Tensor, batch: int | None = None) -> Condition:
     return Condition(img, img_ids(bs, h, w, device=latent.device, pixels_per_token=2, index=1))  # (B, M, 3)
 
 
-def preferred_size(width: int, height: int, resolutions: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The (width, height) of `resolutions` closest in aspect ratio to width x height, floored to
-    whole tokens (16 px), as the official prepare_kontext fits its conditioning image."""
+def preferred_size(width: int, height: int, resolutions: Sequence[tuple[int, int]],
+                   pixels_per_token: int = PIXELS_PER_TOKEN) -> tuple[int, int]:  # fmt: skip
+    """The (width, height) of `resolutions` closest in aspect ratio to width x height (ties: the
+    narrower), floored to whole tokens, as the official prepare_kontext fits its conditioning image."""
     if not resolutions:
         raise ValueError("no preferred resolutions to choose from")
     aspect = width / height
     _, w, h = min((abs(aspect - rw / rh), rw, rh) for rw, rh in resolutions)
-    return PIXELS_PER_TOKEN * (w // PIXELS_PER_TOKEN), PIXELS_PER_TOKEN * (h // PIXELS_PER_TOKEN)
+    return pixels_per_token * (w // pixels_per_token), pixels_per_token * (h // pixels_per_token)
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -223,7 +223,8 @@ def add_image_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     if required:
         g.add_argument("image", help="the image to invert (PNG, JPEG, ...)")
     else:
-        g.add_argument("--image", help="edit this image instead of a generated one (it is inverted first)")
+        g.add_argument("--image", help="edit this image instead of a generated one: it is inverted first, or, on a "
+                       "Kontext model, it is the image the instruction edits (no inversion)")  # fmt: skip
     g.add_argument("--fit", choices=FITS, default="resize",
                    help="make the sides multiples of the token size by resizing (default) or centre-cropping")  # fmt: skip
     g.add_argument("--size", type=int, help="resize the longer side to this many pixels first")
@@ -264,13 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts (quote each); on a Kontext model, instructions")
     gen.add_argument("--out", default="out/generate.png", help="output PNG (several images: NAME-K.png)")
+    gen.add_argument("--image", help="Kontext models: the image to edit by the prompt's instruction")
     add_model_args(gen)
     add_sampling_args(gen)
 
     ed = sub.add_parser("edit", help="FluxSpace edit: unedited and edited image from one noise, and masks")
-    ed.add_argument("prompt", help="the base prompt")
+    ed.add_argument("prompt", nargs="?", help="the base prompt (on a Kontext model: the instruction)")
+    ed.add_argument("--instruction", help="Kontext models: the instruction, e.g. 'add a hat' (same as the prompt)")
     ed.add_argument("--out-dir", default="out/edit", help="folder for original/edited/side_by_side/mask PNGs")
     add_edit_args(ed)
     add_image_args(ed)
@@ -285,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(inv)
 
     sw = sub.add_parser("sweep", help="a labelled grid over one or two edit parameters, from one noise")
-    sw.add_argument("prompt", help="the base prompt")
+    sw.add_argument("prompt", help="the base prompt (on a Kontext model: the instruction)")
+    sw.add_argument("--image", help="Kontext models: the image the instruction edits")
     sw.add_argument(
         "--vary", action="append", required=True, metavar="NAME=V1,V2,...",
         help=f"parameter and values; once or twice. NAME in {', '.join(grammar.SWEEPABLE)}",

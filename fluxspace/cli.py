@@ -41,6 +41,7 @@ from .arguments import (
 from .editing import edit_image, mask_overlay
 from .images import save_png, side_by_side
 from .inversion import fit_image, invert_image, read_image
+from .kontext import fit_condition
 from .loras import Loras
 from .metadata import run_metadata
 from .models import ModelPaths, flux_mini_path, load_models, resolve_paths, resolve_preset
@@ -101,11 +102,12 @@ def check_writable(paths: list[Path]) -> None:
         except OSError as e:
             raise CLIError(f"cannot write {path}: {e.strerror or e} in {ancestor}") from None
 
-def settings_from(args, chosen: "Chosen", *, real_image: bool = False) -> SampleSettings:
-    """The sampling settings of the command, resolved with the model's defaults and checked."""
+def settings_from(args, chosen: "Chosen", *, real_image: bool = False, size: tuple[int, int] | None = None) -> SampleSettings:
+    """The sampling settings of the command, resolved with the model's defaults and checked.
+    size: (width, height) where --width / --height are not given (a Kontext image's fitted size)."""
     s = SampleSettings(
-        width=args.width,
-        height=args.height,
+        width=args.width if args.width is not None or size is None else size[0],
+        height=args.height if args.height is not None or size is None else size[1],
         steps=args.steps,
         guidance=args.guidance,
         cfg_scale=args.cfg_scale,
@@ -195,13 +197,20 @@ def run_generate(args) -> int:
     all_seeds = seeds * len(args.prompt)
     paths = output_paths(args.out, len(prompts))
     chosen = choose_model(args)
-    s = settings_from(args, chosen)
-    chosen.check_fits(s, batch=len(seeds))
+    check_kontext_image(args, chosen)
+    if args.image and not chosen.preset.kontext:
+        raise CLIError(f"{chosen.preset.name} draws from text only and takes no --image (a Kontext model does); "
+                       "to edit a real image use `fluxspace edit --image` (inversion)")  # fmt: skip
+    image = kontext_image(args, chosen) if args.image else None
+    s = settings_from(args, chosen, size=image.size if image else None)
+    chosen.check_fits(s, batch=len(seeds), conditions=1 if image else 0)
     models = load_for(args, chosen)
     images = []
     for i in range(0, len(prompts), len(seeds)):
-        images += generate(models, prompts[i : i + len(seeds)], all_seeds[i : i + len(seeds)], s, progress=not args.quiet)
-    params = run_metadata("generate", models, s, prompt=None, seed=None)  # weight files hashed once
+        images += generate(models, prompts[i : i + len(seeds)], all_seeds[i : i + len(seeds)], s, progress=not args.quiet,
+                           image=image)  # fmt: skip
+    extra = {"image_path": str(args.image)} if image else {}
+    params = run_metadata("generate", models, s, prompt=None, seed=None, **extra)  # weight files hashed once
     with FileSet() as outputs:
         for image, path, prompt, seed in zip(images, paths, prompts, all_seeds, strict=True):
             save_png(image, path, {**params, "prompt": prompt, "seed": seed}, outputs)
@@ -224,10 +233,36 @@ def load_for(args, chosen: Chosen):
     return models
 
 
+def instruction_of(args) -> str:
+    """edit's base prompt: the positional prompt or --instruction (one of them)."""
+    if (args.prompt is None) == (args.instruction is None):
+        raise CLIError("give the base prompt (or, for a Kontext model, --instruction), once")
+    return args.prompt if args.prompt is not None else args.instruction
+
+
+def check_kontext_image(args, chosen: "Chosen") -> None:
+    """A Kontext model needs --image; a text-to-image model takes none where the command has no inversion."""
+    if chosen.preset.kontext and not getattr(args, "image", None):
+        raise CLIError(f"{chosen.preset.name} is a Kontext model: it edits an image by instruction; give --image FILE")
+
+
+def kontext_image(args, chosen: "Chosen"):
+    """The Kontext conditioning image, read and fitted before anything loads (errors name the file)."""
+    try:
+        return fit_condition(args.image, chosen.preset, chosen.pixels_per_token)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def run_edit(args) -> int:
+    args.prompt = instruction_of(args)
     chosen = choose_model(args)
+    check_kontext_image(args, chosen)
     spec = spec_from(args)
-    settings = settings_from(args, chosen, real_image=args.image is not None)
+    kontext = chosen.preset.kontext
+    image = (kontext_image if kontext else _image)(args, chosen) if args.image else None
+    settings = settings_from(args, chosen, real_image=image is not None and not kontext,
+                             size=image.size if kontext else None)  # fmt: skip
     check_spec(spec, settings, chosen)
     if len(args.seed) != 1:
         raise CLIError("edit takes one --seed")
@@ -237,15 +272,16 @@ def run_edit(args) -> int:
         raise CLIError(f"--out-dir {out} exists and is not a folder")
     names = ["original.png", "edited.png", "side_by_side.png", *mask_names(spec)]
     check_writable([out / name for name in names])
-    inversion = inversion_from(args) if args.image else None
-    image = _image(args, chosen) if args.image else None
-    size = dataclasses.replace(settings, width=image.width, height=image.height) if image else settings
+    inversion = inversion_from(args) if args.image and not kontext else None
+    size = dataclasses.replace(settings, width=image.width, height=image.height) if image and not kontext else settings
     chosen.check_fits(size, conditions=1 + len(spec.concepts) if spec.has_fine else 0)
     models = load_for(args, chosen)
     result = edit_image(models, args.prompt, spec, seed=args.seed[0], settings=settings, progress=not args.quiet,
                         image=image, inversion=inversion, fit=args.fit)  # fmt: skip
     params = edit_params(result, models)
-    if image is not None:
+    if image is not None and kontext:
+        params |= {"image_path": str(args.image), "instruction": args.prompt}
+    elif image is not None:
         params |= {"image_path": str(args.image), "inversion": dataclasses.asdict(inversion), "fit": args.fit}
     images = [result.original, result.edited, side_by_side([result.original, result.edited])]
     images += [mask_overlay(result.original, mask) for mask in result.masks]
@@ -297,8 +333,12 @@ def run_sweep(args) -> int:
     if lora_sweep and not args.lora:
         raise CLIError("--vary lora_scale needs a LoRA: add --lora FILE")
     chosen = choose_model(args, unfused_loras=lora_sweep)  # strengths change cell to cell: unfused
+    check_kontext_image(args, chosen)
+    if args.image and not chosen.preset.kontext:
+        raise CLIError(f"{chosen.preset.name} draws from text only: sweep takes --image on a Kontext model only")
+    image = kontext_image(args, chosen) if args.image else None
     spec = spec_from(args)
-    settings = settings_from(args, chosen)
+    settings = settings_from(args, chosen, size=image.size if image else None)
     for name, values in axes:
         for v in values:
             check_spec(vary(spec, name, v), settings, chosen)
@@ -310,7 +350,8 @@ def run_sweep(args) -> int:
     models = load_for(args, chosen)
     shards = out.with_name(out.name + ".shards")  # used under torchrun only (fluxspace/distributed.py)
     grid, results = sweep(
-        models, args.prompt, spec, axes, seed=args.seed[0], settings=settings, progress=not args.quiet, shards=shards
+        models, args.prompt, spec, axes, seed=args.seed[0], settings=settings, progress=not args.quiet, shards=shards,
+        image=image,
     )
     if grid is None:  # a rank other than 0 of a sharded sweep: its cells are in the shard folder
         return 0

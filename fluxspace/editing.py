@@ -115,7 +115,8 @@ def edit_image(
 
     record=True also returns a Recorder with every block's attention output during the edited steps,
     and every double block's concept masks (`block_masks`).
-    image: edit a real image instead (a path or PIL image): it is inverted (inversion: an
+    image: on a Kontext model, the image it edits by the instruction `prompt` (no inversion: the
+    image conditions both runs). On a text-to-image model, edit a real image instead (a path or PIL image): it is inverted (inversion: an
     inversion.InversionSettings) and `original` is its reconstruction, `edited` the reverse pass with
     the edit; the size comes from the image (fit: "resize" or "crop" to the token grid), `seed` is
     RF-Inversion's target noise, and true CFG is off unless settings.cfg_scale asks for it.
@@ -124,12 +125,14 @@ def edit_image(
     the time when the edit is on from the first step.
     Everything is validated before any sampling starts.
     """
-    if image is not None:
+    kontext = models.preset.kontext
+    if image is not None and not kontext:
         return _edit_real_image(models, prompt, spec, seed, settings, image, inversion, fit, record)
     s = models.sample_settings(settings)
     validate(spec, num_steps=s.steps, num_double_blocks=models.params.depth)
     encoded = encode_edit(spec, models.text)  # also checks that the mask words are in the edit prompts
-    run = SamplingRun.prepare(models, [prompt], [seed], s, progress=progress)
+    run = SamplingRun.prepare(models, [prompt], [seed], settings, progress=progress, image=image if kontext else None)
+    s = run.settings
 
     start = run.first_active_step(spec)
     key = (prompt, seed, s, start, tuple(models.loras.scales.values()))  # unfused LoRA strengths change the run
@@ -137,7 +140,8 @@ def edit_image(
     plain, branch = known if known is not None else run.plain_and_branch(start)
     if plain_runs is not None:
         plain_runs.put(key, (plain, branch))
-    schedule = FluxSpaceSchedule(spec, encoded, keep_masks=record)
+    n_generated = run.inp.img.shape[1] if run.condition is not None else None  # Kontext: the image tokens edited
+    schedule = FluxSpaceSchedule(spec, encoded, keep_masks=record, n_generated=n_generated)
     recorder = Recorder(keep=("img_attn_out", "attn")) if record else None
     if start is None:  # the edit never switches on: the edited image is the plain one
         edited = plain.clone()

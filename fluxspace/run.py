@@ -8,7 +8,7 @@ does not change with the batch around it), ids, schedule, text, the negative pro
 the model's velocity. What differs between them is only what they integrate and with which edit.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from flux_core import EditSchedule
 from flux_core.sampling import (
+    Condition,
     ModelInputs,
     StepCallback,
     StepVelocity,
@@ -44,6 +45,7 @@ class SamplingRun:
     timesteps: list[float]
     negative: tuple[Tensor | None, Tensor | None]  # (neg_txt, neg_vec), or Nones without true CFG
     progress: bool = True
+    condition: Condition | None = None  # Kontext: the image being edited, as tokens after the image's
 
     @classmethod
     def prepare(
@@ -55,10 +57,21 @@ class SamplingRun:
         *,
         progress: bool = True,
         real_image: bool = False,
+        image=None,
     ) -> "SamplingRun":
-        """Resolve the settings for this model, encode the prompts, draw the noise, build the schedule."""
+        """Resolve the settings for this model, encode the prompts, draw the noise, build the schedule.
+
+        image: a Kontext model's image to edit (a path or PIL image; fluxspace/kontext.py), fitted to
+        the closest training resolution, which is also the size generated unless settings give one."""
+        from .kontext import check_condition, encode_condition, fit_condition
+
         if len(prompts) != len(seeds):
             raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
+        check_condition(models, image)
+        if image is not None:
+            image = fit_condition(image, models.preset, models.pixels_per_token)
+            given = settings or SampleSettings()
+            settings = replace(given, width=given.width or image.width, height=given.height or image.height)
         s = models.sample_settings(settings, real_image=real_image)
         need = footprint(0, models.params, models.ae_params, models.preset.t5_max_length, s.width, s.height,
                          models.pixels_per_token, len(seeds), s.cfg_scale != 1.0, 0, models.dtype)  # fmt: skip
@@ -70,7 +83,8 @@ class SamplingRun:
         inp = prepare(noise if s.parity else noise.to(models.dtype), txt, vec)
         timesteps = get_schedule(s.steps, inp.img.shape[1], shift=models.preset.shift_schedule)
         negative = models.text([s.negative_prompt]) if s.cfg_scale != 1.0 else (None, None)
-        return cls(models, s, inp, timesteps, negative, progress)
+        condition = encode_condition(models, image, len(seeds)) if image is not None else None
+        return cls(models, s, inp, timesteps, negative, progress, condition)
 
     @property
     def latent_dtype(self) -> torch.dtype:
@@ -102,7 +116,7 @@ class SamplingRun:
         v = Velocity(
             self.models.flow if model is None else model, inp.img_ids, inp.txt if txt is None else txt,
             inp.txt_ids, inp.vec if vec is None else vec, s.guidance, neg_txt=neg_txt, neg_vec=neg_vec,
-            cfg_scale=s.cfg_scale, latent_dtype=self.latent_dtype, parity=s.parity,
+            cfg_scale=s.cfg_scale, latent_dtype=self.latent_dtype, parity=s.parity, condition=self.condition,
         )  # fmt: skip
         step_velocity = scheduled(v, edit, s.steps, offset)
 
@@ -189,9 +203,11 @@ def sample_latents(
     *,
     progress: bool = True,
     callback: StepCallback | None = None,
+    image=None,
 ) -> Tensor:
-    """Denoise one image per (prompt, seed) pair. Returns unpacked latents (B, C, h, w), float32."""
-    run = SamplingRun.prepare(models, prompts, seeds, settings, progress=progress)
+    """Denoise one image per (prompt, seed) pair. Returns unpacked latents (B, C, h, w), float32.
+    image: the image a Kontext model edits by the prompts' instruction."""
+    run = SamplingRun.prepare(models, prompts, seeds, settings, progress=progress, image=image)
     return run.unpack(run.sample(run.inp.img, callback=callback))
 
 
@@ -202,6 +218,8 @@ def generate(
     settings: SampleSettings | None = None,
     *,
     progress: bool = True,
+    image=None,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed). Same seed, same image, whatever the batch around it."""
-    return decode(models, sample_latents(models, prompts, seeds, settings, progress=progress))
+    """One image per (prompt, seed). Same seed, same image, whatever the batch around it.
+    image: on a Kontext model, the image to edit (the prompts are instructions)."""
+    return decode(models, sample_latents(models, prompts, seeds, settings, progress=progress, image=image))

@@ -44,12 +44,14 @@ def sweep(
     settings: SampleSettings | None = None,
     progress: bool = False,
     shards: str | os.PathLike | None = None,
+    image=None,
 ) -> tuple[Image.Image | None, list[list[EditResult | None]]]:
     """Columns vary the first parameter, rows the second (if any). Returns the grid and the results.
 
     Under torchrun (WORLD_SIZE > 1) each rank edits every world-th cell and saves its images in
     `shards` (a folder every rank can see); rank 0 returns the grid, the other ranks None. Results
     are those of this rank's cells (None elsewhere); cell (0, 0) is always rank 0's.
+    image: on a Kontext model, the image the prompt's instruction edits.
     """
     if not 1 <= len(axes) <= 2:
         raise ValueError(f"sweep one or two parameters; got {len(axes)}")
@@ -71,7 +73,7 @@ def sweep(
                     models.loras.set_scale(value)
                 elif name is not None:
                     cell = vary(cell, name, value)
-            results[i][j] = edit_image(models, prompt, cell, seed, settings, progress=progress)
+            results[i][j] = edit_image(models, prompt, cell, seed, settings, progress=progress, image=image)
     finally:  # the model's LoRAs as they were
         for name, value in zip(models.loras.names, strengths, strict=True):
             models.loras.scales[name] = value

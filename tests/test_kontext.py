@@ -205,3 +205,99 @@ def test_fluxspace_on_kontext_with_zero_scales_is_plain_kontext_bit_for_bit():
     assert not torch.allclose(plain, edited)
     (mask,) = on.masks.mean()
     assert mask.shape == (1, inp.img.shape[1]), "masks cover the generated image's grid"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kontext runs: generate / edit / sweep with the image to edit, CLI and refusals (tiny-kontext preset)
+
+
+@pytest.fixture(scope="module")
+def kontext(tiny_checkpoint):
+    from fluxspace import load_models
+
+    return load_models(tiny_checkpoint.transformer, preset="tiny-kontext")
+
+
+@pytest.fixture(scope="module")
+def photo():
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8))
+
+
+def test_kontext_generate_fits_the_image_and_conditions_on_it(kontext, photo):
+    import numpy as np
+
+    from fluxspace import SampleSettings, generate
+
+    s = SampleSettings(steps=2)
+    a = generate(kontext, ["add a hat"], [1], s, progress=False, image=photo)[0]
+    assert a.size == (160, 96), "the closest training resolution in aspect ratio (150 x 90 -> 160 x 96)"
+    other = photo.transpose(0)  # the same pixels mirrored: another conditioning image
+    b = generate(kontext, ["add a hat"], [1], s, progress=False, image=other)[0]
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    c = generate(kontext, ["add a hat"], [1], SampleSettings(steps=2, width=128, height=128), progress=False, image=photo)[0]
+    assert c.size == (128, 128), "settings choose the generated size"
+
+
+def test_fluxspace_edit_on_kontext_needs_no_inversion(kontext, photo):
+    import numpy as np
+
+    from fluxspace import Concept, EditSpec, SampleSettings, edit_image
+
+    spec = EditSpec(concepts=(Concept("glasses", 4.0, 0.5),))
+    r = edit_image(kontext, "add glasses", spec, seed=1, settings=SampleSettings(steps=2), progress=False, image=photo)
+    assert r.original.size == r.edited.size == (160, 96) and r.masks[0].shape == (96 // 16, 160 // 16)
+    assert not np.array_equal(np.asarray(r.original), np.asarray(r.edited))
+    zero = EditSpec(concepts=(Concept("glasses", 0.0),))
+    z = edit_image(kontext, "add glasses", zero, seed=1, settings=SampleSettings(steps=2), progress=False, image=photo)
+    assert np.array_equal(np.asarray(z.original), np.asarray(z.edited)) and np.array_equal(
+        np.asarray(z.original), np.asarray(r.original))  # fmt: skip
+
+
+def test_kontext_refusals(kontext, models, photo):
+    from fluxspace import SampleSettings, generate
+
+    with pytest.raises(ValueError, match="tiny-kontext is a Kontext model: it edits an image by instruction; give the image"):
+        generate(kontext, ["add a hat"], [1], SampleSettings(steps=2), progress=False)
+    with pytest.raises(ValueError, match="tiny draws from text only and takes no image to condition on"):
+        generate(models, ["a cat"], [1], SampleSettings(steps=2), progress=False, image=photo)
+
+
+def test_kontext_cli(tiny_checkpoint, tmp_path, capsys, photo):
+    from fluxspace.cli import main
+    from fluxspace.images import read_png_params
+
+    photo.save(tmp_path / "photo.png")
+    base = ["--model", str(tiny_checkpoint.transformer), "--preset", "tiny-kontext", "--steps", "2", "--quiet"]
+    out = tmp_path / "k.png"
+    assert main(["generate", "add a hat", "--image", str(tmp_path / "photo.png"), "--out", str(out), *base]) == 0
+    params = read_png_params(out)
+    assert (params["preset"], params["width"], params["height"]) == ("tiny-kontext", 160, 96)
+    assert params["image_path"] == str(tmp_path / "photo.png")
+    edit = tmp_path / "edit"
+    assert main(["edit", "--instruction", "add glasses", "--edit", "glasses:3", "--image", str(tmp_path / "photo.png"),
+                 "--out-dir", str(edit), *base]) == 0  # fmt: skip
+    assert read_png_params(edit / "edited.png")["instruction"] == "add glasses"
+    assert main(["sweep", "add glasses", "--edit", "glasses", "--vary", "lambda_fine=0,3", "--image",
+                 str(tmp_path / "photo.png"), "--out", str(tmp_path / "s.png"), *base]) == 0  # fmt: skip
+    capsys.readouterr()
+    cases = [
+        (["generate", "add a hat", "--out", str(tmp_path / "x.png"), *base],
+         "tiny-kontext is a Kontext model: it edits an image by instruction; give --image FILE"),
+        (["generate", "a cat", "--image", str(tmp_path / "photo.png"), "--out", str(tmp_path / "x.png"),
+          "--model", str(tiny_checkpoint.transformer)], "tiny draws from text only and takes no --image"),
+        (["generate", "add a hat", "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "x.png"), *base],
+         "cannot read image"),
+        (["edit", "add glasses", "--instruction", "add glasses", "--image", str(tmp_path / "photo.png"), *base],
+         "give the base prompt (or, for a Kontext model, --instruction), once"),
+        (["generate", "add a hat", "--image", str(tmp_path / "photo.png"), "--width", "100", "--out",
+          str(tmp_path / "x.png"), *base], "width"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.png").exists()

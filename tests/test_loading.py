@@ -39,7 +39,7 @@ def test_refuses_a_preset_that_contradicts_the_file(tiny_checkpoint, tmp_path):
 
 
 def test_unknown_preset_lists_valid_ones(tiny_checkpoint):
-    with pytest.raises(ValueError, match=r"unknown preset 'flux-pro'; valid presets: flux-dev, flux-kontext-dev, flux-krea-dev, flux-mini, flux-schnell, tiny"):
+    with pytest.raises(ValueError, match=r"unknown preset 'flux-pro'; valid presets: flux-dev, flux-kontext-dev, flux-krea-dev, flux-mini, flux-mini-kontext, flux-schnell, tiny, tiny-kontext"):
         load_flow_model(tiny_checkpoint.transformer, preset="flux-pro")
 
 
