@@ -260,8 +260,8 @@ def run_edit(args) -> int:
     check_kontext_image(args, chosen)
     spec = spec_from(args)
     kontext = chosen.preset.kontext
-    image = (kontext_image if kontext else _image)(args, chosen) if args.image else None
-    settings = settings_from(args, chosen, real_image=image is not None and not kontext,
+    image = kontext_image(args, chosen) if kontext else None  # its size is the default size
+    settings = settings_from(args, chosen, real_image=args.image is not None and not kontext,
                              size=image.size if kontext else None)  # fmt: skip
     check_spec(spec, settings, chosen)
     if len(args.seed) != 1:
@@ -273,6 +273,8 @@ def run_edit(args) -> int:
     names = ["original.png", "edited.png", "side_by_side.png", *mask_names(spec)]
     check_writable([out / name for name in names])
     inversion = inversion_from(args) if args.image and not kontext else None
+    if args.image and not kontext:
+        image = _image(args, chosen)  # a real image to invert
     size = dataclasses.replace(settings, width=image.width, height=image.height) if image and not kontext else settings
     chosen.check_fits(size, conditions=1 + len(spec.concepts) if spec.has_fine else 0)
     models = load_for(args, chosen)
