@@ -26,13 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mini_quality as mq  # noqa: E402
 from forward import RESULTS, machine_info, write_json  # noqa: E402
 
+from flux_core.atomic import atomic_file  # noqa: E402
 from flux_core.lora import file_sha256, fuse, linear_shapes, read_lora, updates_for  # noqa: E402
-from fluxspace import SampleSettings, load_models  # noqa: E402
+from fluxspace import SampleSettings, edit_image, load_models  # noqa: E402
 from fluxspace.mini.attributes import FAMILIES, sample_attributes  # noqa: E402
 from fluxspace.mini.captions import prompt_for  # noqa: E402
 from fluxspace.mini.evaluator import load_evaluator  # noqa: E402
@@ -64,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, attributes and noise seeds")
     p.add_argument("--quick", action="store_true", help="tiny counts everywhere: a smoke test")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--sheet", type=Path, default=None, help="also write a PNG: rows of base, LoRA 0.5, LoRA 1, "
+                   "LoRA 1 + sunglasses, LoRA 1 + hat (then only the sheet is made unless --all)")
+    p.add_argument("--all", action="store_true", help="with --sheet: run the measurements too")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.reference_samples, args.edit_seeds, args.edits = 2, 4, 1, "smile"
@@ -143,6 +148,40 @@ def run_edits(models, evaluator, args, settings) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Figure
+
+
+SHEET_PROMPTS = tuple(prompt_for(stated) for stated in (
+    {"hair": "red", "mouth": "smile", "background": "blue"},
+    {"skin": "dark", "hair": "blond", "mouth": "frown", "background": "green"},
+    {"hair": "black", "beard": "beard", "background": "pink"},
+    {"hair": "brown", "style": "sketch", "background": "grey"},
+))  # fmt: skip
+
+
+def sheet(models, args, settings, scale: int = 2):
+    """Rows per SHEET_PROMPTS: base, LoRA 0.5, LoRA 1, LoRA 1 + sunglasses edit, LoRA 1 + hat edit;
+    every tile enlarged `scale` x with nearest neighbours (so the 2 px blocks stay blocks)."""
+    rows = []
+    for i, prompt in enumerate(SHEET_PROMPTS):
+        row = []
+        for strength in (0.0, 0.5, 1.0):
+            with with_lora(models, args.lora, strength):
+                row += mq.generate_all(models, [prompt], [i], settings, 1)
+        with with_lora(models, args.lora, 1.0):
+            for name in ("sunglasses", "hat"):
+                row.append(edit_image(models, prompt, mq.EDITS[name].spec(), seed=i, settings=settings,
+                                      progress=False).edited)  # fmt: skip
+        rows.append(row)
+    size, gap = rows[0][0].width * scale, 2
+    out = Image.new("RGB", (5 * (size + gap) - gap, len(rows) * (size + gap) - gap), "white")
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            out.paste(tile.resize((size, size), Image.NEAREST), (c * (size + gap), r * (size + gap)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 
 
@@ -184,6 +223,12 @@ def main(argv=None) -> dict:
     settings = SampleSettings(width=args.size, height=args.size)
     lora = read_lora(args.lora)
     print(f"{models.preset.name} + {args.lora} ({lora.format}, rank {lora.ranks()}), {args.size}px", file=sys.stderr)
+    if args.sheet:
+        with atomic_file(args.sheet) as f:
+            sheet(models, args, settings).save(f, format="PNG")
+        print(f"wrote {args.sheet}", file=sys.stderr)
+        if not args.all:
+            return {}
     data = {
         "benchmark": "mini_lora",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
