@@ -21,6 +21,7 @@ Letters: B batch, N image tokens, T text tokens, C channels, U unique captions, 
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,32 @@ def rectified_flow_loss(model: Flux, latents: Tensor, txt: Tensor, vec: Tensor, 
     return F.mse_loss(v.float(), eps - x0)
 
 
+def caption_loss(
+    latents: Tensor, bank: CaptionBank, batch_size: int, caption_dropout: float, device: str | torch.device
+) -> Callable[[Flux, torch.Generator], tuple[Tensor, dict]]:
+    """The loss function of train.train on (latents (N, Z, h, w), bank.ids (N, K)): each call draws a
+    batch of images, one of each image's captions (or "" with probability caption_dropout), then the
+    rectified-flow loss of `model` on them. Shared by train_flow and the LoRA trainer (train_lora.py)."""
+    if latents.shape[0] != bank.ids.shape[0]:
+        raise ValueError(f"{latents.shape[0]} latents but captions for {bank.ids.shape[0]} images")
+    # The data lives on the training device; the indices into it are drawn on the CPU.
+    latents = latents.to(device, torch.float32)
+    txt, vec, ids = bank.txt.to(device), bank.vec.to(device), bank.ids.cpu()
+    n, k = ids.shape
+
+    def loss_fn(model: Flux, generator: torch.Generator):
+        # Indices drawn on the CPU generator (resumable, same on every device), then moved.
+        index = torch.randint(n, (batch_size,), generator=generator)
+        which = torch.randint(k, (batch_size,), generator=generator)
+        dropped = torch.rand(batch_size, generator=generator) < caption_dropout
+        rows = torch.where(dropped, 0, ids[index, which]).to(device)  # (B,) row 0 is ""
+        x0 = latents[index.to(device)]  # (B, Z, h, w)
+        loss = rectified_flow_loss(model, x0, txt[rows].float(), vec[rows].float(), generator)
+        return loss, {}
+
+    return loss_fn
+
+
 def train_flow(
     latents: Tensor,
     bank: CaptionBank,
@@ -126,22 +153,6 @@ def train_flow(
     **kwargs,
 ) -> TrainResult:
     """Train a fresh flux-mini transformer on (latents (N, Z, h, w), bank.ids (N, K)); kwargs go to train.train."""
-    if latents.shape[0] != bank.ids.shape[0]:
-        raise ValueError(f"{latents.shape[0]} latents but captions for {bank.ids.shape[0]} images")
     model = init_flux(params, config.seed)
-    # The data lives on the training device; the indices into it are drawn on the CPU.
-    latents = latents.to(device, torch.float32)
-    txt, vec, ids = bank.txt.to(device), bank.vec.to(device), bank.ids.cpu()
-    n, k = ids.shape
-
-    def loss_fn(model: Flux, generator: torch.Generator):
-        # Indices drawn on the CPU generator (resumable, same on every device), then moved.
-        index = torch.randint(n, (config.batch_size,), generator=generator)
-        which = torch.randint(k, (config.batch_size,), generator=generator)
-        dropped = torch.rand(config.batch_size, generator=generator) < caption_dropout
-        rows = torch.where(dropped, 0, ids[index, which]).to(device)  # (B,) row 0 is ""
-        x0 = latents[index.to(device)]  # (B, Z, h, w)
-        loss = rectified_flow_loss(model, x0, txt[rows].float(), vec[rows].float(), generator)
-        return loss, {}
-
+    loss_fn = caption_loss(latents, bank, config.batch_size, caption_dropout, device)
     return train(model, loss_fn, config, folder, device, resume=resume, desc="flow", **kwargs)
