@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from flux_core.conditioner import TextEncoders
 from flux_core.model import Flux, FluxParams
-from flux_core.sampling import prepare
+from flux_core.sampling import prepare, prepare_condition
 
 from .train import TrainConfig, TrainResult, fork_generator, train
 
@@ -101,9 +101,13 @@ def init_flux(params: FluxParams, seed: int) -> Flux:
     return model
 
 
-def rectified_flow_loss(model: Flux, latents: Tensor, txt: Tensor, vec: Tensor, generator: torch.Generator) -> Tensor:
+def rectified_flow_loss(model: Flux, latents: Tensor, txt: Tensor, vec: Tensor, generator: torch.Generator,
+                        condition: Tensor | None = None) -> Tensor:  # fmt: skip
     """The loss of one batch: latents (B, Z, h, w) normalised as AutoEncoder.encode returns them,
-    txt (B, T, C_t5), vec (B, C_clip). Noise and t are drawn on the latents' device, seeded from `generator`."""
+    txt (B, T, C_t5), vec (B, C_clip). Noise and t are drawn on the latents' device, seeded from `generator`.
+    condition: Kontext training, the latents (B, Z, h', w') of the images being edited: their tokens
+    follow the noisy ones, as the sampler appends them (flux_core.sampling.Condition), and the loss
+    is on the noisy tokens' velocity only."""
     inp = prepare(latents, txt, vec)  # packed img (B, N, Z*4) and ids, as the sampler builds them
     x0 = inp.img  # (B, N, C)
     g = fork_generator(generator, x0.device)
@@ -111,7 +115,11 @@ def rectified_flow_loss(model: Flux, latents: Tensor, txt: Tensor, vec: Tensor, 
     t = torch.sigmoid(torch.randn(x0.shape[0], generator=g, device=x0.device))  # (B,) logit-normal
     t_ = rearrange(t, "B -> B 1 1")
     x_t = (1 - t_) * x0 + t_ * eps  # (B, N, C)
-    v = model(img=x_t, img_ids=inp.img_ids, txt=inp.txt, txt_ids=inp.txt_ids, timesteps=t, y=inp.vec)  # (B, N, C)
+    img, ids = x_t, inp.img_ids
+    if condition is not None:
+        cond = prepare_condition(condition)
+        img, ids = torch.cat([x_t, cond.img], dim=1), torch.cat([ids, cond.ids], dim=1)  # (B, N+M, C), (B, N+M, 3)
+    v = model(img=img, img_ids=ids, txt=inp.txt, txt_ids=inp.txt_ids, timesteps=t, y=inp.vec)[:, : x0.shape[1]]  # (B, N, C)
     return F.mse_loss(v.float(), eps - x0)
 
 
