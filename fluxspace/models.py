@@ -49,6 +49,23 @@ def flux_mini_path() -> Path:
     return FLUX_MINI_DIR
 
 
+# Our shipped models by name (`--model flux-mini-kontext`): the transformer file; the autoencoder and
+# text encoders are flux-mini's for both (flux-mini-kontext is flux-mini fine-tuned: train_kontext.py).
+SHIPPED: dict[str, str] = {
+    "flux-mini": "flux-mini/flux-mini.safetensors",
+    "flux-mini-kontext": "flux-mini-kontext/flux-mini-kontext.safetensors",
+}
+
+
+def shipped_paths(name: str) -> "ModelPaths":
+    """The files of a shipped model; a clear error if this install lacks them."""
+    transformer = FLUX_MINI_DIR.parent / SHIPPED[name]
+    if not transformer.is_file():
+        raise FileNotFoundError(f"{name} is not in this install ({transformer} is missing); flux-mini-kontext is "
+                                "made by `python -m fluxspace.mini.train_kontext --out FOLDER`")  # fmt: skip
+    return ModelPaths(transformer, FLUX_MINI_DIR / "ae.safetensors", FLUX_MINI_DIR)
+
+
 @dataclass(frozen=True)
 class ModelPaths:
     """Where each part of a model lives. A diffusers folder serves as all three."""
@@ -66,12 +83,18 @@ def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders
     """Find the transformer, autoencoder and text encoders from what the user gave.
 
     model: a transformer .safetensors file (the AE is then `ae.safetensors` beside it and the text
-    encoders the folder it sits in), a folder holding such a file and ae.safetensors, or a diffusers
-    folder (transformer/, vae/, text_encoder*/, tokenizer*/). `ae` and `text_encoders` override.
+    encoders the folder it sits in), a folder holding such a file and ae.safetensors, a diffusers
+    folder (transformer/, vae/, text_encoder*/, tokenizer*/), or the name of a shipped model
+    (SHIPPED: flux-mini, flux-mini-kontext). `ae` and `text_encoders` override.
     """
+    if str(model) in SHIPPED and not Path(model).exists():
+        shipped = shipped_paths(str(model))
+        return ModelPaths(shipped.transformer, Path(ae) if ae else shipped.ae,
+                          Path(text_encoders) if text_encoders else shipped.text_encoders)  # fmt: skip
     model = Path(model)
     if not model.exists():
-        raise FileNotFoundError(f"model not found: {model} (pass a .safetensors file or a model folder)")
+        raise FileNotFoundError(f"model not found: {model} (pass a .safetensors file, a model folder, or a shipped "
+                                f"model's name: {', '.join(SHIPPED)})")  # fmt: skip
     if model.is_dir() and (model / "transformer").is_dir():
         transformer, default_ae, default_te = model, model, model
     elif model.is_dir():
