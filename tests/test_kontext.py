@@ -301,3 +301,20 @@ def test_kontext_cli(tiny_checkpoint, tmp_path, capsys, photo):
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_shipped_models_by_name():
+    from fluxspace.models import FLUX_MINI_DIR, resolve_paths, shipped_paths
+
+    mini = resolve_paths("flux-mini")
+    assert (mini.transformer, mini.ae, mini.text_encoders) == (
+        FLUX_MINI_DIR / "flux-mini.safetensors", FLUX_MINI_DIR / "ae.safetensors", FLUX_MINI_DIR)  # fmt: skip
+    kontext = FLUX_MINI_DIR.parent / "flux-mini-kontext" / "flux-mini-kontext.safetensors"
+    if kontext.is_file():
+        assert resolve_paths("flux-mini-kontext").transformer == kontext
+        assert resolve_paths("flux-mini-kontext").ae == FLUX_MINI_DIR / "ae.safetensors"
+    else:
+        with pytest.raises(FileNotFoundError, match="flux-mini-kontext is not in this install"):
+            shipped_paths("flux-mini-kontext")
+    with pytest.raises(FileNotFoundError, match="a shipped model's name: flux-mini, flux-mini-kontext"):
+        resolve_paths("flux-maxi")
