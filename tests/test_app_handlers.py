@@ -2,6 +2,7 @@
 (fluxspace/app/page.py) called directly: every control, every refusal's message, the metadata round trip."""
 
 import dataclasses
+import socket
 import struct
 import zlib
 
@@ -333,3 +334,11 @@ def test_app_command_refusals(capsys):
     with pytest.raises(SystemExit):
         main(["app", "--device", "tpu"])
     assert "--device 'tpu' is not a device" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use: refused before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit):
+            main(["app", "--port", str(port)])
+    assert capsys.readouterr().err == (f"fluxspace: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+                                       "choose another --port or --host\n")  # fmt: skip
