@@ -140,6 +140,19 @@ def test_metadata_round_trip_restores_every_control(models, outputs):
     assert np.array_equal(pixels(again.edited), pixels(r.edited))
 
 
+def test_restore_a_generated_png_and_another_versions_inversion(models, tmp_path):
+    out = tmp_path / "gen.png"
+    main(["generate", "a red bicycle", "--seed", "9", "--quiet", "--model", str(models.paths.transformer), "--out",
+          str(out), "--width", "64", "--height", "48", "--steps", "3"])  # fmt: skip
+    r = h.restore(str(out))
+    assert r.edit is None and r.solver is None  # the edit controls are left as they are
+    assert (r.sample.prompt, r.sample.seed, r.sample.width, r.sample.steps) == ("a red bicycle", 9, 64, 3)
+    assert r.message == "restored the settings of gen.png (generate PNG)"
+    other = tmp_path / "other.png"
+    save_png(Image.new("RGB", (8, 8)), other, {"prompt": "p", "inversion": {"solver": "euler", "new_option": 1}})
+    assert h.restore(str(other)).solver is None
+
+
 def test_restore_refusals(tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
