@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +70,7 @@ def page(browser, url):
 
 def fetch(page, src: str) -> np.ndarray:
     """The pixels of an image the page shows, fetched as the browser got them."""
-    body = page.request.get(src).body()
-    from io import BytesIO
-
-    return np.asarray(Image.open(BytesIO(body)).convert("RGB"))
+    return np.asarray(Image.open(BytesIO(page.request.get(src).body())).convert("RGB"))
 
 
 def download(page, box: str, name: str, folder: Path) -> Path:
