@@ -318,6 +318,9 @@ def page_skip():
 
 
 def test_page_concept_rows_strip_inversion_and_restore(page, render_png):
+    seeds = {page.on_dice() for _ in range(20)}
+    assert len(seeds) > 1 and all(isinstance(x, int) and 0 <= x < 2**31 for x in seeds)
+    assert page.on_show_masks(True)["visible"] is True and page.on_show_masks(False)["visible"] is False
     n, *updates = page.on_concepts(1, 1)
     assert n == 2 and [u["visible"] for u in updates] == [True, True, False, False]
     assert page.on_concepts(h.MAX_CONCEPTS, 1)[0] == h.MAX_CONCEPTS and page.on_concepts(1, -1)[0] == 1

@@ -285,6 +285,14 @@ class Page:
 
         return self._guarded(work, n_out)
 
+    @staticmethod
+    def on_dice() -> int:
+        return random.randrange(DICE_RANGE)
+
+    @staticmethod
+    def on_show_masks(show: bool):
+        return gr.update(visible=bool(show))
+
     def on_concepts(self, n: int, change: int):
         n = min(max(n + change, 1), h.MAX_CONCEPTS)
         return [n, *(gr.update(visible=i < n) for i in range(h.MAX_CONCEPTS))]
@@ -308,8 +316,8 @@ class Page:
         for box in (self.prompt, self.negative, self.cfg, self.guidance, self.seed, self.width, self.height, self.steps,
                     self.coarse_prompt, self.start, self.end, self.blocks_text, self.prior):
             box.submit(**render)
-        self.dice.click(lambda: random.randrange(DICE_RANGE), outputs=self.seed, queue=False).then(**render)
-        self.show_masks.change(lambda show: gr.update(visible=show), self.show_masks, self.masks, queue=False)
+        self.dice.click(self.on_dice, outputs=self.seed, queue=False).then(**render)
+        self.show_masks.change(self.on_show_masks, self.show_masks, self.masks, queue=False)
         for change, button in ((1, self.add), (-1, self.remove)):
             button.click(lambda n, change=change: self.on_concepts(n, change), self.n_concepts,
                          [self.n_concepts, *self.groups], queue=False)  # fmt: skip
