@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -362,10 +363,23 @@ def run_sweep(args) -> int:
     return 0
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address this process cannot listen on (a port in use, a
+    host name that is not this machine's)."""
+    if not 0 < port < 65536:
+        raise CLIError(f"--port must be in [1, 65535]; got {port}")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no refusal
+            s.bind(address)
+    except OSError as e:
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from None
+
+
 def run_app(args) -> int:
     """Load the model once, then serve the editor (fluxspace/app/) until Ctrl-C."""
-    if not 0 < args.port < 65536:
-        raise CLIError(f"--port must be in [1, 65535]; got {args.port}")
+    check_port(args.host, args.port)
     try:
         from .app.page import serve
     except ImportError as e:

@@ -2,6 +2,7 @@
 (fluxspace/app/page.py) called directly: every control, every refusal's message, the metadata round trip."""
 
 import dataclasses
+import socket
 import struct
 import zlib
 
@@ -137,6 +138,19 @@ def test_metadata_round_trip_restores_every_control(models, outputs):
     assert restored.message == "restored the settings of edited.png (edit PNG, 2 concept(s))"
     again = h.render_edit(models, outputs, restored.sample, restored.edit)
     assert np.array_equal(pixels(again.edited), pixels(r.edited))
+
+
+def test_restore_a_generated_png_and_another_versions_inversion(models, tmp_path):
+    out = tmp_path / "gen.png"
+    main(["generate", "a red bicycle", "--seed", "9", "--quiet", "--model", str(models.paths.transformer), "--out",
+          str(out), "--width", "64", "--height", "48", "--steps", "3"])  # fmt: skip
+    r = h.restore(str(out))
+    assert r.edit is None and r.solver is None  # the edit controls are left as they are
+    assert (r.sample.prompt, r.sample.seed, r.sample.width, r.sample.steps) == ("a red bicycle", 9, 64, 3)
+    assert r.message == "restored the settings of gen.png (generate PNG)"
+    other = tmp_path / "other.png"
+    save_png(Image.new("RGB", (8, 8)), other, {"prompt": "p", "inversion": {"solver": "euler", "new_option": 1}})
+    assert h.restore(str(other)).solver is None
 
 
 def test_restore_refusals(tmp_path):
@@ -304,6 +318,9 @@ def page_skip():
 
 
 def test_page_concept_rows_strip_inversion_and_restore(page, render_png):
+    seeds = {page.on_dice() for _ in range(20)}
+    assert len(seeds) > 1 and all(isinstance(x, int) and 0 <= x < 2**31 for x in seeds)
+    assert page.on_show_masks(True)["visible"] is True and page.on_show_masks(False)["visible"] is False
     n, *updates = page.on_concepts(1, 1)
     assert n == 2 and [u["visible"] for u in updates] == [True, True, False, False]
     assert page.on_concepts(h.MAX_CONCEPTS, 1)[0] == h.MAX_CONCEPTS and page.on_concepts(1, -1)[0] == 1
@@ -333,3 +350,11 @@ def test_app_command_refusals(capsys):
     with pytest.raises(SystemExit):
         main(["app", "--device", "tpu"])
     assert "--device 'tpu' is not a device" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use: refused before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit):
+            main(["app", "--port", str(port)])
+    assert capsys.readouterr().err == (f"fluxspace: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+                                       "choose another --port or --host\n")  # fmt: skip

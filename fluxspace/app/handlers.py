@@ -364,7 +364,10 @@ def restore(path: str | None) -> Restored:
         )  # fmt: skip
     solver = None
     if isinstance(params.get("inversion"), dict):
-        inversion = InversionSettings(**params["inversion"])
+        try:
+            inversion = InversionSettings(**params["inversion"])
+        except TypeError:  # written by another version: the solver box is left as it is
+            inversion = None
         solver = next((name for name, s in SOLVERS.items() if s == inversion), None)
     what = f"{params.get('command', 'a')} PNG" + (f", {len(edit.concepts)} concept(s)" if edit else "")
     return Restored(sample, edit, solver, f"restored the settings of {Path(path).name} ({what})")

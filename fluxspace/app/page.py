@@ -10,6 +10,7 @@ serving. Gradio is imported here only, so the core install does not need it.
 import random
 import shutil
 import sys
+import time
 import traceback
 
 import gradio as gr
@@ -22,6 +23,7 @@ from . import handlers as h
 
 # Long work shows the sampler's progress bars (tqdm) on the page.
 PROGRESS = gr.Progress(track_tqdm=True)
+SLOW_S = 2.0  # renders slower than this show the sampler's progress on slider moves too
 MODEL = "model"  # the concurrency id every request that runs the model shares
 DICE_RANGE = 2**31  # the dice draws seeds below this (any seed in [0, 2^64) may be typed)
 LAMBDA_FINE = (-10.0, 10.0, 0.5)  # slider minimum, maximum, step
@@ -41,6 +43,7 @@ class Page:
     def __init__(self, models: FluxModels, outputs: h.Outputs):
         self.models, self.outputs = models, outputs
         self.plain_runs = PlainRuns()  # a slider move re-samples only the edited branch
+        self.slow = False  # the last render took more than SLOW_S
         defaults = models.sample_settings(None)
         uses_cfg = defaults.cfg_scale != 1.0
         prompt, concept, seed = FLUX_MINI_EXAMPLE if models.preset.name == "flux-mini" else OTHER_EXAMPLE
@@ -214,15 +217,20 @@ class Page:
             return [gr.skip()] * n_outputs + [f"**error:** {line}"]
 
     def on_render(self, *values, progress=PROGRESS):
-        return self.on_live(*values, progress_bars=True)
+        return self._render(values, progress_bars=True)
 
-    def on_live(self, *values, progress_bars: bool = False):
-        """A render as a slider moves: no progress bars (each step's update would cost more than it shows)."""
+    def on_live(self, *values, progress=PROGRESS):
+        """A render as a slider moves: progress bars only once renders are slow (FLUX.1; on flux-mini each
+        step's update would cost more than it shows)."""
+        return self._render(values, progress_bars=self.slow)
 
+    def _render(self, values: tuple, progress_bars: bool):
         def work():
             sample, edit, _ = self._split(values)
+            t0 = time.perf_counter()
             r = h.render_edit(self.models, self.outputs, sample, edit, progress=progress_bars,
                               plain_runs=self.plain_runs)
+            self.slow = time.perf_counter() - t0 > SLOW_S
             overlays = [gr.update(value=str(path), label=f"mask: {caption} (red: where the edit acts)", visible=True)
                         for path, caption in r.overlays]  # fmt: skip
             overlays += [gr.update(value=None, visible=False)] * (h.MAX_CONCEPTS - len(overlays))
@@ -277,6 +285,14 @@ class Page:
 
         return self._guarded(work, n_out)
 
+    @staticmethod
+    def on_dice() -> int:
+        return random.randrange(DICE_RANGE)
+
+    @staticmethod
+    def on_show_masks(show: bool):
+        return gr.update(visible=bool(show))
+
     def on_concepts(self, n: int, change: int):
         n = min(max(n + change, 1), h.MAX_CONCEPTS)
         return [n, *(gr.update(visible=i < n) for i in range(h.MAX_CONCEPTS))]
@@ -300,8 +316,8 @@ class Page:
         for box in (self.prompt, self.negative, self.cfg, self.guidance, self.seed, self.width, self.height, self.steps,
                     self.coarse_prompt, self.start, self.end, self.blocks_text, self.prior):
             box.submit(**render)
-        self.dice.click(lambda: random.randrange(DICE_RANGE), outputs=self.seed, queue=False).then(**render)
-        self.show_masks.change(lambda show: gr.update(visible=show), self.show_masks, self.masks, queue=False)
+        self.dice.click(self.on_dice, outputs=self.seed, queue=False).then(**render)
+        self.show_masks.change(self.on_show_masks, self.show_masks, self.masks, queue=False)
         for change, button in ((1, self.add), (-1, self.remove)):
             button.click(lambda n, change=change: self.on_concepts(n, change), self.n_concepts,
                          [self.n_concepts, *self.groups], queue=False)  # fmt: skip
