@@ -157,7 +157,7 @@ def test_convert_to_fp8_writes_the_scaled_layout_and_inspect_names_it(bf16_file,
     n = sum(isinstance(m, Fp8Linear) for m in q.modules())
     (report,) = inspect_path(out)
     assert report["weights_format"] == f"fp8 (e4m3fn), scaled, {n} fp8 tensors"
-    assert report["problem"] is None and report["matching_presets"] == ["tiny"]
+    assert report["problem"] is None and report["matching_presets"] == ["tiny", "tiny-kontext"]
     assert inspect_path(bf16_file)[0]["weights_format"] == "full"
     assert flux_weights(["inspect", str(out)]) == 0
     assert f"weights   fp8 (e4m3fn), scaled, {n} fp8 tensors" in capsys.readouterr().out

@@ -160,7 +160,7 @@ def test_inspect_text(ckpt, capsys):
     assert ("variant   dev (dev-shaped: FLUX.1 [dev], Krea [dev] and Kontext [dev] share these keys; the model is "
             "--preset flux-dev / flux-krea-dev / flux-kontext-dev, or the preset the file's metadata records)\n") in out
     assert f"tensors   60, {TINY_PARAMS:,} parameters, dtypes F32 x60\n" in out
-    assert "presets   tiny\n" in out
+    assert "presets   tiny, tiny-kontext\n" in out  # a Kontext model has its base model's shape
     assert "  single_blocks.{0..1}.linear1.weight  x2  (448, 64)  F32\n" in out
 
 
@@ -176,7 +176,7 @@ def test_inspect_json_and_keys(ckpt, capsys):
 
     report = json.loads(run(capsys, "inspect", ckpt / "ae.safetensors", "--json")[1])
     assert (report["model"], report["variant"], report["num_tensors"]) == ("ae", "ae", 172)
-    assert report["matching_presets"] == ["tiny"]
+    assert report["matching_presets"] == ["tiny", "tiny-kontext"]
 
 
 def test_inspect_unknown_file(tmp_path, capsys):
