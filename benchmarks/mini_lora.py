@@ -135,15 +135,17 @@ def run_strengths(models, evaluator, args, settings) -> dict:
 # 3. FluxSpace edits with the LoRA off and on
 
 
-def run_edits(models, evaluator, args, settings) -> dict:
-    out = {}
+def run_edits(models, evaluator, args, settings, out: dict, done=lambda: None) -> dict:
+    """Fills `out` {edit: {"off": result, "on": result}}, calling done() after each edit."""
     for name in args.edits.split(","):
-        out[name] = {}
+        result = {}
         for label, strength in (("off", 0.0), ("on", 1.0)):
             with with_lora(models, args.lora, strength):
-                out[name][label] = mq.run_edit(models, evaluator, args, settings, name)
-            print(f"edit {name}, LoRA {label}: success {mq.pct(out[name][label]['success'])}, "
-                  f"preservation {mq.pct(out[name][label]['preservation'])}", file=sys.stderr, flush=True)  # fmt: skip
+                result[label] = mq.run_edit(models, evaluator, args, settings, name)
+            print(f"edit {name}, LoRA {label}: success {mq.pct(result[label]['success'])}, "
+                  f"preservation {mq.pct(result[label]['preservation'])}", file=sys.stderr, flush=True)  # fmt: skip
+        out[name] = result
+        done()
     return out
 
 
@@ -238,10 +240,16 @@ def main(argv=None) -> dict:
         "machine": machine_info("cpu" if models.device.type == "cpu" else "cuda"),
         "targets": mq.TARGETS,
     }
-    data["reference"] = run_reference(models, evaluator, args)
-    data["strengths"] = run_strengths(models, evaluator, args, settings)
-    data["edits"] = run_edits(models, evaluator, args, settings)
     out = args.out or RESULTS / f"mini_lora-{args.lora.stem}{'-quick' if args.quick else ''}.json"
+    # Written after every section ("complete" false until the last): a long run stopped early keeps its work.
+    data["complete"] = False
+    data["reference"] = run_reference(models, evaluator, args)
+    write_json(out, data)
+    data["strengths"] = run_strengths(models, evaluator, args, settings)
+    write_json(out, data)
+    data["edits"] = {}
+    run_edits(models, evaluator, args, settings, data["edits"], lambda: write_json(out, data))
+    data["complete"] = True
     write_json(out, data)
     print(tables(data))
     print(f"\nwrote {out}")
