@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-samples", type=int, default=128, help="held-out renders of section 1")
     p.add_argument("--edit-seeds", type=int, default=16, help="base images per edit, LoRA off and on")
     p.add_argument("--edits", default=",".join(mq.EDITS), help=f"comma-separated subset of {', '.join(mq.EDITS)}")
+    p.add_argument("--sections", default="reference,strengths,edits", help="comma-separated sections to run")
     p.add_argument("--batch", type=int, default=16, help="images per generate call")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, attributes and noise seeds")
     p.add_argument("--quick", action="store_true", help="tiny counts everywhere: a smoke test")
@@ -135,15 +136,17 @@ def run_strengths(models, evaluator, args, settings) -> dict:
 # 3. FluxSpace edits with the LoRA off and on
 
 
-def run_edits(models, evaluator, args, settings) -> dict:
-    out = {}
+def run_edits(models, evaluator, args, settings, out: dict, done=lambda: None) -> dict:
+    """Fills `out` {edit: {"off": result, "on": result}}, calling done() after each edit."""
     for name in args.edits.split(","):
-        out[name] = {}
+        result = {}
         for label, strength in (("off", 0.0), ("on", 1.0)):
             with with_lora(models, args.lora, strength):
-                out[name][label] = mq.run_edit(models, evaluator, args, settings, name)
-            print(f"edit {name}, LoRA {label}: success {mq.pct(out[name][label]['success'])}, "
-                  f"preservation {mq.pct(out[name][label]['preservation'])}", file=sys.stderr, flush=True)  # fmt: skip
+                result[label] = mq.run_edit(models, evaluator, args, settings, name)
+            print(f"edit {name}, LoRA {label}: success {mq.pct(result[label]['success'])}, "
+                  f"preservation {mq.pct(result[label]['preservation'])}", file=sys.stderr, flush=True)  # fmt: skip
+        out[name] = result
+        done()
     return out
 
 
@@ -186,6 +189,8 @@ def sheet(models, args, settings, scale: int = 2):
 
 
 def tables(data: dict) -> str:
+    if "reference" not in data or "strengths" not in data:
+        return edit_table(data["edits"])
     ref, st, edits = data["reference"], data["strengths"], data["edits"]
     style = data["settings"]["style"]
     lines = [f"## Reference: {ref['samples']} held-out renders", "",
@@ -198,7 +203,11 @@ def tables(data: dict) -> str:
     for s, r in st["strengths"].items():
         fam = " | ".join(mq.pct(r["adherence"]["per_family"][f]["rate"]) for f in FAMILIES)
         lines.append(f"| {s} | {r['style_score']:.3f} | {mq.pct(r['adherence']['overall'])} | {fam} |")
-    lines += ["", "## FluxSpace edits (mini_quality.EDITS), LoRA off / on", "",
+    return "\n".join(lines) + "\n\n" + edit_table(edits)
+
+
+def edit_table(edits: dict) -> str:
+    lines = ["## FluxSpace edits (mini_quality.EDITS), LoRA off / on", "",
               "| edit | seeds off / on | success off | success on | preservation off | preservation on | "
               "targets off | targets on | most changed (on) |", "|---" * 9 + "|"]  # fmt: skip
     for name, e in edits.items():
@@ -238,10 +247,20 @@ def main(argv=None) -> dict:
         "machine": machine_info("cpu" if models.device.type == "cpu" else "cuda"),
         "targets": mq.TARGETS,
     }
-    data["reference"] = run_reference(models, evaluator, args)
-    data["strengths"] = run_strengths(models, evaluator, args, settings)
-    data["edits"] = run_edits(models, evaluator, args, settings)
     out = args.out or RESULTS / f"mini_lora-{args.lora.stem}{'-quick' if args.quick else ''}.json"
+    # Written after every section ("complete" false until the last): a long run stopped early keeps its work.
+    data["complete"] = False
+    sections = args.sections.split(",")
+    if "reference" in sections:
+        data["reference"] = run_reference(models, evaluator, args)
+        write_json(out, data)
+    if "strengths" in sections:
+        data["strengths"] = run_strengths(models, evaluator, args, settings)
+        write_json(out, data)
+    data["edits"] = {}
+    if "edits" in sections:
+        run_edits(models, evaluator, args, settings, data["edits"], lambda: write_json(out, data))
+    data["complete"] = True
     write_json(out, data)
     print(tables(data))
     print(f"\nwrote {out}")
