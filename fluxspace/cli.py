@@ -199,9 +199,6 @@ def run_generate(args) -> int:
     paths = output_paths(args.out, len(prompts))
     chosen = choose_model(args)
     check_kontext_image(args, chosen)
-    if args.image and not chosen.preset.kontext:
-        raise CLIError(f"{chosen.preset.name} draws from text only and takes no --image (a Kontext model does); "
-                       "to edit a real image use `fluxspace edit --image` (inversion)")  # fmt: skip
     image = kontext_image(args, chosen) if args.image else None
     s = settings_from(args, chosen, size=image.size if image else None)
     chosen.check_fits(s, batch=len(seeds), conditions=1 if image else 0)
@@ -241,10 +238,13 @@ def instruction_of(args) -> str:
     return args.prompt if args.prompt is not None else args.instruction
 
 
-def check_kontext_image(args, chosen: "Chosen") -> None:
-    """A Kontext model needs --image; a text-to-image model takes none where the command has no inversion."""
+def check_kontext_image(args, chosen: "Chosen", inverts: bool = False) -> None:
+    """A Kontext model needs --image; a text-to-image model takes none unless the command inverts it (edit)."""
     if chosen.preset.kontext and not getattr(args, "image", None):
         raise CLIError(f"{chosen.preset.name} is a Kontext model: it edits an image by instruction; give --image FILE")
+    if args.image and not chosen.preset.kontext and not inverts:
+        raise CLIError(f"{chosen.preset.name} draws from text only and takes no --image (a Kontext model does); "
+                       "to edit a real image use `fluxspace edit --image` (inversion)")  # fmt: skip
 
 
 def kontext_image(args, chosen: "Chosen"):
@@ -258,7 +258,7 @@ def kontext_image(args, chosen: "Chosen"):
 def run_edit(args) -> int:
     args.prompt = instruction_of(args)
     chosen = choose_model(args)
-    check_kontext_image(args, chosen)
+    check_kontext_image(args, chosen, inverts=True)
     spec = spec_from(args)
     kontext = chosen.preset.kontext
     image = kontext_image(args, chosen) if kontext else None  # its size is the default size
@@ -337,8 +337,6 @@ def run_sweep(args) -> int:
         raise CLIError("--vary lora_scale needs a LoRA: add --lora FILE")
     chosen = choose_model(args, unfused_loras=lora_sweep)  # strengths change cell to cell: unfused
     check_kontext_image(args, chosen)
-    if args.image and not chosen.preset.kontext:
-        raise CLIError(f"{chosen.preset.name} draws from text only: sweep takes --image on a Kontext model only")
     image = kontext_image(args, chosen) if args.image else None
     spec = spec_from(args)
     settings = settings_from(args, chosen, size=image.size if image else None)

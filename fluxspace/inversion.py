@@ -204,11 +204,15 @@ def fit_image(image: Image.Image, pixels_per_token: int, fit: str = "resize", si
     return image if (tw, th) == (w, h) else image.resize((tw, th), Image.LANCZOS)
 
 
+def encode_latent(models: FluxModels, image: Image.Image) -> Tensor:
+    """An RGB image whose sides are multiples of the token size -> its latent (1, Z, h, w), model dtype."""
+    with torch.inference_mode():
+        return models.ae.encode(pil_to_tensor(image).to(models.device, models.dtype))  # (1, Z, h, w)
+
+
 def encode_image(models: FluxModels, image: Image.Image) -> Tensor:
     """An RGB image whose sides are multiples of the token size -> packed latent tokens (1, N, C), float32."""
-    with torch.inference_mode():
-        z = models.ae.encode(pil_to_tensor(image).to(models.device, models.dtype))  # (1, Z, h, w)
-    return pack(z.float())
+    return pack(encode_latent(models, image).float())
 
 
 @dataclass

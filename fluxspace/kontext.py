@@ -13,8 +13,7 @@ from PIL import Image
 from flux_core import Preset
 from flux_core.sampling import Condition, preferred_size, prepare_condition
 
-from .images import pil_to_tensor
-from .inversion import read_image
+from .inversion import encode_latent, read_image
 from .models import FluxModels
 
 
@@ -38,8 +37,4 @@ def fit_condition(image, preset: Preset, pixels_per_token: int) -> Image.Image:
 
 def encode_condition(models: FluxModels, image: Image.Image, batch: int) -> Condition:
     """A fitted image as conditioning tokens for a batch, in the model's dtype."""
-    import torch
-
-    with torch.inference_mode():
-        z = models.ae.encode(pil_to_tensor(image).to(models.device, models.dtype))  # (1, Z, h, w)
-    return prepare_condition(z, batch)
+    return prepare_condition(encode_latent(models, image), batch)

@@ -34,6 +34,12 @@ from flux_core.lora import (
 LORA_MODES = ("fused", "unfused")
 
 
+def check_strength(scale, whose: str) -> None:
+    """Refuse a LoRA strength that is not a finite number (bools included)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"LoRA strength {scale!r} {whose} must be a finite number")
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """One LoRA to apply: its file and strength (1: as trained; 0: off)."""
@@ -42,8 +48,7 @@ class LoraSpec:
     scale: float = 1.0
 
     def __post_init__(self):
-        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or not math.isfinite(self.scale):
-            raise ValueError(f"LoRA strength {self.scale!r} for {self.path} must be a finite number")
+        check_strength(self.scale, f"for {self.path}")
 
     @classmethod
     def parse(cls, text: str | os.PathLike) -> "LoraSpec":
@@ -116,7 +121,7 @@ class Loras:
         if self.mode != "unfused":
             raise ValueError("LoRA strengths are fixed in fused mode (they are in the weights); "
                              "load with lora_mode='unfused' (--lora-mode unfused) to change them")  # fmt: skip
-        LoraSpec(Path("-"), scale)  # the same check as at load
+        check_strength(scale, "for set_scale")
         for k, name in enumerate(self.names):
             if which is None or which == k:
                 self.scales[name] = float(scale)

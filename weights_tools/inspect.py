@@ -167,6 +167,13 @@ def format_lora_report(report: dict) -> str:
     for part, names in report["targets"].items():
         lines.append(f"updates   {parts[part]}: {len(names)} module groups")
         lines += [f"  {n}" for n in names]
+    lines += _problem_metadata_keys(report)
+    return "\n".join(lines)
+
+
+def _problem_metadata_keys(report: dict) -> list[str]:
+    """The lines every report ends with: the problem, the metadata, and every key if asked (--keys)."""
+    lines = []
     if report["problem"]:
         lines.append(f"problem   {report['problem']}")
     if report["metadata"]:
@@ -174,7 +181,7 @@ def format_lora_report(report: dict) -> str:
     if "keys" in report:
         lines.append("keys:")
         lines += [f"  {k}  {tuple(v['shape'])}  {v['dtype']}" for k, v in report["keys"].items()]
-    return "\n".join(lines)
+    return lines
 
 
 def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | None = None) -> list[dict]:
@@ -218,14 +225,8 @@ def format_report(report: dict) -> str:
             f"params    {report['params']['class']}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
         )
         lines.append("presets   " + (", ".join(report["matching_presets"]) or "none match exactly"))
-    if report["problem"]:
-        lines.append(f"problem   {report['problem']}")
-    if report["metadata"]:
-        lines.append("metadata  " + ", ".join(f"{k}={v}" for k, v in sorted(report["metadata"].items())))
-    if "keys" in report:
-        lines.append("keys:")
-        lines += [f"  {k}  {tuple(v['shape'])}  {v['dtype']}" for k, v in report["keys"].items()]
-    else:
+    lines += _problem_metadata_keys(report)
+    if "keys" not in report:
         lines.append(f"keys      {len(report['groups'])} groups (--keys lists every key):")
         for g in report["groups"]:
             shape = str(tuple(g["shape"])) if g["shape"] is not None else f"{g['shapes']} shapes"
