@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mini_quality  # noqa: E402
 from forward import RESULTS, write_json  # noqa: E402
 
-from fluxspace import load_models  # noqa: E402
+from fluxspace import SampleSettings, load_models  # noqa: E402
 from fluxspace.inversion import InversionSettings, invert_image  # noqa: E402
 from fluxspace.mini.attributes import sample_attributes  # noqa: E402
 from fluxspace.mini.captions import prompt_for  # noqa: E402
@@ -80,7 +80,7 @@ def run_reconstruction(models, images, step_counts: list[int]) -> dict:
             psnrs, ssims, evals = [], [], 0
             t0 = time.perf_counter()
             for attrs, image in images:
-                r = invert_image(models, image, caption(attrs), steps=steps, settings=settings)
+                r = invert_image(models, image, caption(attrs), settings=SampleSettings(steps=steps), inversion=settings)
                 psnrs.append(r.psnr)
                 ssims.append(ssim(r.image, r.reconstruction))
                 evals = r.evaluations
@@ -103,7 +103,7 @@ def run_edits(models, evaluator, n: int, method: str, steps: int) -> dict:
         successes, kept = [], []
         for i, attrs in enumerate(cases):
             image = render(attrs, UNSEEN_SEED + 900_000 + 1000 * k + i, size=64)
-            r = invert_image(models, image, caption(attrs), steps=steps, settings=METHODS[method],
+            r = invert_image(models, image, caption(attrs), settings=SampleSettings(steps=steps), inversion=METHODS[method],
                              edit_spec=edit.spec())  # fmt: skip
             before, after = evaluator.score([r.reconstruction, r.edited]).predicted
             ok, share = mini_quality.edit_outcome(edit, before, after)
