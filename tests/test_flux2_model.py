@@ -318,3 +318,75 @@ def test_diffusers_folder_loads_one_to_one(tmp_path):
     inp = tiny_inputs(params, guidance=False)
     with torch.inference_mode():
         assert torch.equal(loaded.eval()(**inp), model(**inp))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The official code itself, where a mirror of black-forest-labs/flux2 is at hand (skipped elsewhere)
+
+OFFICIAL_MIRROR = "/work/.mirror/black-forest-labs+flux2/repo"
+
+
+def official_module():
+    """src/flux2/model.py of the mirror (no work tree: read with git show), as a module."""
+    import subprocess
+    import types
+
+    try:
+        source = subprocess.run(
+            ["git", "-C", OFFICIAL_MIRROR, "show", "HEAD:src/flux2/model.py"], capture_output=True, check=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no mirror of black-forest-labs/flux2 here")
+    module = types.ModuleType("official_flux2_model")
+    exec(compile(source, "flux2/model.py", "exec"), module.__dict__)
+    return module
+
+
+def test_matches_the_official_code():
+    official = official_module()
+    ours, sd = tiny_model(guidance_embed=True)  # the official snapshot always embeds guidance
+    p = ours.params
+    ref = official.Flux2(
+        official.Flux2Params(
+            in_channels=p.in_channels, context_in_dim=p.context_in_dim, hidden_size=p.hidden_size,
+            num_heads=p.num_heads, depth=p.depth, depth_single_blocks=p.depth_single_blocks,
+            axes_dim=list(p.axes_dim), theta=p.theta, mlp_ratio=p.mlp_ratio,
+        )
+    )  # fmt: skip
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in sd.items()}
+    ref.load_state_dict(sd, strict=True)
+    inp = tiny_inputs(p)
+    with torch.inference_mode():
+        out = ours(**inp)
+        expected = ref.eval()(
+            inp["img"], inp["img_ids"], inp["timesteps"], inp["txt"], inp["txt_ids"], inp["guidance"]
+        )
+    # The official rope computes its angles in the ids' dtype (float32 here), ours in float64.
+    err = rel_err(out, expected)
+    print(f"FLUX.2 parity vs the official code: relative error {err:.3e}")
+    assert err <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# The FluxSpace edit, written for FLUX.1's double blocks, on FLUX.2's
+
+
+def test_fluxspace_fine_edit_runs_on_flux2():
+    from fluxspace.spec import Concept, EditSpec, EncodedEdit
+    from fluxspace.step import FluxSpaceEdit
+
+    model, _ = tiny_model()
+    inp = tiny_inputs(model.params)
+    g = torch.Generator().manual_seed(3)
+    enc = EncodedEdit(torch.randn(2, 5, model.params.context_in_dim, generator=g), None, [[1, 2]])  # prior, concept
+
+    def fine(lam):
+        return EditSpec(concepts=(Concept("x", lambda_fine=lam, tau_m=0.3),), lambda_coarse=0.0)
+
+    with torch.inference_mode():
+        plain = model(**inp)
+        assert torch.equal(model(**inp, edit=FluxSpaceEdit(fine(0.0), enc)), plain)
+        assert rel_err(model(**inp, edit=FluxSpaceEdit(fine(3.0), enc)), plain) > 1e-2
+        coarse = EditSpec(concepts=(Concept("x", lambda_fine=0.0),), lambda_coarse=0.5)
+        with pytest.raises(ValueError, match="this model has none"):
+            model(**inp, edit=FluxSpaceEdit(coarse, EncodedEdit(enc.branch_txt, torch.zeros(1, 8), [[1]])))
