@@ -122,8 +122,13 @@ class SingleBlockSite:
 class Edit(Protocol):
     """What `Flux.forward` needs of an edit. A do-nothing edit returns `site.outputs()` / `site.attention()`."""
 
-    def vectors(self, model: nn.Module, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> ModVectors:
-        """Called once per forward, before the blocks; may start per-forward state."""
+    def vectors(
+        self, model: nn.Module, vec: Tensor, timesteps: Tensor, y: Tensor | None, guidance: Tensor | None
+    ) -> ModVectors:
+        """Called once per forward, before the blocks; may start per-forward state.
+
+        y: the pooled text vector (B, C') on FLUX.1, None on FLUX.2, which has none.
+        """
         ...
 
     def double_block(self, site: DoubleBlockSite) -> tuple[Tensor, Tensor]:
