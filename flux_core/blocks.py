@@ -71,6 +71,7 @@ class DoubleStreamBlock(nn.Module):
             site = DoubleBlockSite(
                 index=index, block=self, timesteps=timesteps, img=img, txt=txt,
                 vecs=ModVectors(img=vec, txt=txt_vec, out=vec), img_mod=img_mod1, txt_mod=txt_mod1,
+                img_modulation=self.img_mod, txt_modulation=self.txt_mod,
                 img_modulated=img_modulated, txt_modulated=txt_modulated, q=q, k=k, v=v, pe=pe,
             )  # fmt: skip
             img_attn_out, txt_attn_out = edit.double_block(site)

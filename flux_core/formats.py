@@ -222,9 +222,19 @@ def _swap_halves(t: Tensor) -> Tensor:
 
 def bfl_to_diffusers_transformer(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Official Flux transformer keys (optionally `model.diffusion_model.`-prefixed) -> diffusers."""
+    return bfl_to_diffusers_tables(sd, TRANSFORMER_RENAMES, TRANSFORMER_FUSED, TRANSFORMER_HALF_SWAPPED)
+
+
+def diffusers_to_bfl_transformer(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers FluxTransformer2DModel keys -> official Flux transformer keys (no prefix)."""
+    return diffusers_to_bfl_tables(sd, TRANSFORMER_RENAMES, TRANSFORMER_FUSED, TRANSFORMER_HALF_SWAPPED)
+
+
+def bfl_to_diffusers_tables(sd: dict[str, Tensor], renames, fused_table, half_swapped) -> dict[str, Tensor]:
+    """Official -> diffusers keys by the given tables (FLUX.1's above; FLUX.2's in flux2/formats.py)."""
     sd = {strip_prefix(k): v for k, v in sd.items()}
     out: dict[str, Tensor] = {}
-    for fused in TRANSFORMER_FUSED:
+    for fused in fused_table:
         for module, fields in _modules(sd, fused.bfl).items():
             if module + ".weight" not in sd:
                 raise ConversionError(f"{module}.bias has no {module}.weight: cannot tell how to split it")
@@ -241,20 +251,20 @@ def bfl_to_diffusers_transformer(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                     )
                 for name, part in zip(fused.diffusers, t.split(sizes, dim=0), strict=True):
                     out[_fill(name, fields) + suffix] = part
-    for bfl, diffusers in TRANSFORMER_HALF_SWAPPED:
+    for bfl, diffusers in half_swapped:
         for suffix in (".weight", ".bias"):
             if bfl + suffix in sd:
                 out[diffusers + suffix] = _swap_halves(sd.pop(bfl + suffix))
-    _rename(sd, out, TRANSFORMER_RENAMES, src=0)
+    _rename(sd, out, renames, src=0)
     _check_done(sd, "official-layout transformer")
     return out
 
 
-def diffusers_to_bfl_transformer(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """diffusers FluxTransformer2DModel keys -> official Flux transformer keys (no prefix)."""
+def diffusers_to_bfl_tables(sd: dict[str, Tensor], renames, fused_table, half_swapped) -> dict[str, Tensor]:
+    """diffusers -> official keys (no prefix) by the given tables."""
     sd = dict(sd)
     out: dict[str, Tensor] = {}
-    for fused in TRANSFORMER_FUSED:
+    for fused in fused_table:
         for module, fields in _modules(sd, fused.diffusers[0]).items():
             names = [_fill(p, fields) for p in fused.diffusers]
             for suffix in (".weight", ".bias"):
@@ -268,11 +278,11 @@ def diffusers_to_bfl_transformer(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                         "which this state dict lacks"
                     )
                 out[_fill(fused.bfl, fields) + suffix] = torch.cat([sd.pop(n + suffix) for n in names], dim=0)
-    for bfl, diffusers in TRANSFORMER_HALF_SWAPPED:
+    for bfl, diffusers in half_swapped:
         for suffix in (".weight", ".bias"):
             if diffusers + suffix in sd:
                 out[bfl + suffix] = _swap_halves(sd.pop(diffusers + suffix))
-    _rename(sd, out, TRANSFORMER_RENAMES, src=1)
+    _rename(sd, out, renames, src=1)
     _check_done(sd, "diffusers-layout transformer")
     return out
 

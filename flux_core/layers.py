@@ -56,13 +56,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000, time_factor
 
 
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear, used for the time, guidance and pooled-text embeddings."""
+    """Linear -> SiLU -> Linear, used for the time, guidance and pooled-text embeddings.
 
-    def __init__(self, in_dim: int, hidden_dim: int):
+    bias=False for FLUX.2, whose linears carry no bias (flux2/model.py `disable_bias=True`).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, bias: bool = True):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True)
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=bias)
         self.silu = nn.SiLU()
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(self.silu(self.in_layer(x)))
@@ -97,15 +100,18 @@ class QKNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Holds the parameters of one stream's attention: fused `qkv`, QK `norm`, output `proj`."""
+    """Holds the parameters of one stream's attention: fused `qkv`, QK `norm`, output `proj`.
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
+    FLUX.1 has a biased `proj` (and a biased `qkv` in dev/schnell); FLUX.2 has neither bias.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, proj_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(head_dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, C) -> normed q, k and v, each (B, H, L, D). Rows of `qkv` are [q | k | v]."""
@@ -127,13 +133,16 @@ class ModulationOut:
 
 
 class Modulation(nn.Module):
-    """SiLU(vec) -> Linear -> (shift, scale, gate) once, or twice for a double block (key `lin`)."""
+    """SiLU(vec) -> Linear -> (shift, scale, gate) once, or twice for a double block (key `lin`).
 
-    def __init__(self, dim: int, double: bool):
+    FLUX.1 has one per block; FLUX.2 three for the whole model, without bias (flux2/layers.py).
+    """
+
+    def __init__(self, dim: int, double: bool, bias: bool = True):
         super().__init__()
         self.is_double = double
         self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=bias)
 
     def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
         out = self.lin(nn.functional.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)  # each (B, 1, C)
@@ -156,14 +165,14 @@ def _layer_norm(hidden_size: int) -> nn.LayerNorm:
 class LastLayer(nn.Module):
     """Final adaptive LayerNorm and projection back to patch channels.
 
-    `adaLN_modulation.1` gives [shift | scale] (diffusers stores [scale | shift]).
+    `adaLN_modulation.1` gives [shift | scale] (diffusers stores [scale | shift]). bias=False for FLUX.2.
     """
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, bias: bool = True):
         super().__init__()
         self.norm_final = _layer_norm(hidden_size)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=bias))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # each (B, C)

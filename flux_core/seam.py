@@ -6,13 +6,18 @@ bit for bit.
 
 Two call points:
   1. `Flux.forward` asks `edit.vectors(...)` once for the modulation vectors (coarse edits change
-     the pooled text vector, FluxSpace section 3.3).
+     the pooled text vector, FluxSpace section 3.3). FLUX.2 (`flux2.Flux2`) calls it with the same
+     signature but `y=None`: it has no pooled text vector, its `vec` is time_in(t) + guidance_in(g)
+     only, and the three ModVectors feed its three shared modulations (flux2/model.py).
   2. Every block calls `edit.double_block(site)` / `edit.single_block(site)` at its one marked
      point, where q, k and v (normed, rotated) are ready, and uses the attention outputs the edit
      returns. `site.attention()` / `site.outputs()` compute the plain ones on request (and only
      once), so an edit that computes attention its own way never pays for the plain path.
 Sites hold views of the block's tensors: an edit that wants to keep one must clone it. They are
 built with keyword arguments only, and every pair of streams comes in one order: (img, txt).
+The same sites serve FLUX.1 and FLUX.2 blocks. Where the two differ (FLUX.1 blocks own `img_mod` /
+`txt_mod`; FLUX.2 shares one modulation layer per stream across all double blocks), an edit that
+modulates extra streams asks the site (`site.txt_modulation(vec)`), never the block.
 
 A sampler asks an `EditSchedule` for each step's edit (`at_step`), so an edit can switch on and off
 in time; None means a plain step.
@@ -50,6 +55,11 @@ class DoubleBlockSite:
     vecs: ModVectors
     img_mod: ModulationOut  # attention modulation of the image stream (shift, scale, gate)
     txt_mod: ModulationOut
+    # vec (B, C) -> (attention, MLP) ModulationOut of each stream, for edits that run extra streams:
+    # FLUX.1 the block's own `img_mod` / `txt_mod`, FLUX.2 the model's shared
+    # `double_stream_modulation_img` / `_txt`. None only for sites built by older callers.
+    img_modulation: nn.Module | None = None
+    txt_modulation: nn.Module | None = None
     img_modulated: Tensor  # (B, N, C) (1 + scale) * LN(img) + shift
     txt_modulated: Tensor  # (B, T, C)
     q: Tensor  # (B, H, L, D) after QK-norm and RoPE, [txt ; img]
@@ -112,8 +122,13 @@ class SingleBlockSite:
 class Edit(Protocol):
     """What `Flux.forward` needs of an edit. A do-nothing edit returns `site.outputs()` / `site.attention()`."""
 
-    def vectors(self, model: nn.Module, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> ModVectors:
-        """Called once per forward, before the blocks; may start per-forward state."""
+    def vectors(
+        self, model: nn.Module, vec: Tensor, timesteps: Tensor, y: Tensor | None, guidance: Tensor | None
+    ) -> ModVectors:
+        """Called once per forward, before the blocks; may start per-forward state.
+
+        y: the pooled text vector (B, C') on FLUX.1, None on FLUX.2, which has none.
+        """
         ...
 
     def double_block(self, site: DoubleBlockSite) -> tuple[Tensor, Tensor]:

@@ -116,6 +116,11 @@ class FluxSpaceEdit:
     def vectors(self, model, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> ModVectors:
         spec, enc = self.spec, self.encoded
         vec_edit = vec
+        if spec.has_coarse and y is None:
+            raise ValueError(
+                "FluxSpace's coarse edit (lambda_coarse) moves the pooled text vector, and this model has none "
+                "(FLUX.2 modulates by time and guidance only): set lambda_coarse=0 and edit with the fine edit"
+            )
         if spec.has_coarse:
             c_edit = enc.coarse_pool.to(y.device).expand_as(y)  # (B, C')
             coarse = coarse_pooled_reference if spec.reference else coarse_pooled
@@ -146,7 +151,9 @@ class FluxSpaceEdit:
         s = self.streams  # (B*K, T', C)
         if s.shape[1] != T:
             raise ValueError(f"edit prompts have {s.shape[1]} T5 tokens but the base prompt has {T}; encode both alike")
-        mod1, mod2 = blk.txt_mod(self.branch_vec)  # each field (B*K, 1, C)
+        # The text stream's modulation layer: the block's own txt_mod on FLUX.1, the model's shared
+        # double_stream_modulation_txt on FLUX.2 (flux_core/seam.py DoubleBlockSite.txt_modulation).
+        mod1, mod2 = site.txt_modulation(self.branch_vec)  # each field (B*K, 1, C)
         q_s, k_s, v_s = blk.txt_attn.qkv_heads(mod1.modulate(blk.txt_norm1(s)))  # (B*K, H, T, D)
         q_s, k_s = apply_rope(q_s, k_s, repeat(site.pe[:, :, :T], "B one T d i j -> (B K) one T d i j", K=K))
 
