@@ -97,7 +97,8 @@ class TextOnlyProcessor(ProcessorMixin):
         super().__init__(tokenizer, chat_template=chat_template)
 
     def __call__(self, text=None, **kwargs):
-        kwargs.pop("images", None), kwargs.pop("videos", None), kwargs.pop("audio", None)
+        for media in ("images", "videos", "audio"):  # None for text-only chats
+            kwargs.pop(media, None)
         return self.tokenizer(text, **kwargs)
 
 

@@ -242,13 +242,13 @@ def denoise(
     references: reference images' tokens (prepare_references), after the image's at every step; the
     velocity predicted for them is dropped.
     """
-    bs, n_img = img.shape[:2]
-    if img.ndim != 3 or img_ids.shape[:2] != img.shape[:2] or txt.shape[0] != bs or txt_ids.shape[:2] != txt.shape[:2]:
+    if img.ndim != 3 or img_ids.shape[:2] != img.shape[:2] or txt.shape[0] != img.shape[0] or txt_ids.shape[:2] != txt.shape[:2]:
         raise ValueError(
             "denoise expects img (B, N, C), img_ids (B, N, 4), txt (B, T, D), txt_ids (B, T, 4) with one batch "
             "size (prepare() builds them); got "
             + ", ".join(str(tuple(x.shape)) for x in (img, img_ids, txt, txt_ids))
         )
+    bs, n_img = img.shape[:2]
     ids = img_ids
     cond = None
     if references is not None:
