@@ -49,7 +49,9 @@ def byte_bpe(specials: list[str]) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([*BUILTIN_CORPUS, SYSTEM_MESSAGE], trainer)
     return tok
 
@@ -62,7 +64,17 @@ def llm_config(cls, vocab: int, layers: int, **extra):
 @pytest.fixture(scope="module")
 def dev_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux2") / "dev"
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+    specials = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+        "[INST]",
+        "[/INST]",
+        "[SYSTEM_PROMPT]",
+        "[/SYSTEM_PROMPT]",
+        "[IMG]",
+    ]
     tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(specials), bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                   unk_token="<unk>", chat_template=MISTRAL_TEMPLATE)  # fmt: skip
     tok.save_pretrained(folder / "tokenizer")
@@ -70,7 +82,9 @@ def dev_folder(tmp_path_factory):
     text = llm_config(MistralConfig, len(tok), 30)
     vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  image_size=32, patch_size=4, head_dim=8)  # fmt: skip
-    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]"))
+    config = Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]")
+    )
     Mistral3ForConditionalGeneration(config).save_pretrained(folder / "text_encoder")
     return folder
 
@@ -123,20 +137,26 @@ def test_specs_are_the_official_facts():
 
 def test_dev_equals_official_and_diffusers(dev_folder):
     ours = load_text_encoder(dev_folder, "dev", dtype=torch.float32)
-    full = Mistral3ForConditionalGeneration.from_pretrained(dev_folder / "text_encoder", dtype=torch.float32).eval()
+    full = Mistral3ForConditionalGeneration.from_pretrained(
+        dev_folder / "text_encoder", dtype=torch.float32
+    ).eval()
     processor = TextOnlyProcessor(ours.tokenizer, chat_template=MISTRAL_TEMPLATE)
     with torch.no_grad():
         txt = ours(PROMPTS)
         ref = official_dev_forward(full, processor, PROMPTS)
-        ref_diffusers = Flux2Pipeline._get_mistral_3_small_prompt_embeds(full, processor, PROMPTS, max_sequence_length=512)
+        ref_diffusers = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
+            full, processor, PROMPTS, max_sequence_length=512
+        )
     assert txt.shape == (2, 512, 3 * 16)
     assert torch.equal(txt, ref) and torch.equal(txt, ref_diffusers)
     # The text part only: no vision tower, no LM head.
     assert not any("vision" in k or "lm_head" in k for k in ours.state_dict())
     ids, mask = ours.tokenize(PROMPTS)
     tok = ours.tokenizer
-    assert ids[0, 0] == tok.bos_token_id and (ids[0] == tok.bos_token_id).sum() == 1  # one BOS, the template's
-    assert int(mask[0].sum()) < 512 and (ids[0, int(mask[0].sum()):] == tok.pad_token_id).all()
+    assert (
+        ids[0, 0] == tok.bos_token_id and (ids[0] == tok.bos_token_id).sum() == 1
+    )  # one BOS, the template's
+    assert int(mask[0].sum()) < 512 and (ids[0, int(mask[0].sum()) :] == tok.pad_token_id).all()
     assert SYSTEM_MESSAGE.split()[3] in tok.decode(ids[0]) and "[IMG]" not in tok.decode(ids[1])
 
 
@@ -145,14 +165,20 @@ def test_klein_equals_diffusers(klein_folder):
     full = Qwen3ForCausalLM.from_pretrained(klein_folder / "text_encoder", dtype=torch.float32).eval()
     with torch.no_grad():
         txt = ours(PROMPTS)
-        ref = Flux2KleinPipeline._get_qwen3_prompt_embeds(full, ours.tokenizer, PROMPTS, max_sequence_length=512)
+        ref = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            full, ours.tokenizer, PROMPTS, max_sequence_length=512
+        )
     assert txt.shape == (2, 512, 3 * 16)
     assert torch.equal(txt, ref)
     text = ours.tokenizer.decode(ours.tokenize(PROMPTS[:1])[0][0])
-    assert text.startswith("<|im_start|>user\n" + PROMPTS[0] + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>")
+    assert text.startswith(
+        "<|im_start|>user\n" + PROMPTS[0] + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>"
+    )
     # Text ids as the pipelines build them: (0, 0, 0, index).
     inp = prepare(torch.zeros(2, 128, 2, 2), txt)
-    assert torch.equal(inp.txt_ids, Flux2KleinPipeline._prepare_text_ids(txt)) and torch.equal(inp.txt_ids, txt_ids(2, 512))
+    assert torch.equal(inp.txt_ids, Flux2KleinPipeline._prepare_text_ids(txt)) and torch.equal(
+        inp.txt_ids, txt_ids(2, 512)
+    )
 
 
 def test_bf16_default_and_frozen(klein_folder):
@@ -164,12 +190,17 @@ def test_bf16_default_and_frozen(klein_folder):
 def test_errors(tmp_path, dev_folder, klein_folder):
     with pytest.raises(ValueError, match=r"^unknown FLUX.2 text-encoder variant 'pro'; valid: dev, klein$"):
         load_text_encoder(klein_folder, "pro")
-    with pytest.raises(FileNotFoundError, match=r"does not exist; expected a folder with text_encoder/ \(Qwen3\) and tokenizer/"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"does not exist; expected a folder with text_encoder/ \(Qwen3\) and tokenizer/",
+    ):
         load_text_encoder(tmp_path / "nowhere", "klein")
     (tmp_path / "half" / "text_encoder").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"has no tokenizer/ \(its tokenizer\)"):
         load_text_encoder(tmp_path / "half", "dev")
-    with pytest.raises(ValueError, match=r"is a 'qwen3' model but this FLUX.2 variant needs 'mistral3' \(Mistral-Small-3.x\)"):
+    with pytest.raises(
+        ValueError, match=r"is a 'qwen3' model but this FLUX.2 variant needs 'mistral3' \(Mistral-Small-3.x\)"
+    ):
         load_text_encoder(klein_folder, "dev")
     with pytest.raises(ValueError, match=r"^dtype torch.float16 is not supported"):
         load_text_encoder(klein_folder, "klein", dtype=torch.float16)
@@ -179,5 +210,7 @@ def test_errors(tmp_path, dev_folder, klein_folder):
     (pickled / "tokenizer").mkdir()
     (pickled / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     (pickled / "text_encoder" / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"holds only pickle weights \(pytorch_model.bin\).*Qwen3ForCausalLM"):
+    with pytest.raises(
+        CheckpointError, match=r"holds only pickle weights \(pytorch_model.bin\).*Qwen3ForCausalLM"
+    ):
         load_text_encoder(pickled, "klein")

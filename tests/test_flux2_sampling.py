@@ -92,7 +92,9 @@ def compress_time(t_ids):
     t_ids_max = torch.max(t_ids)
     t_remap = torch.zeros((t_ids_max + 1,), device=t_ids.device, dtype=t_ids.dtype)
     t_unique_sorted_ids = torch.unique(t_ids, sorted=True)
-    t_remap[t_unique_sorted_ids] = torch.arange(len(t_unique_sorted_ids), device=t_ids.device, dtype=t_ids.dtype)
+    t_remap[t_unique_sorted_ids] = torch.arange(
+        len(t_unique_sorted_ids), device=t_ids.device, dtype=t_ids.dtype
+    )
     return t_remap[t_ids]
 
 
@@ -110,7 +112,9 @@ def scatter_ids(x, x_ids):
     return x_list
 
 
-def official_denoise(model, img, img_ids, txt, txt_ids, timesteps, guidance, img_cond_seq=None, img_cond_seq_ids=None):
+def official_denoise(
+    model, img, img_ids, txt, txt_ids, timesteps, guidance, img_cond_seq=None, img_cond_seq_ids=None
+):
     guidance_vec = torch.full((img.shape[0],), guidance, device=img.device, dtype=img.dtype)
     for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:], strict=True):
         t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
@@ -150,8 +154,12 @@ class StandIn(nn.Module):
         self.calls = []
 
     def forward(self, img, img_ids, timesteps, txt, txt_ids, guidance):
-        self.calls.append((img.shape, img_ids.clone(), timesteps.clone(), None if guidance is None else guidance.clone()))
-        txt_mix = (txt @ self.w_txt.to(txt.dtype) * (1 + txt_ids[..., 3:].to(txt.dtype))).mean(1, keepdim=True)
+        self.calls.append(
+            (img.shape, img_ids.clone(), timesteps.clone(), None if guidance is None else guidance.clone())
+        )
+        txt_mix = (txt @ self.w_txt.to(txt.dtype) * (1 + txt_ids[..., 3:].to(txt.dtype))).mean(
+            1, keepdim=True
+        )
         pos = img_ids.to(img.dtype) @ self.w_ids.to(img.dtype)  # (B, L, C)
         g = 0 if guidance is None else guidance[:, None, None]
         out = torch.tanh(img @ self.w_img.to(img.dtype) + txt_mix + pos) * timesteps[:, None, None] + 0.01 * g
@@ -175,7 +183,9 @@ def test_noise_rejects_sizes_not_multiple_of_16():
 
 
 @pytest.mark.parametrize("num_steps", [1, 4, 10, 28, 50, 200, 250])
-@pytest.mark.parametrize("height, width", [(256, 256), (512, 512), (768, 1360), (1024, 1024), (1056, 1088), (2048, 2048)])
+@pytest.mark.parametrize(
+    "height, width", [(256, 256), (512, 512), (768, 1360), (1024, 1024), (1056, 1088), (2048, 2048)]
+)
 def test_schedule_equals_official(num_steps, height, width):
     n = (height // 16) * (width // 16)
     assert compute_empirical_mu(n, num_steps) == official_mu(n, num_steps)
@@ -209,7 +219,11 @@ def test_image_and_text_ids_equal_official():
 
 def test_reference_ids_equal_official():
     g = torch.Generator().manual_seed(0)
-    refs = [torch.randn(1, 128, 3, 5, generator=g), torch.randn(1, 128, 4, 2, generator=g), torch.randn(1, 128, 2, 2, generator=g)]
+    refs = [
+        torch.randn(1, 128, 3, 5, generator=g),
+        torch.randn(1, 128, 4, 2, generator=g),
+        torch.randn(1, 128, 2, 2, generator=g),
+    ]
     ours = prepare_references(refs)
     tokens, ids = official_refs([r[0] for r in refs])
     assert torch.equal(ours.ids, ids) and ours.ids.dtype == torch.int64
@@ -219,7 +233,9 @@ def test_reference_ids_equal_official():
     assert batch3.img.shape == (3, 15 + 8 + 4, 128) and torch.equal(batch3.ids[2], ids[0])
 
 
-@pytest.mark.parametrize("w, h, n", [(640, 480, 1), (3000, 2000, 1), (3000, 2000, 2), (1025, 1023, 3), (777, 333, 2)])
+@pytest.mark.parametrize(
+    "w, h, n", [(640, 480, 1), (3000, 2000, 1), (3000, 2000, 2), (1025, 1023, 3), (777, 333, 2)]
+)
 def test_reference_size_equals_official(w, h, n):
     assert reference_size(w, h, n) == official_reference_size(w, h, n)
 
@@ -229,11 +245,17 @@ def test_reference_size_equals_official(w, h, n):
 def test_denoise_equals_official_loop_bit_for_bit(with_refs, dtype):
     g = torch.Generator().manual_seed(3)
     inp = prepare(get_noise(2, 64, 48, seed=5, dtype=dtype), torch.randn(1, 6, 8, generator=g).to(dtype))
-    refs = prepare_references([torch.randn(1, 128, 2, 3, generator=g).to(dtype), torch.randn(1, 128, 3, 3, generator=g).to(dtype)], batch=2) if with_refs else None  # fmt: skip
+    latents = [
+        torch.randn(1, 128, 2, 3, generator=g).to(dtype),
+        torch.randn(1, 128, 3, 3, generator=g).to(dtype),
+    ]
+    refs = prepare_references(latents, batch=2) if with_refs else None
     timesteps = get_schedule(4, inp.img.shape[1])
     model = StandIn(128, 8)
     with torch.no_grad():
-        ours = denoise(model, inp.img, inp.img_ids, inp.txt, inp.txt_ids, timesteps, 4.0, references=refs, progress=False)
+        ours = denoise(
+            model, inp.img, inp.img_ids, inp.txt, inp.txt_ids, timesteps, 4.0, references=refs, progress=False
+        )
         ref = official_denoise(model, inp.img, inp.img_ids, inp.txt, inp.txt_ids, timesteps, 4.0,
                                img_cond_seq=refs.img if refs else None, img_cond_seq_ids=refs.ids if refs else None)  # fmt: skip
     assert ours.dtype == dtype and ours.shape == inp.img.shape
@@ -259,7 +281,19 @@ def test_denoise_without_guidance_passes_none_and_callback_sees_every_step():
 def test_denoise_rejects_mismatched_inputs():
     inp = prepare(get_noise(2, 32, 32, seed=0, dtype=torch.float32), torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match=r"^denoise expects img \(B, N, C\)"):
-        denoise(StandIn(128, 8), inp.img, inp.img_ids, inp.txt[:1], inp.txt_ids, [1.0, 0.0], 4.0, progress=False)
+        denoise(
+            StandIn(128, 8), inp.img, inp.img_ids, inp.txt[:1], inp.txt_ids, [1.0, 0.0], 4.0, progress=False
+        )
     refs = prepare_references([torch.randn(1, 128, 2, 2)])
     with pytest.raises(ValueError, match=r"^references have batch 1, the image 2"):
-        denoise(StandIn(128, 8), inp.img, inp.img_ids, inp.txt, inp.txt_ids, [1.0, 0.0], 4.0, references=refs, progress=False)
+        denoise(
+            StandIn(128, 8),
+            inp.img,
+            inp.img_ids,
+            inp.txt,
+            inp.txt_ids,
+            [1.0, 0.0],
+            4.0,
+            references=refs,
+            progress=False,
+        )

@@ -140,7 +140,9 @@ class AutoEncoder(nn.Module):
         """Normalised latents (B, 4Z, h, w) -> images (B, out_ch, 16h, 16w), roughly in [-1, 1]."""
         channels = self.params.latent_channels
         if z.ndim != 4 or z.shape[1] != channels:
-            raise ValueError(f"decode expects latents of shape (B, {channels}, h, w); got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"decode expects latents of shape (B, {channels}, h, w); got shape {tuple(z.shape)}"
+            )
         z = self.inv_normalize(z)  # (B, 4Z, h, w)
         z = rearrange(z, "B (Z ph pw) h w -> B Z (h ph) (w pw)", ph=PATCH, pw=PATCH)  # (B, Z, 2h, 2w)
         return self.decoder(z)  # (B, out_ch, 16h, 16w)
@@ -180,4 +182,3 @@ def diffusers_to_official(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     sd, out = dict(sd), {}
     _move(sd, out, src=1)
     return {**diffusers_to_bfl_ae(sd), **out}
-

@@ -61,10 +61,12 @@ class TextEncoderSpec:
 
 SPECS = {
     # text_encoder.py: OUTPUT_LAYERS = [10, 20, 30], MAX_LENGTH = 512.
-    "dev": TextEncoderSpec("Mistral-Small-3.x", "mistral3", "Mistral3ForConditionalGeneration", (10, 20, 30), 512, SYSTEM_MESSAGE),
+    "dev": TextEncoderSpec(
+        "Mistral-Small-3.x", "mistral3", "Mistral3ForConditionalGeneration", (10, 20, 30), 512, SYSTEM_MESSAGE
+    ),
     # pipeline_flux2_klein.py: hidden_states_layers=(9, 18, 27), max_sequence_length=512.
     "klein": TextEncoderSpec("Qwen3", "qwen3", "Qwen3ForCausalLM", (9, 18, 27), 512, None),
-}  # fmt: skip
+}
 LAYOUT = {"text_encoder": "the LLM (config.json, *.safetensors)", "tokenizer": "its tokenizer"}
 VALID_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -100,9 +102,14 @@ class Flux2TextEncoder(nn.Module):
         """input_ids and attention_mask, (B, max_length) each: chat template, then padded / cut."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        kwargs = {"add_generation_prompt": False} if self.spec.system_message else {
-            "add_generation_prompt": True, "enable_thinking": False}  # fmt: skip
-        texts = [self.tokenizer.apply_chat_template(conversation(p, self.spec), tokenize=False, **kwargs) for p in prompts]
+        if self.spec.system_message is None:  # klein, as Flux2KleinPipeline._get_qwen3_prompt_embeds
+            kwargs = {"add_generation_prompt": True, "enable_thinking": False}
+        else:  # dev, as the official Mistral3SmallEmbedder.forward
+            kwargs = {"add_generation_prompt": False}
+        texts = [
+            self.tokenizer.apply_chat_template(conversation(p, self.spec), tokenize=False, **kwargs)
+            for p in prompts
+        ]
         bos = self.tokenizer.bos_token
         # As the processor's apply_chat_template: no second BOS when the template already wrote one.
         add_special = not (bos is not None and texts[0].startswith(bos))
@@ -115,13 +122,18 @@ class Flux2TextEncoder(nn.Module):
         """txt (B, max_length, K*D): the chosen layers' hidden states, layer-major per token."""
         ids, mask = self.tokenize(prompts)  # (B, T) each
         device = self.model.embed_tokens.weight.device
-        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False)
+        out = self.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
         hidden = torch.stack([out.hidden_states[k] for k in self.spec.output_layers], dim=1)  # (B, K, T, D)
         return rearrange(hidden, "B K T D -> B T (K D)")  # (B, T, K*D)
 
 
 def check_folder(folder: str | os.PathLike, spec: TextEncoderSpec) -> Path:
-    """Check `folder` holds text_encoder/ (of spec's model type, safetensors) and tokenizer/; raise naming what is wrong."""
+    """Check `folder` has text_encoder/ (spec's model type, safetensors) and tokenizer/; raise naming the problem."""
     folder = Path(folder)
     expected = f"expected a folder with text_encoder/ ({spec.llm}) and tokenizer/ as in the Hugging Face FLUX.2 repositories"
     if not folder.is_dir():
@@ -131,7 +143,9 @@ def check_folder(folder: str | os.PathLike, spec: TextEncoderSpec) -> Path:
         raise FileNotFoundError(f"text-encoder folder {folder} has no {', no '.join(missing)}; {expected}")
     config = folder / "text_encoder" / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{folder / 'text_encoder'} has no config.json; expected a transformers save of {spec.llm}")
+        raise FileNotFoundError(
+            f"{folder / 'text_encoder'} has no config.json; expected a transformers save of {spec.llm}"
+        )
     model_type = json.loads(config.read_text()).get("model_type")
     if model_type != spec.model_type:
         valid = ", ".join(f"{v}: {s.model_type} ({s.llm})" for v, s in SPECS.items())
@@ -155,18 +169,24 @@ def load_text_encoder(
     """
     spec = get_spec(variant)
     if dtype not in VALID_DTYPES:
-        raise ValueError(f"dtype {dtype} is not supported for the text encoder; valid dtypes: torch.bfloat16, torch.float32")
+        raise ValueError(
+            f"dtype {dtype} is not supported for the text encoder; valid dtypes: torch.bfloat16, torch.float32"
+        )
     folder = check_folder(folder, spec)
     import transformers
     from transformers import AutoTokenizer
 
     cls = getattr(transformers, spec.model_class)
-    full = cls.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True, use_safetensors=True)
+    full = cls.from_pretrained(
+        folder / "text_encoder", dtype=dtype, local_files_only=True, use_safetensors=True
+    )
     # The text part only: Mistral3ForConditionalGeneration.model.language_model / Qwen3ForCausalLM.model.
     model = full.model.language_model if spec.model_type == "mistral3" else full.model
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer in {folder / 'tokenizer'} has no chat template; FLUX.2 encodes prompts as a chat")
+        raise ValueError(
+            f"the tokenizer in {folder / 'tokenizer'} has no chat template; FLUX.2 encodes prompts as a chat"
+        )
     n_layers = model.config.num_hidden_layers
     if max(spec.output_layers) > n_layers:
         raise ValueError(

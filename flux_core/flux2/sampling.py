@@ -76,7 +76,7 @@ def get_noise(
 
 
 def grid_ids(rows: int, cols: int, t: int = 0) -> Tensor:
-    """Ids (t, row, col, 0) of a rows x cols grid in row-major order: (rows * cols, 4) int64 (official prc_img)."""
+    """Ids (t, row, col, 0) of a rows x cols grid, row-major: (rows * cols, 4) int64 (official prc_img)."""
     return torch.cartesian_prod(torch.tensor([t]), torch.arange(rows), torch.arange(cols), torch.arange(1))
 
 
@@ -108,7 +108,9 @@ def img_ids(batch: int, rows: int, cols: int, t: int = 0, device: torch.device |
 
 def txt_ids(batch: int, length: int, device: torch.device | str = "cpu") -> Tensor:
     """Ids of T text tokens, (B, T, 4) int64: (0, 0, 0, index) (official prc_txt)."""
-    ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length))  # (T, 4)
+    ids = torch.cartesian_prod(
+        torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)
+    )  # (T, 4)
     return repeat(ids, "T four -> B T four", B=batch).to(device)
 
 
@@ -128,7 +130,9 @@ def prepare(img: Tensor, txt: Tensor) -> ModelInputs:
     The official batched_prc_img / batched_prc_txt, with a batch-1 txt repeated to img's batch.
     """
     if img.ndim != 4 or txt.ndim != 3:
-        raise ValueError(f"prepare expects img (B, C, h, w) and txt (B, T, D); got {tuple(img.shape)}, {tuple(txt.shape)}")
+        raise ValueError(
+            f"prepare expects img (B, C, h, w) and txt (B, T, D); got {tuple(img.shape)}, {tuple(txt.shape)}"
+        )
     bs = img.shape[0]
     if txt.shape[0] not in (1, bs):
         raise ValueError(f"txt batch {txt.shape[0]} for an img batch of {bs}: give 1 or {bs}")
@@ -165,7 +169,9 @@ def prepare_references(latents: Sequence[Tensor], batch: int = 1) -> References:
     tokens, ids = [], []
     for i, latent in enumerate(latents):
         if latent.ndim != 4 or latent.shape[0] != 1:
-            raise ValueError(f"reference {i} must be one encoded image (1, C, h, w); got shape {tuple(latent.shape)}")
+            raise ValueError(
+                f"reference {i} must be one encoded image (1, C, h, w); got shape {tuple(latent.shape)}"
+            )
         tokens.append(pack(latent)[0])  # (M_i, C)
         ids.append(grid_ids(*latent.shape[-2:], t=REF_T_SCALE + REF_T_SCALE * i))  # (M_i, 4)
     img = repeat(torch.cat(tokens), "M C -> B M C", B=batch)  # (B, M, C)
@@ -207,7 +213,7 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 
 def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
-    """num_steps + 1 times from 1 to 0: a float32 linspace through FLUX.1's time_shift (sigma 1) at the empirical mu."""
+    """num_steps + 1 times from 1 to 0: a float32 linspace through time_shift (sigma 1) at the empirical mu."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1; got {num_steps!r}")
     mu = compute_empirical_mu(image_seq_len, num_steps)
@@ -242,7 +248,12 @@ def denoise(
     references: reference images' tokens (prepare_references), after the image's at every step; the
     velocity predicted for them is dropped.
     """
-    if img.ndim != 3 or img_ids.shape[:2] != img.shape[:2] or txt.shape[0] != img.shape[0] or txt_ids.shape[:2] != txt.shape[:2]:
+    if (
+        img.ndim != 3
+        or img_ids.shape[:2] != img.shape[:2]
+        or txt.shape[0] != img.shape[0]
+        or txt_ids.shape[:2] != txt.shape[:2]
+    ):
         raise ValueError(
             "denoise expects img (B, N, C), img_ids (B, N, 4), txt (B, T, D), txt_ids (B, T, 4) with one batch "
             "size (prepare() builds them); got "
@@ -253,10 +264,15 @@ def denoise(
     cond = None
     if references is not None:
         if references.img.shape[0] != bs:
-            raise ValueError(f"references have batch {references.img.shape[0]}, the image {bs}: prepare_references(..., batch={bs})")
+            raise ValueError(
+                f"references have batch {references.img.shape[0]}, the image {bs}: "
+                f"use prepare_references(..., batch={bs})"
+            )
         ids = torch.cat([img_ids, references.ids.to(img_ids)], dim=1)  # (B, N+M, 4)
         cond = references.img.to(img)  # (B, M, C)
-    guidance_vec = None if guidance is None else torch.full((bs,), guidance, dtype=img.dtype, device=img.device)
+    guidance_vec = (
+        None if guidance is None else torch.full((bs,), guidance, dtype=img.dtype, device=img.device)
+    )
 
     def velocity(x: Tensor, t: float, step: int) -> Tensor:
         t_vec = torch.full((bs,), t, dtype=x.dtype, device=x.device)  # (B,)
