@@ -80,22 +80,22 @@ def get_noise(
     if num_samples < 1 or height < 1 or width < 1:
         raise ValueError(f"num_samples, height and width must be >= 1; got {num_samples}, {height}, {width}")
     shape = (z_channels, *latent_size(height, width, pixels_per_token))
+    noise = seeded_randn(num_samples, shape, seed, dtype)  # (B, C, 2H, 2W)
+    return noise.to(device)
+
+
+def seeded_randn(num_samples: int, shape: tuple[int, ...], seed: int | Sequence[int], dtype: torch.dtype) -> Tensor:
+    """(num_samples, *shape) standard normal on the CPU: one generator for an int seed, one per sample
+    for a list of seeds (see get_noise). FLUX.2's noise (flux_core/flux2/sampling.py) draws the same way."""
     if isinstance(seed, Integral):
         g = torch.Generator("cpu").manual_seed(int(seed))
-        noise = torch.randn(num_samples, *shape, generator=g, dtype=dtype)  # (B, C, 2H, 2W)
-    else:
-        seeds = list(seed)
-        if len(seeds) != num_samples:
-            raise ValueError(
-                f"got {len(seeds)} seeds for num_samples={num_samples}; pass one seed per sample"
-            )
-        noise = torch.cat(
-            [
-                torch.randn(1, *shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=dtype)
-                for s in seeds
-            ]
-        )  # (B, C, 2H, 2W)
-    return noise.to(device)
+        return torch.randn(num_samples, *shape, generator=g, dtype=dtype)
+    seeds = list(seed)
+    if len(seeds) != num_samples:
+        raise ValueError(f"got {len(seeds)} seeds for num_samples={num_samples}; pass one seed per sample")
+    return torch.cat(
+        [torch.randn(1, *shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=dtype) for s in seeds]
+    )
 
 
 # ----------------------------------------------------------------------------- packing and ids
