@@ -1,7 +1,7 @@
 """Training flux-mini-kontext: flux-mini fine-tuned to edit a face by instruction, as FLUX.1 Kontext does.
 
     python -m fluxspace.mini.train_kontext --out FOLDER [--steps 2000] [--batch 32] [--lr 2e-4]
-        [--pairs 8000] [--seed 0] [--resume] [--time-limit SECONDS]
+        [--pairs 8000] [--seed 0] [--resume] [--time-limit SECONDS] [--device cuda]
 
 Data (edit_pairs.py): --pairs instruction-edit pairs of the training split: a render (the image to
 edit), an instruction, and the same face with that one change. Both renders are encoded with
@@ -101,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --work")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop (checkpointed) past it, exit 3")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="where the data is encoded and the model trained (cpu, cuda)")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "pairs"):
         if getattr(args, name) < 1:
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     work = args.work or args.out.parent / "flux-mini-kontext-work"
     work.mkdir(parents=True, exist_ok=True)
-    base = load_models(args.model)  # flux-mini: its AE and text encoders make the data, its weights the start
+    base = load_models(args.model, device=args.device)  # flux-mini: its AE and text encoders make the data, its weights the start
     key = {"pairs": args.pairs, "seed": args.seed, "model": str(base.paths.transformer)}
     data = load_data(work / "data.safetensors", key)
     if data is None:
@@ -131,8 +132,8 @@ def main(argv=None) -> int:
     start = {k: v.clone() for k, v in model.state_dict().items()}
     config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
                          ema_decay=args.ema, seed=args.seed, checkpoint_every=100)  # fmt: skip
-    loss_fn = kontext_loss(latents, bank, args.batch, CAPTION_DROPOUT, "cpu")
-    result = train(model, loss_fn, config, work, resume=args.resume, time_limit=args.time_limit, desc="kontext",
+    loss_fn = kontext_loss(latents, bank, args.batch, CAPTION_DROPOUT, args.device)
+    result = train(model, loss_fn, config, work, args.device, resume=args.resume, time_limit=args.time_limit, desc="kontext",
                    init={"model": start, "ema": start})  # fmt: skip
     if not result.finished:
         print(f"stopped at step {result.step} of {result.total}; --resume goes on", file=sys.stderr)
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
                                    "final_loss": result.loss})  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     # stored as flux-mini ships (bf16), read back in any compute dtype
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in result.ema.state_dict().items()}
+    tensors = {k: v.to("cpu", torch.bfloat16).contiguous() for k, v in result.ema.state_dict().items()}
     with atomic_file(args.out / TRANSFORMER_FILE) as f:
         f.write(safetensors.torch.save(tensors, metadata=meta))
     print(args.out / TRANSFORMER_FILE)
