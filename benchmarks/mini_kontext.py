@@ -286,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--flux", default="flux-mini", help="the text-to-image model for (c)")
     p.add_argument("--faces", type=int, default=16, help="held-out faces per task")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None, help="true-CFG scale (default: the preset's)")
+    p.add_argument("--cfg", type=float, default=None, help="true-CFG scale (default: the preset's, 6 for flux-mini-kontext)")
     p.add_argument("--tasks", default=",".join([t.name for t in TASKS] + [TWO]))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--two-lambda", type=float, default=4.0, help="lambda of each FluxSpace concept in the composed edit")
@@ -313,10 +313,10 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     kontext, flux = load_models(args.kontext), load_models(args.flux)
     evaluator = load_evaluator()
-    settings = SampleSettings(guidance=args.guidance)
+    settings = SampleSettings(cfg_scale=args.cfg)
     runner = Runner(kontext, flux, settings)
     args.work.mkdir(parents=True, exist_ok=True)
-    rows_path = args.work / f"rows-{'quick' if args.quick else args.faces}-g{args.guidance}.jsonl"
+    rows_path = args.work / f"rows-{'quick' if args.quick else args.faces}-cfg{args.cfg}.jsonl"
     rows = load_rows(rows_path)
     done = {(r["task"], r["face"]) for r in rows}
     t0 = time.perf_counter()
@@ -340,7 +340,7 @@ def main(argv=None) -> dict:
             print(f"{name} face {i + 1}/{args.faces} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     data = summary(rows)
     result = {"benchmark": "mini_kontext", "kontext": args.kontext, "flux": args.flux, "faces": args.faces,
-              "guidance": args.guidance, "lambdas": LAMBDAS, "two_lambda": args.two_lambda, "start": START,
+              "cfg_scale": args.cfg, "lambdas": LAMBDAS, "two_lambda": args.two_lambda, "start": START,
               "tau_m": TAU_M, "inversion": f"{INVERSION}@{INVERSION_STEPS}", "machine": machine_info("cpu"),
               "seconds": time.perf_counter() - t0, "results": data}  # fmt: skip
     text = table(data)

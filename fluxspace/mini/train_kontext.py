@@ -139,7 +139,10 @@ def main(argv=None) -> int:
         print(f"stopped at step {result.step} of {result.total}; --resume goes on", file=sys.stderr)
         return 3
     meta = flux_metadata(model.params, preset="flux-mini-kontext")
-    meta["training"] = json.dumps({"base": str(base.paths.transformer), "steps": args.steps, "batch": args.batch,
+    with safetensors.safe_open(base.paths.transformer, framework="pt") as f:  # a second stage keeps the first's record
+        base_training = json.loads((f.metadata() or {}).get("training", "null"))
+    meta["training"] = json.dumps({"base": base.paths.transformer.name, "base_training": base_training,
+                                   "device": args.device, "steps": args.steps, "batch": args.batch,
                                    "lr": args.lr, "pairs": args.pairs, "seed": args.seed, "ema": args.ema,
                                    "final_loss": result.loss})  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
