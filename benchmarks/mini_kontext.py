@@ -87,8 +87,8 @@ TASKS = (
                 "the person is clean-shaven", "add a beard"),
 )  # fmt: skip
 TWO = "hat + eyeglasses"  # the composed edit: both must be read
-LAMBDAS = {"b": (-100.0, -40.0, 0.0, 40.0, 100.0), "b0": (-40.0, -20.0, -10.0, -5.0, 0.0, 5.0, 10.0, 20.0),
-           "b'": (0.0, 20.0, 50.0, 100.0), "c": (2.0, 4.0, 8.0, 16.0)}  # fmt: skip
+LAMBDAS = {"b": (-100.0, -40.0, 0.0, 40.0, 100.0), "b0": (-10.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 5.0),
+           "b'": (0.0, 5.0, 10.0, 20.0, 50.0), "c": (2.0, 4.0, 8.0, 16.0)}  # fmt: skip
 TAUS = {"b": TAU_M, "b0": 0.0, "b'": 0.0, "c": TAU_M}  # the keyword mask's threshold per mode (0: no mask)
 MODES = {"a": "Kontext alone", "a'": "Kontext, unseen phrasing", "b": "Kontext + FluxSpace (instruction as base)",
          "b0": "Kontext + FluxSpace, no mask", "b'": "Kontext + FluxSpace (empty base, no mask)",

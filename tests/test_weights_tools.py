@@ -154,21 +154,33 @@ def test_unknown_preset(tmp_path, capsys):
 # inspect
 
 
-def test_inspect_text(ckpt, capsys):
+def test_inspect_text(ckpt, capsys, tmp_path):
     code, out, _ = run(capsys, "inspect", ckpt / "flux1-tiny.safetensors")
     assert code == 0
-    assert ("variant   dev (dev-shaped: FLUX.1 [dev], Krea [dev] and Kontext [dev] share these keys; the model is "
-            "--preset flux-dev / flux-krea-dev / flux-kontext-dev, or the preset the file's metadata records)\n") in out
+    assert "variant   tiny (the preset the file's metadata records; its keys are dev-shaped)\n" in out
     assert f"tensors   60, {TINY_PARAMS:,} parameters, dtypes F32 x60\n" in out
     assert "presets   tiny, tiny-kontext\n" in out  # a Kontext model has its base model's shape
     assert "  single_blocks.{0..1}.linear1.weight  x2  (448, 64)  F32\n" in out
+
+
+def test_inspect_names_the_variant_from_metadata_as_the_keys_cannot_tell_kontext_from_dev(ckpt, capsys, tmp_path):
+    tensors = load_file(ckpt / "flux1-tiny.safetensors")
+    save_file(tensors, tmp_path / "bare.safetensors")  # no metadata: the keys alone
+    save_file(tensors, tmp_path / "kontext.safetensors", metadata={"fluxspace.preset": "tiny-kontext"})
+    code, out, _ = run(capsys, "inspect", tmp_path / "bare.safetensors")
+    assert code == 0
+    assert ("variant   dev (dev-shaped: FLUX.1 [dev], Krea [dev] and Kontext [dev] share these keys; the model is "
+            "--preset flux-dev / flux-krea-dev / flux-kontext-dev, or the preset the file's metadata records)\n") in out
+    code, out, _ = run(capsys, "inspect", tmp_path / "kontext.safetensors")
+    assert code == 0
+    assert "variant   tiny-kontext (the preset the file's metadata records; its keys are dev-shaped)\n" in out
 
 
 def test_inspect_json_and_keys(ckpt, capsys):
     code, out, _ = run(capsys, "inspect", ckpt / "flux1-tiny.safetensors", "--json", "--keys")
     report = json.loads(out)
     assert code == 0
-    assert (report["layout"], report["model"], report["variant"]) == ("bfl", "transformer", "dev")
+    assert (report["layout"], report["model"], report["variant"]) == ("bfl", "transformer", "tiny")
     assert report["num_params"] == TINY_PARAMS
     assert report["params"]["depth_single_blocks"] == 2 and report["params"]["axes_dim"] == [8, 12, 12]
     assert len(report["keys"]) == 60
@@ -302,7 +314,7 @@ def test_convert_diffusers_pipeline_folder(ckpt, tmp_path, capsys):
     capsys.readouterr()
 
     reports = json.loads(run(capsys, "inspect", pipe, "--json")[1])
-    assert [(r["layout"], r["variant"]) for r in reports] == [("diffusers", "dev"), ("diffusers", "ae")]
+    assert [(r["layout"], r["variant"]) for r in reports] == [("diffusers", "tiny"), ("diffusers", "ae")]
     assert reports[0]["num_params"] == TINY_PARAMS
 
     code, _, err = run(capsys, "convert", pipe, tmp_path / "x.safetensors", "--to", "bfl")

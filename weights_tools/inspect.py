@@ -111,6 +111,11 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
             report["variant"] = detect_variant(ws.bfl_shapes()) if fmt[1] == "transformer" else "ae"
             if report["variant"] == "dev":
                 report["variant_note"] = DEV_SHAPED_NOTE
+            recorded = (ws.metadata or {}).get("fluxspace.preset")
+            if fmt[1] == "transformer" and recorded in PRESETS:  # the keys alone cannot tell Kontext from dev
+                shaped = report["variant"]
+                report["variant"] = recorded
+                report["variant_note"] = f"the preset the file's metadata records; its keys are {shaped}-shaped"
             if fmt[1] == "transformer":
                 params = check_flow_model(ws)
                 report["matching_presets"] = sorted(n for n, p in PRESETS.items() if p.params == params)
