@@ -5,6 +5,7 @@ where to find them and which preset gives their defaults. Without a model the sh
 used: the library finds its files without importing the flux-mini domain (fluxspace/mini/).
 """
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,20 @@ def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
                 f"(known: {', '.join(sorted(PRESETS))}); pass --preset NAME to choose one"
             )
         return PRESETS[recorded]
+    if params.guidance_embed and diffusers_pipeline(paths.transformer) == "FluxKontextPipeline":
+        return PRESETS["flux-kontext-dev"]  # Kontext's keys equal dev's; its diffusers folder names its pipeline
     return PRESETS["flux-dev" if params.guidance_embed else "flux-schnell"]
+
+
+def diffusers_pipeline(folder: Path) -> str | None:
+    """The pipeline class a diffusers folder's model_index.json names (None: no such file)."""
+    index = folder / "model_index.json"
+    if not (folder.is_dir() and index.is_file()):
+        return None
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # an unreadable index says nothing; the keys decide
 
 
 @dataclass

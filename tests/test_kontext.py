@@ -303,6 +303,28 @@ def test_kontext_cli(tiny_checkpoint, tmp_path, capsys, photo):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("pipeline, preset", [("FluxKontextPipeline", "flux-kontext-dev"), ("FluxPipeline", "flux-dev"),
+                                              (None, "flux-dev")])  # fmt: skip
+def test_a_diffusers_kontext_folder_is_kontext_by_its_model_index(tiny_checkpoint, tmp_path, pipeline, preset):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from flux_core.files import read_header
+    from fluxspace.models import ModelPaths, resolve_preset
+
+    # dev-shaped keys without a recorded preset, as the official diffusers folders hold them (the
+    # tiny model's RoPE axes stay recorded: only the official head size's can be inferred)
+    sd = bfl_to_diffusers_transformer(load_file(tiny_checkpoint.transformer))
+    meta = {k: v for k, v in read_header(tiny_checkpoint.transformer)[2].items() if k != "fluxspace.preset"}
+    (tmp_path / "transformer").mkdir()
+    save_file(sd, tmp_path / "transformer" / "diffusion_pytorch_model.safetensors", metadata=meta)
+    if pipeline is not None:
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    assert resolve_preset(ModelPaths(tmp_path, tmp_path, tmp_path), None).name == preset
+    assert resolve_preset(ModelPaths(tmp_path, tmp_path, tmp_path), "flux-dev").name == "flux-dev"  # --preset wins
+
+
 def test_shipped_models_by_name():
     from fluxspace.models import FLUX_MINI_DIR, resolve_paths, shipped_paths
 
@@ -310,11 +332,7 @@ def test_shipped_models_by_name():
     assert (mini.transformer, mini.ae, mini.text_encoders) == (
         FLUX_MINI_DIR / "flux-mini.safetensors", FLUX_MINI_DIR / "ae.safetensors", FLUX_MINI_DIR)  # fmt: skip
     kontext = FLUX_MINI_DIR.parent / "flux-mini-kontext" / "flux-mini-kontext.safetensors"
-    if kontext.is_file():
-        assert resolve_paths("flux-mini-kontext").transformer == kontext
-        assert resolve_paths("flux-mini-kontext").ae == FLUX_MINI_DIR / "ae.safetensors"
-    else:
-        with pytest.raises(FileNotFoundError, match="flux-mini-kontext is not in this install"):
-            shipped_paths("flux-mini-kontext")
+    assert resolve_paths("flux-mini-kontext").transformer == kontext == shipped_paths("flux-mini-kontext").transformer
+    assert resolve_paths("flux-mini-kontext").ae == FLUX_MINI_DIR / "ae.safetensors"
     with pytest.raises(FileNotFoundError, match="a shipped model's name: flux-mini, flux-mini-kontext"):
         resolve_paths("flux-maxi")
