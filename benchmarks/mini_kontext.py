@@ -231,17 +231,39 @@ def summary(rows: list[dict]) -> dict:
             for task, modes in out.items()}  # fmt: skip
 
 
+SLIDER = (-4.0, -3.0, -2.0, -1.0, 0.0)  # (b0)'s range where the strength acts on a Kontext edit
+
+
+def slider(rows: list[dict], tolerance: float = 0.05) -> dict:
+    """Per task, is (b0) a usable strength control? The share of faces whose evaluator probability of
+    the target, p(target), falls monotonically (within `tolerance`) as lambda goes 0 -> -4, and of
+    faces with an in-between output (0.1 < p < 0.9) somewhere on that path."""
+    out = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        per_face = {}
+        for r in rows:
+            if r["task"] == task and r["mode"] == "b0" and r["strength"] in SLIDER and r["success"] is not None:
+                per_face.setdefault(r["face"], {})[r["strength"]] = r["text"]
+        paths = [[p[lam] for lam in reversed(SLIDER)] for p in per_face.values() if len(p) == len(SLIDER)]
+        if paths:
+            monotone = [all(b <= a + tolerance for a, b in zip(q[:-1], q[1:], strict=True)) for q in paths]
+            between = [any(0.1 < x < 0.9 for x in q) for q in paths]
+            out[task] = {"faces": len(paths), "monotone": float(np.mean(monotone)), "in_between": float(np.mean(between))}
+    return out
+
+
 def table(data: dict) -> str:
     lines = []
     for task, modes in data.items():
-        lines += [f"### {task}", "", "| method | lambda | n | success % | preservation % | PSNR outside dB |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"### {task}", "",
+                  "| method | lambda | n | success % | preservation % | PSNR outside dB | p(target) % |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for mode, points in modes.items():
             for p in points:
                 s = p["summary"]
                 lam = "-" if p["strength"] is None else f"{p['strength']:g}"
                 lines.append(f"| ({mode}) {MODES[mode]} | {lam} | {s['n']} | {fmt(s['success'])} | "
-                             f"{fmt(s['preservation'])} | {fmt(s['psnr_outside'], False)} |")  # fmt: skip
+                             f"{fmt(s['preservation'])} | {fmt(s['psnr_outside'], False)} | {fmt(s['text'])} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
@@ -343,7 +365,11 @@ def main(argv=None) -> dict:
               "cfg_scale": args.cfg, "lambdas": LAMBDAS, "two_lambda": args.two_lambda, "start": START,
               "tau_m": TAU_M, "inversion": f"{INVERSION}@{INVERSION_STEPS}", "machine": machine_info("cpu"),
               "seconds": time.perf_counter() - t0, "results": data}  # fmt: skip
-    text = table(data)
+    result["slider"] = slider(rows)
+    text = table(data) + "\n".join(["### (b0) as a slider, lambda 0 -> -4", "",
+                                    "| task | faces | p(target) monotone % | an in-between output % |", "|---|---|---|---|"]
+                                   + [f"| {t} | {v['faces']} | {100 * v['monotone']:.0f} | {100 * v['in_between']:.0f} |"
+                                      for t, v in result["slider"].items()]) + "\n"  # fmt: skip
     print(text)
     stem = "mini_kontext-quick" if args.quick else "mini_kontext"
     write_json(args.out / f"{stem}.json", result)

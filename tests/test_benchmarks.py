@@ -104,3 +104,15 @@ def test_load_memory_loads_each_dtype_and_writes_json(tmp_path, capsys):
     assert 0 < data["checkpoint"]["file_bytes"] - rows["bfloat16"]["model_bytes"] < 100_000
     assert list(tmp_path.iterdir()) == [out]  # the temporary checkpoint is gone
     assert "| float32 |" in capsys.readouterr().out
+
+
+def test_mini_kontext_slider_reads_monotone_and_in_between_paths():
+    mini_kontext = load_script("mini_kontext")
+
+    def rows(face, probs, task="hat"):  # p(target) at lambda -4, -3, -2, -1, 0
+        return [{"task": task, "face": face, "mode": "b0", "strength": lam, "success": p > 0.5, "text": p}
+                for lam, p in zip((-4.0, -3.0, -2.0, -1.0, 0.0), probs, strict=True)]  # fmt: skip
+
+    data = rows(0, [0.0, 0.0, 0.5, 1.0, 1.0]) + rows(1, [1.0, 0.0, 1.0, 1.0, 1.0]) + rows(2, [0.0, 0.0, 0.0, 0.0, 0.97])
+    data += [{"task": "hat", "face": 3, "mode": "b0", "strength": 0.0, "success": True, "text": 1.0}]  # incomplete: left out
+    assert mini_kontext.slider(data) == {"hat": {"faces": 3, "monotone": 2 / 3, "in_between": 1 / 3}}
