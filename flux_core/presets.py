@@ -9,13 +9,14 @@ its presets through `family_preset`, which refuses the other family's by name.
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from .autoencoder import AutoEncoderParams
+from .autoencoder import AutoEncoder, AutoEncoderParams
 from .flux2.autoencoder import FLUX2_AE
+from .flux2.autoencoder import AutoEncoder as Flux2AutoEncoder
 from .flux2.autoencoder import AutoEncoderParams as Flux2AEParams
-from .flux2.model import Flux2Params, get_params
+from .flux2.model import Flux2, Flux2Params, get_params
 from .flux2.preset import Flux2Preset
 from .formats import FAMILIES
-from .model import FluxParams
+from .model import Flux, FluxParams
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,8 @@ PRESETS |= {
 }  # fmt: skip
 
 AnyPreset = Preset | Flux2Preset
+# The model classes a preset's params build, by family: (transformer, autoencoder).
+MODEL_CLASSES = {"flux1": (Flux, AutoEncoder), "flux2": (Flux2, Flux2AutoEncoder)}
 
 
 def get_preset(name: str) -> AnyPreset:

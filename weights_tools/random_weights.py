@@ -39,14 +39,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flux_core.autoencoder import AutoEncoder
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 from flux_core.files import CheckpointError, dtype_named
-from flux_core.flux2.autoencoder import AutoEncoder as Flux2AutoEncoder
-from flux_core.flux2.model import Flux2
 from flux_core.inference import META_RESOLUTION, ae_metadata, flux_metadata
-from flux_core.model import Flux
-from flux_core.presets import AnyPreset, get_preset
+from flux_core.presets import MODEL_CLASSES, AnyPreset, get_preset
 
 from .convert import check_writable, write_safetensors
 
@@ -58,8 +54,6 @@ DTYPE_CHOICES = ("float32", "bfloat16")
 SMALL_PRESET_PARAMS = 100_000_000
 # Checkpoint sets larger than this are written only when asked for explicitly (allow_large).
 MAX_BYTES = 4 * 2**30
-# The model classes of each family: (transformer, autoencoder).
-MODEL_CLASSES = {"flux1": (Flux, AutoEncoder), "flux2": (Flux2, Flux2AutoEncoder)}
 
 
 def tensor_seed(seed: int, key: str) -> int:
