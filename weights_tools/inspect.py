@@ -21,9 +21,8 @@ from flux_core.files import (
     read_header,
     shard_files,
 )
-from flux_core.formats import BFL_PREFIX, ConversionError
 from flux_core.flux2.loading import check_flux2_autoencoder, check_flux2_model, detect_flux2_variant
-from flux_core.formats import FAMILIES
+from flux_core.formats import BFL_PREFIX, FAMILIES, ConversionError
 from flux_core.inference import detect_variant
 from flux_core.loading import check_autoencoder, check_flow_model
 from flux_core.lora import LoraError, read_lora

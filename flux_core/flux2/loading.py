@@ -76,7 +76,9 @@ def flux2_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = N
         linear1 = need("single_blocks.0.linear1.weight", "3 x hidden size + 2 x MLP width, hidden size")
         mlp_hidden = (linear1[0] - 3 * hidden) // 2
     else:
-        raise CheckpointError("the file has no double_blocks.* and no single_blocks.*: not a usable FLUX.2 model")
+        raise CheckpointError(
+            "the file has no double_blocks.* and no single_blocks.*: not a usable FLUX.2 model"
+        )
     need.check()
     if hidden % head_dim:
         raise CheckpointError(
@@ -84,7 +86,9 @@ def flux2_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = N
             f"{hidden} of img_in.weight {(hidden, in_channels)}"
         )
     if mlp_hidden <= 0:
-        raise CheckpointError(f"the MLP width read from the blocks is {mlp_hidden}: the shapes are not a FLUX.2 model")
+        raise CheckpointError(
+            f"the MLP width read from the blocks is {mlp_hidden}: the shapes are not a FLUX.2 model"
+        )
     axes_dim = metadata_value(metadata, META_AXES_DIM)
     if axes_dim is None:
         if head_dim != sum(OFFICIAL_AXES_DIM):
@@ -134,7 +138,9 @@ def check_flux2_model(files: WeightFiles, preset: str | Flux2Preset | None = Non
         wanted = "dev" if preset.params.guidance_embed else "klein"
         if variant != wanted:
             found = (
-                "has guidance_in.* (a [dev]-type model)" if variant == "dev" else "has no guidance_in.* (a [klein]-type model)"
+                "has guidance_in.* (a [dev]-type model)"
+                if variant == "dev"
+                else "has no guidance_in.* (a [klein]-type model)"
             )
             raise CheckpointError(
                 f"{files.path} {found}, but preset {preset.name!r} is a [{wanted}]-type model; "

@@ -37,7 +37,9 @@ class Flux2Preset:
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_KINDS:
-            raise ValueError(f"guidance {self.guidance!r} of preset {self.name!r}; valid: {', '.join(GUIDANCE_KINDS)}")
+            raise ValueError(
+                f"guidance {self.guidance!r} of preset {self.name!r}; valid: {', '.join(GUIDANCE_KINDS)}"
+            )
         if (self.guidance == "embedded") != self.params.guidance_embed:
             raise ValueError(
                 f"preset {self.name!r}: guidance {self.guidance!r} needs a transformer "
