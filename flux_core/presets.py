@@ -294,7 +294,10 @@ def family_presets(family: str) -> list[str]:
 def family_preset(preset: "str | AnyPreset", family: str, use: str = "") -> AnyPreset:
     """A preset (by name or as given) of `family`; another family's is refused, listing the valid names.
 
-    use: what takes only this family, for the message (e.g. "load_flow_model")."""
+    use: what takes only this family, for the message (e.g. "load_flow_model"). An unknown name lists
+    this family's presets."""
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(family_presets(family))}")
     p = get_preset(preset) if isinstance(preset, str) else preset
     if p.family != family:
         what = f"; {use} takes {FAMILIES[family]} presets" if use else ""

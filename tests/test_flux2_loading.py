@@ -103,8 +103,9 @@ def test_family_preset_refuses_the_other_family():
         str(e.value)
         == f"preset 'flux2-dev' is a FLUX.2 model; load_flow_model takes FLUX.1 presets: {FLUX1_PRESETS}"
     )
-    with pytest.raises(ValueError, match=r"^unknown preset 'flux3'; valid presets: flux-dev, "):
+    with pytest.raises(ValueError) as e:
         family_preset("flux3", "flux2")
+    assert str(e.value) == f"unknown preset 'flux3'; valid presets: {FLUX2_PRESETS}"
 
 
 # ----------------------------------------------------------------------------------------------
