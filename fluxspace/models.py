@@ -16,7 +16,7 @@ import torch
 from flux_core import Flux, FluxParams, Preset, get_preset
 from flux_core.autoencoder import AutoEncoder, AutoEncoderParams
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS, check_text_encoder_folder
-from flux_core.files import CheckpointError, open_weights
+from flux_core.files import CheckpointError, WeightFiles, open_weights
 from flux_core.inference import META_PRESET
 from flux_core.loading import (
     check_autoencoder,
@@ -109,6 +109,7 @@ def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders
         transformer, default_ae, default_te = candidates[0], model / "ae.safetensors", model
     else:
         transformer, default_ae, default_te = model, model.parent / "ae.safetensors", model.parent
+    refuse_flux2(transformer)  # before looking for FLUX.1's text encoders beside it
     ae_path = Path(ae) if ae else default_ae
     te_path = Path(text_encoders) if text_encoders else default_te
     if not ae_path.exists():
@@ -131,11 +132,7 @@ def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
     if preset is not None:
         return _flux1_only(get_preset(preset))
     files = open_weights(paths.transformer, "transformer")
-    if files.family == "flux2":
-        raise CheckpointError(
-            f"{paths.transformer} is a FLUX.2 transformer; the fluxspace pipeline runs FLUX.1 models only for now "
-            f"(FLUX.2 loads with flux_core.flux2.loading)"
-        )
+    refuse_flux2(paths.transformer, files)
     params = check_flow_model(files)
     recorded = files.metadata.get(META_PRESET)
     if recorded is not None:
@@ -148,6 +145,21 @@ def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
     if params.guidance_embed and diffusers_pipeline(paths.transformer) == "FluxKontextPipeline":
         return PRESETS["flux-kontext-dev"]  # Kontext's keys equal dev's; its diffusers folder names its pipeline
     return PRESETS["flux-dev" if params.guidance_embed else "flux-schnell"]
+
+
+def refuse_flux2(transformer: Path, files: WeightFiles | None = None) -> None:
+    """Refuse a FLUX.2 transformer in one line: the pipeline runs FLUX.1 models only for now. Files
+    that cannot be read are left to the loader's checks, which name what is wrong."""
+    if files is None:
+        try:
+            files = open_weights(transformer, "transformer")
+        except CheckpointError:
+            return
+    if files.family == "flux2":
+        raise CheckpointError(
+            f"{transformer} is a FLUX.2 transformer; the fluxspace pipeline runs FLUX.1 models only for now "
+            f"(FLUX.2 loads with flux_core.flux2.loading)"
+        )
 
 
 def _flux1_only(preset: AnyPreset) -> Preset:

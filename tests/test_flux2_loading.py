@@ -399,3 +399,19 @@ def test_fluxspace_refuses_flux2_for_now(ckpt):
 
 def test_flux1_model_class_is_untouched(flux1):
     assert isinstance(load_flow_model(flux1.transformer), Flux)
+
+
+def test_fluxspace_cli_refuses_a_flux2_model_in_one_line(ckpt, capsys):
+    from fluxspace.cli import main
+
+    for argv, message in (
+        (
+            ["--model", str(ckpt.transformer)],
+            f"{ckpt.transformer} is a FLUX.2 transformer; the fluxspace pipeline",
+        ),
+        (["--preset", "flux2-klein-4b"], "preset 'flux2-klein-4b' is a FLUX.2 model; the fluxspace pipeline"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "a face", *argv, "--out", str(ckpt.transformer.parent / "o.png")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"fluxspace: error: {message}") and err.count("\n") == 1
