@@ -17,6 +17,10 @@ head dim 128.
 fp8 files (float8 weights, optionally with ComfyUI's per-layer `scale_weight`) load too: upcast to
 the target dtype, or kept in fp8 with `weights="fp8"`; their layout is runtime/fp8.py's.
 
+FLUX.2 files load through flux2/loading.py, which uses this file's checks and `build`; which family
+a file is comes from its keys (formats.detect_family), and a file reaching the other family's loader
+is refused naming the loader to use.
+
 Every check is made on the headers before a tensor is read, and a file that fails one is refused
 with a one-line CheckpointError naming it: the safetensors structure (files.read_header), our
 metadata values (check_metadata), the shape inference (a missing tensor is listed, contradictory
