@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="fp8-bench-"))
     ckpt = write_random_checkpoint(
         args.preset, tmp, seed=args.seed, dtype="bfloat16", transformer_only=True,
-        depth=args.depth, depth_single=args.depth_single,
+        depth=args.depth, depth_single=args.depth_single, allow_large=True,
     ).transformer  # fmt: skip
     scaled = convert_file(ckpt, tmp / "fp8.safetensors", to="fp8").path
 

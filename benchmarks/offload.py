@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         folder = Path(tmp) / "ckpt"
         print(f"writing a random {args.preset} checkpoint set ...", file=sys.stderr, flush=True)
         ckpt = write_random_checkpoint(args.preset, folder, dtype=args.dtype, depth=args.depth,
-                                       depth_single=args.depth_single)  # fmt: skip
+                                       depth_single=args.depth_single, allow_large=True)  # fmt: skip
         install_text_encoders(folder, t5_dim=params.context_in_dim, clip_dim=params.vec_in_dim,
                               t5_max_length=get_preset(args.preset).t5_max_length, num_layers=args.t5_layers)  # fmt: skip
         # The real FLUX.1 text encoders ship in bf16; the random ones are written in float32. Store them in

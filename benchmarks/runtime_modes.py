@@ -224,7 +224,7 @@ def run_writer(args) -> dict:
     rw.random_tensor = random_tensor  # write_random_file looks it up at call time
     try:
         ckpt = rw.write_random_checkpoint(args.preset, folder, seed=args.seed, dtype="bfloat16", depth=args.depth,
-                                          depth_single=args.depth_single, force=True)  # fmt: skip
+                                          depth_single=args.depth_single, force=True, allow_large=True)  # fmt: skip
     finally:
         rw.random_tensor = original
     result["transformer_ae_s"] = time.perf_counter() - t0

@@ -7,7 +7,8 @@ weight tools (weights_tools/: inspect, verify, convert) open files through `open
 A model's weights are one .safetensors file (official or diffusers layout, keys optionally
 prefixed `model.diffusion_model.`), a folder of shards named by an index json, or one component
 (transformer/ or vae/) of a diffusers pipeline folder. Keys are always module keys: the prefix is
-removed on reading, and which layout the keys use is read from the keys (formats.detect_format).
+removed on reading, and which layout, model and family (FLUX.1 or FLUX.2) the keys are is read from
+the keys (formats.detect_format, formats.detect_family).
 """
 
 import json
@@ -22,9 +23,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .formats import CONVERTERS, detect_format, strip_prefix
+from .flux2.formats import CONVERTERS as FLUX2_CONVERTERS
+from .formats import CONVERTERS, detect_family, detect_format, strip_prefix
 
 Shapes = dict[str, tuple[int, ...]]
+# Each family's converters: (model, target layout) -> function (flux_core/formats.py, flux2/formats.py).
+FAMILY_CONVERTERS = {"flux1": CONVERTERS, "flux2": FLUX2_CONVERTERS}
 
 
 class CheckpointError(ValueError):
@@ -350,6 +354,15 @@ class WeightFiles:
         """(layout, model), e.g. ('diffusers', 'ae'); None if the keys are of neither model."""
         return detect_format(self.shapes)
 
+    @property
+    def family(self) -> str | None:
+        """'flux1' or 'flux2' (formats.detect_family); None if the keys are of neither model."""
+        return detect_family(self.shapes)
+
+    def converter(self, to: str) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+        """The function converting this model's tensors to the layout `to` ('bfl' or 'diffusers')."""
+        return FAMILY_CONVERTERS[self.family][(self.format[1], to)]
+
     def meta_tensors(self, keys=None) -> dict[str, Tensor]:
         """Shape-and-dtype-only tensors (no memory), to run the converters on."""
         keys = self.shapes if keys is None else keys
@@ -362,7 +375,9 @@ class WeightFiles:
         return {k: tuple(v.shape) for k, v in self._to_bfl(self.meta_tensors()).items()}
 
     def bfl_tensors(self, device: str | torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        """Every tensor, read memory-mapped one at a time into `dtype` on `device`, under official names."""
+        """Every tensor, read memory-mapped one at a time into `dtype` on `device`, under official names.
+
+        Integer tensors (the FLUX.2 autoencoder's bn.num_batches_tracked) keep their dtype."""
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for key, (file, file_key) in self.where.items():
             by_file.setdefault(file, []).append((key, file_key))
@@ -370,7 +385,8 @@ class WeightFiles:
         for file, keys in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key, file_key in keys:
-                    out[key] = f.get_tensor(file_key).to(device=device, dtype=dtype)
+                    t = f.get_tensor(file_key)
+                    out[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         return out if self._is_bfl() else self._to_bfl(out)
 
     @contextmanager
@@ -386,7 +402,7 @@ class WeightFiles:
         return self.format is None or self.format[0] == "bfl"
 
     def _to_bfl(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return CONVERTERS[(self.format[1], "bfl")](tensors)
+        return self.converter("bfl")(tensors)
 
 
 def open_weights(path: str | os.PathLike, model: str | None = None) -> WeightFiles:

@@ -353,6 +353,29 @@ def detect_format(keys) -> tuple[str, str] | None:
     return None
 
 
+# The model families, by the names messages use.
+FAMILIES = {"flux1": "FLUX.1", "flux2": "FLUX.2"}
+# Keys that only FLUX.2 files have, in both layouts (the names are the same in diffusers but for the
+# time embedder): the transformer's three shared modulations (flux2/model.py), present at any depth,
+# and the autoencoder's latent BatchNorm and quant convs (flux2/autoencoder.py).
+FLUX2_KEY_PREFIXES = (
+    "double_stream_modulation_img.", "double_stream_modulation_txt.", "single_stream_modulation.",
+    "time_guidance_embed.", "bn.", "encoder.quant_conv.", "decoder.post_quant_conv.", "quant_conv.", "post_quant_conv.",
+)  # fmt: skip
+
+
+def detect_family(keys) -> str | None:
+    """'flux1' or 'flux2' for the keys of a transformer or autoencoder (either layout); None if neither.
+
+    FLUX.1 and FLUX.2 share the block names (double_blocks.N.img_attn.qkv, encoder.down.N...), so the
+    family is told by what only FLUX.2 has (FLUX2_KEY_PREFIXES)."""
+    keys = {strip_prefix(k) for k in keys}
+    if detect_format(keys) is None:
+        return None
+    return "flux2" if any(k.startswith(FLUX2_KEY_PREFIXES) for k in keys) else "flux1"
+
+
+# FLUX.1's converters, (model, target layout) -> function; FLUX.2's are flux2/formats.py CONVERTERS.
 CONVERTERS = {
     ("transformer", "diffusers"): bfl_to_diffusers_transformer,
     ("transformer", "bfl"): diffusers_to_bfl_transformer,

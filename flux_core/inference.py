@@ -55,15 +55,17 @@ def _axes(text: str) -> tuple[int, ...] | None:
         axes = json.loads(text, parse_constant=lambda name: None)
     except (ValueError, RecursionError):
         return None
-    ok = isinstance(axes, list) and len(axes) == ROPE_AXES
+    ok = isinstance(axes, list) and len(axes) > 0
     ok = ok and all(type(a) is int and a > 0 and a % 2 == 0 for a in axes)
     return tuple(axes) if ok else None
 
 
-ROPE_AXES = 3  # position ids are (index, row, column): sampling.img_ids / txt_ids
+# Position ids of FLUX.1 are (index, row, column): sampling.img_ids / txt_ids. (FLUX.2's have 4 axes:
+# flux2/sampling.py; each family's shape inference checks the count.)
+ROPE_AXES = 3
 # key -> (parser returning None for a bad value, what a valid value is).
 METADATA_VALUES = {
-    META_AXES_DIM: (_axes, f"a JSON list of {ROPE_AXES} positive even integers (the RoPE dims of the id axes), e.g. [16, 56, 56]"),
+    META_AXES_DIM: (_axes, "a JSON list of positive even integers (the RoPE dims of the id axes), e.g. [16, 56, 56]"),
     META_THETA: (_positive_int, "a positive integer, e.g. 10000"),
     META_RESOLUTION: (_positive_int, "a positive integer, e.g. 256"),
     META_SCALE_FACTOR: (_nonzero_float, "a finite non-zero number, e.g. 0.3611"),
@@ -107,11 +109,11 @@ def _indices(shapes: Shapes, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
 
 
-def _count(shapes: Shapes, pattern: str) -> int:
+def count_indices(shapes: Shapes, pattern: str) -> int:
     return len(_indices(shapes, pattern))
 
 
-class _Needed:
+class Needed:
     """The tensors shape inference reads: collects the missing ones and checks each one's rank."""
 
     def __init__(self, shapes: Shapes, model: str):
@@ -142,10 +144,10 @@ def flux_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = No
     shapes contradict each other; the loader then checks every other tensor against the result.
     """
     metadata = metadata or {}
-    need = _Needed(shapes, "Flux transformer")
+    need = Needed(shapes, "Flux transformer")
     hidden, in_channels = need("img_in.weight", "hidden size, in channels")
-    depth = _count(shapes, r"double_blocks\.(\d+)\.")
-    depth_single = _count(shapes, r"single_blocks\.(\d+)\.")
+    depth = count_indices(shapes, r"double_blocks\.(\d+)\.")
+    depth_single = count_indices(shapes, r"single_blocks\.(\d+)\.")
     if depth:
         norm = "double_blocks.0.img_attn.norm.query_norm.scale"
         (head_dim,) = need(norm, "head dim")
@@ -181,11 +183,8 @@ def flux_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = No
                 f"pass a preset or record {META_AXES_DIM!r} in the file's metadata"
             )
         axes_dim = OFFICIAL_AXES_DIM
-    elif sum(axes_dim) != head_dim:
-        raise CheckpointError(
-            f"metadata {META_AXES_DIM!r} {list(axes_dim)} sums to {sum(axes_dim)}, but the tensors have head dim "
-            f"{head_dim} ({norm} {(head_dim,)}); the metadata and the shapes disagree"
-        )
+    else:
+        check_axes(axes_dim, ROPE_AXES, head_dim, norm)
     return FluxParams(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -203,6 +202,20 @@ def flux_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = No
     )
 
 
+def check_axes(axes_dim: tuple[int, ...], n_axes: int, head_dim: int, norm: str) -> None:
+    """Refuse metadata RoPE axes of the wrong count (the family's id axes) or that do not sum to the head dim."""
+    if len(axes_dim) != n_axes:
+        raise CheckpointError(
+            f"metadata {META_AXES_DIM!r} {list(axes_dim)} has {len(axes_dim)} axes; this model's position ids have "
+            f"{n_axes}"
+        )
+    if sum(axes_dim) != head_dim:
+        raise CheckpointError(
+            f"metadata {META_AXES_DIM!r} {list(axes_dim)} sums to {sum(axes_dim)}, but the tensors have head dim "
+            f"{head_dim} ({norm} {(head_dim,)}); the metadata and the shapes disagree"
+        )
+
+
 def ae_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = None) -> AutoEncoderParams:
     """Infer channels, levels and blocks of an official-layout autoencoder from its tensor shapes.
 
@@ -210,7 +223,7 @@ def ae_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = None
     Raises CheckpointError (without the file's name) as flux_params_from_shapes does.
     """
     metadata = metadata or {}
-    need = _Needed(shapes, "autoencoder")
+    need = Needed(shapes, "autoencoder")
     ch, in_channels = need("encoder.conv_in.weight", "channels, in channels, kh, kw")[:2]
     z_channels = need("decoder.conv_in.weight", "channels, z channels, kh, kw")[1]
     out_ch = need("decoder.conv_out.weight", "out channels, channels, kh, kw")[0]
@@ -237,7 +250,7 @@ def ae_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = None
         ch=ch,
         out_ch=out_ch,
         ch_mult=tuple(widths[i] // ch for i in levels),
-        num_res_blocks=_count(shapes, rf"encoder\.down\.{levels[0]}\.block\.(\d+)\."),
+        num_res_blocks=count_indices(shapes, rf"encoder\.down\.{levels[0]}\.block\.(\d+)\."),
         z_channels=z_channels,
         scale_factor=metadata_value(metadata, META_SCALE_FACTOR, FLUX_AE.scale_factor),
         shift_factor=metadata_value(metadata, META_SHIFT_FACTOR, FLUX_AE.shift_factor),

@@ -17,6 +17,10 @@ head dim 128.
 fp8 files (float8 weights, optionally with ComfyUI's per-layer `scale_weight`) load too: upcast to
 the target dtype, or kept in fp8 with `weights="fp8"`; their layout is runtime/fp8.py's.
 
+FLUX.2 files load through flux2/loading.py, which uses this file's checks and `build`; which family
+a file is comes from its keys (formats.detect_family), and a file reaching the other family's loader
+is refused naming the loader to use.
+
 Every check is made on the headers before a tensor is read, and a file that fails one is refused
 with a one-line CheckpointError naming it: the safetensors structure (files.read_header), our
 metadata values (check_metadata), the shape inference (a missing tensor is listed, contradictory
@@ -30,7 +34,7 @@ import torch
 
 from .autoencoder import AutoEncoder, AutoEncoderParams
 from .files import CheckpointError, Shapes, WeightFiles, dtype_named, open_weights
-from .formats import ConversionError
+from .formats import FAMILIES, ConversionError
 from .inference import (
     ae_params_from_shapes,
     check_metadata,
@@ -41,7 +45,7 @@ from .inference import (
     model_shapes,
 )
 from .model import Flux, FluxParams
-from .presets import Preset, get_preset
+from .presets import Preset, family_preset, family_presets
 from .runtime import fp8
 
 # ----------------------------------------------------------------------------------------------
@@ -62,21 +66,37 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return dtype
 
 
-_MODEL_NAMES = {"transformer": "Flux transformer", "ae": "Flux autoencoder"}
-# What to say when the files hold the other model: the loader to use instead.
-_OTHER_MODEL_HINTS = {
-    "transformer": " (it looks like an autoencoder: use load_autoencoder)",
-    "ae": " (it looks like a Flux transformer: use load_flow_model)",
+_MODEL_NAMES = {"transformer": "transformer", "ae": "autoencoder"}
+_LOOKS_LIKE = {"transformer": "a Flux transformer", "ae": "an autoencoder"}
+# The loader of each family's models, named when a file reaches another loader.
+LOADERS = {
+    ("flux1", "transformer"): "flux_core.loading.load_flow_model",
+    ("flux1", "ae"): "flux_core.loading.load_autoencoder",
+    ("flux2", "transformer"): "flux_core.flux2.loading.load_flux2_model",
+    ("flux2", "ae"): "flux_core.flux2.loading.load_flux2_autoencoder",
 }
 
 
-def _shapes(files: WeightFiles, model: str) -> Shapes:
-    """The shapes of `model` ('transformer' or 'ae') under official names, with our metadata checked;
-    raises if the files hold something else."""
+def _loader(family: str, model: str) -> str:
+    return LOADERS[(family, model)].rsplit(".", 1)[1]
+
+
+def checked_shapes(files: WeightFiles, model: str, family: str = "flux1") -> Shapes:
+    """The shapes of `model` ('transformer' or 'ae') of `family` under official names, with our
+    metadata checked; raises if the files hold another model or another family's."""
     fmt = files.format
+    what = _MODEL_NAMES[model]
     if fmt is None or fmt[1] != model:
-        hint = "" if fmt is None else _OTHER_MODEL_HINTS[model]
-        raise CheckpointError(f"{files.path} is not a {_MODEL_NAMES[model]}{hint}")
+        # What to say when the files hold the other model: the loader to use instead.
+        hint = "" if fmt is None else f" (it looks like {_LOOKS_LIKE[fmt[1]]}: use {_loader(files.family, fmt[1])})"
+        name = f"Flux {what}" if family == "flux1" else f"{FAMILIES[family]} {what}"
+        raise CheckpointError(f"{files.path} is not a {name}{hint}")
+    if files.family != family:
+        found = FAMILIES[files.family]
+        raise CheckpointError(
+            f"{files.path} holds a {found} {what}, not a {FAMILIES[family]} one: load it with "
+            f"{_loader(files.family, model)} (or with a {found} preset: {', '.join(family_presets(files.family))})"
+        )
     try:
         check_metadata(files.metadata)
         return files.bfl_shapes()
@@ -84,7 +104,8 @@ def _shapes(files: WeightFiles, model: str) -> Shapes:
         raise CheckpointError(f"{files.path}: {e}") from None
 
 
-def _inferred(files: WeightFiles, infer, shapes: Shapes):
+def infer_params(files: WeightFiles, infer, shapes: Shapes):
+    """`infer(shapes, metadata)` (a *_params_from_shapes function), its refusal naming the files."""
     try:
         return infer(shapes, files.metadata)
     except CheckpointError as e:
@@ -98,8 +119,9 @@ def check_flow_model(files: WeightFiles, preset: Preset | None = None) -> FluxPa
     schnell, and every key and shape) and refused, saying what was found, if they disagree.
     """
     # An fp8 file's scale_weight (& co.) are keys of its layout, not of the model (runtime/fp8.py).
-    shapes = fp8.module_shapes(_shapes(files, "transformer"), fp8.fp8_layout(files))
+    shapes = fp8.module_shapes(checked_shapes(files, "transformer"), fp8.fp8_layout(files))
     if preset is not None:
+        preset = family_preset(preset, "flux1", "load_flow_model")
         variant = detect_variant(shapes)
         wanted = "dev" if preset.params.guidance_embed else "schnell"
         if wanted != variant:
@@ -110,32 +132,39 @@ def check_flow_model(files: WeightFiles, preset: Preset | None = None) -> FluxPa
             )
         params = preset.params
     else:
-        params = _inferred(files, flux_params_from_shapes, shapes)
+        params = infer_params(files, flux_params_from_shapes, shapes)
     mismatch = f"{files.path} does not match {preset.name if preset else 'its inferred shape'}"
-    check_shapes(_expected(Flux, params, files), shapes, mismatch)
+    check_shapes(expected_shapes(Flux, params, files), shapes, mismatch)
     return params
 
 
 def check_autoencoder(files: WeightFiles, params: AutoEncoderParams | None = None) -> AutoEncoderParams:
     """Every check load_autoencoder makes, on the headers alone: the params of the model it would load."""
-    shapes = _shapes(files, "ae")
+    shapes = checked_shapes(files, "ae")
     if params is None:
-        params = _inferred(files, ae_params_from_shapes, shapes)
-    check_shapes(_expected(AutoEncoder, params, files), shapes, f"{files.path} does not match the autoencoder config")
+        params = infer_params(files, ae_params_from_shapes, shapes)
+    check_shapes(expected_shapes(AutoEncoder, params, files), shapes, f"{files.path} does not match the autoencoder config")
     return params
 
 
-def _expected(cls, params, files: WeightFiles) -> Shapes:
+def expected_shapes(cls, params, files: WeightFiles) -> Shapes:
+    """The state-dict shapes of `cls(params)`; params the model refuses are an error naming the files."""
     try:
         return model_shapes(cls, params)
     except CheckpointError as e:
         raise CheckpointError(f"{files.path}: {e}") from None
 
 
-def _build(cls, params, files: WeightFiles, device, dtype):
-    """`cls(params)` on the meta device, given the files' tensors (already checked against it)."""
+def build(cls, params, files: WeightFiles, device, dtype, weights: str = "full"):
+    """`cls(params)` on the meta device, given the files' tensors (already checked against it), read
+    memory-mapped one at a time and assigned with strict key checking.
+
+    weights "fp8": the blocks' Linears become Fp8Linear first, from outside the model files
+    (runtime/fp8.py); fp8 files are read through fp8.read_tensors either way."""
     model = meta_model(cls, params)
-    model.load_state_dict(files.bfl_tensors(device, dtype), strict=True, assign=True)
+    if weights == "fp8":
+        fp8.quantize_linears(model)
+    model.load_state_dict(fp8.read_tensors(files, model, device, dtype), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -161,17 +190,13 @@ def load_flow_model(
     "fp8" holds the blocks' Linear weights as float8 e4m3fn with a per-tensor scale and computes
     in `dtype` (runtime/fp8.py; a bf16 or float32 file is quantized as it is read).
     """
-    if isinstance(preset, str):
-        preset = get_preset(preset)
+    if preset is not None:
+        preset = family_preset(preset, "flux1", "load_flow_model")
     dtype = resolve_dtype(dtype, device)
     fp8.check_weights_format(weights, device)
     files = open_weights(path, "transformer")
     params = check_flow_model(files, preset)
-    model = meta_model(Flux, params)
-    if weights == "fp8":  # the blocks' Linears become Fp8Linear, from outside the model files
-        fp8.quantize_linears(model)
-    model.load_state_dict(fp8.read_tensors(files, model, device, dtype), strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return build(Flux, params, files, device, dtype, weights)
 
 
 def read_ae_params(path: str | os.PathLike) -> AutoEncoderParams:
@@ -193,4 +218,4 @@ def load_autoencoder(
     dtype = resolve_dtype(dtype, device)
     files = open_weights(path, "ae")
     params = check_autoencoder(files, params)
-    return _build(AutoEncoder, params, files, device, dtype)
+    return build(AutoEncoder, params, files, device, dtype)

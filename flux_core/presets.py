@@ -1,16 +1,30 @@
-"""Named model presets: one dict, exact-name lookup.
+"""Named model presets: one dict, exact-name lookup, FLUX.1 and FLUX.2.
 
-Numbers from the official BFL release (`flux/util.py` configs) and the model cards.
+Numbers from the official BFL releases (`flux/util.py` configs, `flux2/util.py` and
+`scripts/cli.py`), diffusers' FLUX.2 pipelines and the model cards. Every preset has a `family`
+("flux1": `Preset` below; "flux2": flux2/preset.py `Flux2Preset`); code that runs one family takes
+its presets through `family_preset`, which refuses the other family's by name.
 """
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
-from .autoencoder import AutoEncoderParams
-from .model import FluxParams
+from .autoencoder import AutoEncoder, AutoEncoderParams
+from .flux2.autoencoder import FLUX2_AE
+from .flux2.autoencoder import AutoEncoder as Flux2AutoEncoder
+from .flux2.autoencoder import AutoEncoderParams as Flux2AEParams
+from .flux2.model import Flux2, Flux2Params, get_params
+from .flux2.preset import Flux2Preset
+from .formats import FAMILIES
+from .model import Flux, FluxParams
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A FLUX.1 model (FLUX.2's: flux2/preset.py Flux2Preset)."""
+
+    family: ClassVar[str] = "flux1"
+
     name: str
     params: FluxParams
     ae_params: AutoEncoderParams
@@ -209,9 +223,85 @@ PRESETS |= {
 }  # fmt: skip
 
 
-def get_preset(name: str) -> Preset:
+# FLUX.2. Sizes: flux2/model.py SIZES. Defaults: [dev] official scripts/cli.py (1360 x 768, 50 steps,
+# guidance 4.0); [klein] diffusers Flux2KleinPipeline (default_sample_size 128 x vae_scale_factor 8 =
+# 1024 px a side) and the klein model cards (distilled: 4 steps, no guidance; base: 50 steps, true
+# CFG 4.0). Base and distilled klein models have the same tensors: only the preset tells them apart.
+def _klein(size: str, base: bool) -> Flux2Preset:
+    n = size.removeprefix("flux2-klein-")
+    return Flux2Preset(
+        name=f"flux2-klein-base-{n}" if base else size,
+        params=get_params(size),
+        ae_params=FLUX2_AE,
+        text_encoder="klein",
+        default_steps=50 if base else 4,
+        guidance="cfg" if base else "none",
+        default_guidance=4.0 if base else 0.0,
+        default_size=(1024, 1024),
+        description=f"FLUX.2 [klein] {n.upper()} {'base (undistilled, true CFG)' if base else '(step-distilled, 4 steps)'}",
+    )
+
+
+PRESETS |= {
+    p.name: p
+    for p in (
+        Flux2Preset(
+            name="flux2-dev", params=get_params("flux2-dev"), ae_params=FLUX2_AE, text_encoder="dev",
+            default_steps=50, guidance="embedded", default_guidance=4.0, default_size=(1360, 768),
+            description="FLUX.2 [dev], guidance-distilled, 32B, Mistral-Small-3.x text encoder",
+        ),
+        _klein("flux2-klein-4b", base=False),
+        _klein("flux2-klein-9b", base=False),
+        _klein("flux2-klein-4b", base=True),
+        _klein("flux2-klein-9b", base=True),
+        Flux2Preset(
+            # Random weights at toy size, for tests: the [dev] transformer layout (guidance_in), the
+            # latent format of the real models (128 channels a token, 16 px a token: z 32, four AE
+            # levels), and klein's Qwen3 text slot at the width of the tiny LLM the tests build
+            # (hidden 16: 3 layers x 16 = 48 features a token).
+            name="tiny-flux2",
+            params=Flux2Params(
+                in_channels=128, context_in_dim=48, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=2,
+                axes_dim=(8, 8, 8, 8), theta=2000, mlp_ratio=3.0, guidance_embed=True,
+            ),
+            ae_params=Flux2AEParams(
+                resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=32
+            ),
+            text_encoder="klein", default_steps=4, guidance="embedded", default_guidance=4.0, default_size=(128, 128),
+            description="random toy FLUX.2 model for tests ([dev] transformer layout)",
+        ),
+    )
+}  # fmt: skip
+
+AnyPreset = Preset | Flux2Preset
+# The model classes a preset's params build, by family: (transformer, autoencoder).
+MODEL_CLASSES = {"flux1": (Flux, AutoEncoder), "flux2": (Flux2, Flux2AutoEncoder)}
+
+
+def get_preset(name: str) -> AnyPreset:
     """Exact-name lookup; an unknown name lists the valid ones."""
     try:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def family_presets(family: str) -> list[str]:
+    """The names of one family's presets, sorted."""
+    return sorted(n for n, p in PRESETS.items() if p.family == family)
+
+
+def family_preset(preset: "str | AnyPreset", family: str, use: str = "") -> AnyPreset:
+    """A preset (by name or as given) of `family`; another family's is refused, listing the valid names.
+
+    use: what takes only this family, for the message (e.g. "load_flow_model"). An unknown name lists
+    this family's presets."""
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(family_presets(family))}")
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if p.family != family:
+        what = f"; {use} takes {FAMILIES[family]} presets" if use else ""
+        raise ValueError(
+            f"preset {p.name!r} is a {FAMILIES[p.family]} model{what}: {', '.join(family_presets(family))}"
+        )
+    return p

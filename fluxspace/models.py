@@ -16,7 +16,7 @@ import torch
 from flux_core import Flux, FluxParams, Preset, get_preset
 from flux_core.autoencoder import AutoEncoder, AutoEncoderParams
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS, check_text_encoder_folder
-from flux_core.files import CheckpointError, open_weights
+from flux_core.files import CheckpointError, WeightFiles, open_weights
 from flux_core.inference import META_PRESET
 from flux_core.loading import (
     check_autoencoder,
@@ -25,7 +25,7 @@ from flux_core.loading import (
     load_flow_model,
     resolve_dtype,
 )
-from flux_core.presets import PRESETS
+from flux_core.presets import PRESETS, AnyPreset, family_presets
 from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
 from .loras import Loras
@@ -109,6 +109,7 @@ def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders
         transformer, default_ae, default_te = candidates[0], model / "ae.safetensors", model
     else:
         transformer, default_ae, default_te = model, model.parent / "ae.safetensors", model.parent
+    refuse_flux2(transformer)  # before looking for FLUX.1's text encoders beside it
     ae_path = Path(ae) if ae else default_ae
     te_path = Path(text_encoders) if text_encoders else default_te
     if not ae_path.exists():
@@ -126,22 +127,48 @@ def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders
 def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
     """An explicit preset wins; else the preset our writers record in the file; else dev or schnell by keys.
 
-    The transformer's headers pass every check of the loader first (check_flow_model)."""
+    The transformer's headers pass every check of the loader first (check_flow_model). FLUX.2 presets
+    and files are refused: the pipeline runs FLUX.1 models only (flux_core.flux2 loads FLUX.2)."""
     if preset is not None:
-        return get_preset(preset)
+        return _flux1_only(get_preset(preset))
     files = open_weights(paths.transformer, "transformer")
+    refuse_flux2(paths.transformer, files)
     params = check_flow_model(files)
     recorded = files.metadata.get(META_PRESET)
     if recorded is not None:
         if recorded not in PRESETS:
             raise CheckpointError(
                 f"{paths.transformer} records preset {recorded!r}, which this version does not know "
-                f"(known: {', '.join(sorted(PRESETS))}); pass --preset NAME to choose one"
+                f"(known: {', '.join(family_presets('flux1'))}); pass --preset NAME to choose one"
             )
-        return PRESETS[recorded]
+        return _flux1_only(PRESETS[recorded])
     if params.guidance_embed and diffusers_pipeline(paths.transformer) == "FluxKontextPipeline":
         return PRESETS["flux-kontext-dev"]  # Kontext's keys equal dev's; its diffusers folder names its pipeline
     return PRESETS["flux-dev" if params.guidance_embed else "flux-schnell"]
+
+
+def refuse_flux2(transformer: Path, files: WeightFiles | None = None) -> None:
+    """Refuse a FLUX.2 transformer in one line: the pipeline runs FLUX.1 models only for now. Files
+    that cannot be read are left to the loader's checks, which name what is wrong."""
+    if files is None:
+        try:
+            files = open_weights(transformer, "transformer")
+        except CheckpointError:
+            return
+    if files.family == "flux2":
+        raise CheckpointError(
+            f"{transformer} is a FLUX.2 transformer; the fluxspace pipeline runs FLUX.1 models only for now "
+            f"(FLUX.2 loads with flux_core.flux2.loading)"
+        )
+
+
+def _flux1_only(preset: AnyPreset) -> Preset:
+    if preset.family != "flux1":
+        raise ValueError(
+            f"preset {preset.name!r} is a FLUX.2 model; the fluxspace pipeline runs FLUX.1 models only for now "
+            f"(FLUX.1 presets: {', '.join(family_presets('flux1'))})"
+        )
+    return preset
 
 
 def diffusers_pipeline(folder: Path) -> str | None:

@@ -22,7 +22,7 @@ from flux_core.flux2.formats import (
     diffusers_to_bfl_transformer,
     params_from_diffusers_config,
 )
-from flux_core.flux2.model import PRESETS, Flux2, Flux2Params, get_params
+from flux_core.flux2.model import SIZES, Flux2, Flux2Params, get_params
 from flux_core.math import joint_attention
 from flux_core.recorder import Recorder
 from flux_core.seam import ModVectors
@@ -166,7 +166,7 @@ def official_shapes(p: Flux2Params) -> dict[str, tuple[int, ...]]:
     return keys
 
 
-@pytest.mark.parametrize("name", [*PRESETS, "tiny"])
+@pytest.mark.parametrize("name", [*SIZES, "tiny"])
 def test_state_dict_is_the_official_key_set(name):
     params = TINY if name == "tiny" else get_params(name)
     with torch.device("meta"):
@@ -180,7 +180,7 @@ def test_state_dict_is_the_official_key_set(name):
 def test_preset_sizes():
     # FLUX.2 [dev] is a 32B transformer; klein 4B / 9B as named (the 4B / 9B count is the transformer).
     counts = {}
-    for name, params in PRESETS.items():
+    for name, params in SIZES.items():
         with torch.device("meta"):
             counts[name] = sum(p.numel() for p in Flux2(params).parameters())
     assert counts == {"flux2-dev": 32_223_281_152, "flux2-klein-4b": 3_875_544_576, "flux2-klein-9b": 9_078_581_248}

@@ -1,10 +1,10 @@
-"""`flux-weights`: inspect, verify, convert and write random Flux weight files.
+"""`flux-weights`: inspect, verify, convert and write random Flux weight files (FLUX.1 and FLUX.2).
 
     flux-weights inspect FILE_OR_FOLDER [--keys] [--json] [--model transformer|ae]
     flux-weights verify FILE_OR_FOLDER --preset P [--model transformer|ae]
     flux-weights convert IN OUT --to diffusers|bfl|fp8 [--model transformer|ae] [--force]
     flux-weights random --preset P --out DIR [--seed S] [--dtype float32|bfloat16]
-                        [--transformer-only] [--depth N] [--depth-single M] [--force]
+                        [--transformer-only] [--depth N] [--depth-single M] [--force] [--allow-large]
 
 `inspect --json` prints one JSON object, or a list of them (one per component) for a diffusers
 pipeline folder holding transformer/ and vae/.
@@ -61,6 +61,7 @@ def _random(args) -> int:
         depth=args.depth,
         depth_single=args.depth_single,
         force=args.force,
+        allow_large=args.allow_large,
     )
     print(f"wrote {r.transformer}")
     if r.ae:
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="override the number of double blocks (a pruned model)")
     p.add_argument("--depth-single", type=int, help="override the number of single blocks (a pruned model)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument(
+        "--allow-large", action="store_true",
+        help="write a set larger than 4 GiB (flux-dev: 24 GB, flux2-dev: 64 GB in bfloat16)",
+    )  # fmt: skip
     p.set_defaults(run=_random)
     return parser
 

@@ -1,7 +1,8 @@
 """Convert weight files between the official BFL layout and diffusers', and write safetensors files.
 
-The rename table and the list of fused tensors live in flux_core/formats.py (the loader converts
-diffusers folders on load with the same functions). This file adds the file handling:
+The rename tables and the lists of fused tensors live in flux_core/formats.py (FLUX.1) and
+flux_core/flux2/formats.py (FLUX.2; the family is read from the keys); the loaders convert diffusers
+folders on load with the same functions. This file adds the file handling:
 
 - `write_safetensors` streams tensors into a file whose header is planned up front, so writing a
   24 GB model holds one tensor in memory at a time. It writes a temporary file in the target folder
@@ -29,7 +30,6 @@ from torch import Tensor
 
 from flux_core.atomic import atomic_file
 from flux_core.files import TORCH_TO_SAFETENSORS, CheckpointError, WeightFiles, open_weights
-from flux_core.formats import CONVERTERS
 from flux_core.runtime import fp8
 
 from .inspect import require_format
@@ -148,7 +148,7 @@ def convert_file(
     elif layout == to:
         raise CheckpointError(f"{src} is already in the {to} layout")
     else:
-        convert: Callable = CONVERTERS[(found, to)]
+        convert: Callable = ws.converter(to)  # FLUX.1's or FLUX.2's tables, by the keys
     check_writable(dst, force)
 
     # Plan on meta tensors (this also validates every key before a byte is written). Each group's
@@ -182,5 +182,5 @@ def _fp8_converter(ws: WeightFiles, src, layout: str, found: str) -> Callable:
         raise CheckpointError(f"{src} is already a scaled fp8 file")
     if layout == "bfl":
         return fp8.quantize_state_dict
-    to_bfl = CONVERTERS[(found, "bfl")]
+    to_bfl = ws.converter("bfl")
     return lambda tensors: fp8.quantize_state_dict(to_bfl(tensors))

@@ -1,4 +1,5 @@
-"""What a weight file holds: keys, shapes, dtypes, layout, variant and the inferred model shape.
+"""What a weight file holds: keys, shapes, dtypes, layout, family (FLUX.1 / FLUX.2), variant and the
+inferred model shape.
 
 Reads only the safetensors headers (flux_core.files.open_weights), never the tensors, so a 24 GB
 file is inspected in milliseconds. A diffusers folder (transformer/ and vae/, sharded or not) is
@@ -20,7 +21,8 @@ from flux_core.files import (
     read_header,
     shard_files,
 )
-from flux_core.formats import BFL_PREFIX, ConversionError
+from flux_core.flux2.loading import check_flux2_autoencoder, check_flux2_model, detect_flux2_variant
+from flux_core.formats import BFL_PREFIX, FAMILIES, ConversionError
 from flux_core.inference import detect_variant
 from flux_core.loading import check_autoencoder, check_flow_model
 from flux_core.lora import LoraError, read_lora
@@ -81,6 +83,20 @@ DEV_SHAPED_NOTE = ("dev-shaped: FLUX.1 [dev], Krea [dev] and Kontext [dev] share
                    "--preset flux-dev / flux-krea-dev / flux-kontext-dev, or the preset the file's metadata records")  # fmt: skip
 
 
+# FLUX.2 [klein]: the distilled and base models have the same keys and shapes too.
+KLEIN_SHAPED_NOTE = ("klein-shaped: FLUX.2 [klein] distilled and base models share these keys; the model is "
+                     "--preset flux2-klein-4b / flux2-klein-base-4b (or the 9b pair), or the preset the file's "
+                     "metadata records")  # fmt: skip
+FLUX2_DEV_NOTE = "guidance-distilled: has guidance_in (FLUX.2 [dev]-shaped)"
+# The loader's checks of each (family, model), on the headers alone.
+CHECKS = {
+    ("flux1", "transformer"): check_flow_model,
+    ("flux1", "ae"): check_autoencoder,
+    ("flux2", "transformer"): check_flux2_model,
+    ("flux2", "ae"): check_flux2_autoencoder,
+}
+
+
 def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
     """Everything `flux-weights inspect` reports, as a JSON-ready dict."""
     fmt = ws.format
@@ -93,6 +109,7 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
         "dtypes": dict(sorted(Counter(ws.dtypes.values()).items())),
         "layout": fmt[0] if fmt else "unknown",
         "model": fmt[1] if fmt else "unknown",
+        "family": ws.family or "unknown",
         "key_prefix": BFL_PREFIX if ws.prefixed else None,
         "weights_format": "full",
         "variant": "unknown",
@@ -108,20 +125,23 @@ def inspect_weights(ws: WeightFiles, with_keys: bool = False) -> dict:
         # loads without a preset, else the loader's refusal is the report's problem.
         try:
             report["weights_format"] = fp8_layout(ws).describe()  # e.g. 'fp8 (e4m3fn), scaled, 504 fp8 tensors'
-            report["variant"] = detect_variant(ws.bfl_shapes()) if fmt[1] == "transformer" else "ae"
-            if report["variant"] == "dev":
-                report["variant_note"] = DEV_SHAPED_NOTE
+            family = ws.family
+            if fmt[1] == "ae":
+                report["variant"] = "ae"
+            elif family == "flux1":
+                report["variant"] = detect_variant(ws.bfl_shapes())
+                report["variant_note"] = DEV_SHAPED_NOTE if report["variant"] == "dev" else None
+            else:
+                report["variant"] = detect_flux2_variant(ws.bfl_shapes())
+                report["variant_note"] = KLEIN_SHAPED_NOTE if report["variant"] == "klein" else FLUX2_DEV_NOTE
             recorded = (ws.metadata or {}).get("fluxspace.preset")
             if fmt[1] == "transformer" and recorded in PRESETS:  # the keys alone cannot tell Kontext from dev
                 shaped = report["variant"]
                 report["variant"] = recorded
                 report["variant_note"] = f"the preset the file's metadata records; its keys are {shaped}-shaped"
-            if fmt[1] == "transformer":
-                params = check_flow_model(ws)
-                report["matching_presets"] = sorted(n for n, p in PRESETS.items() if p.params == params)
-            else:
-                params = check_autoencoder(ws)
-                report["matching_presets"] = sorted(n for n, p in PRESETS.items() if p.ae_params == params)
+            params = CHECKS[(family, fmt[1])](ws)
+            part = "params" if fmt[1] == "transformer" else "ae_params"
+            report["matching_presets"] = sorted(n for n, p in PRESETS.items() if getattr(p, part) == params)
             report["params"] = {"class": type(params).__name__, **asdict(params)}
         except (ConversionError, CheckpointError) as e:
             report["problem"] = f"does not load without a preset: {e}"
@@ -219,6 +239,7 @@ def format_report(report: dict) -> str:
         f"path      {report['path']} ({len(report['files'])} file(s), {_human_bytes(report['size_bytes'])})",
         f"layout    {layout} {report['model']}"
         + (f", keys prefixed {report['key_prefix']!r}" if report["key_prefix"] else ""),
+        f"family    {FAMILIES.get(report['family'], 'unknown')}",
         f"variant   {report['variant']}" + (f" ({report['variant_note']})" if report.get("variant_note") else ""),
         f"weights   {report['weights_format']}",
         f"tensors   {report['num_tensors']}, {report['num_params']:,} parameters, dtypes "

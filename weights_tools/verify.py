@@ -1,4 +1,7 @@
-"""Check a weight file against a preset: missing, unexpected and mis-shaped keys.
+"""Check a weight file against a preset (FLUX.1 or FLUX.2): missing, unexpected and mis-shaped keys.
+
+A file of the other family than the preset's is refused in one line (the family is read from the
+keys: flux_core.formats.detect_family) instead of listing every key as missing.
 
 The file is first checked as the loader checks it (flux_core.files.open_weights: the safetensors
 header; flux_core.inference.check_metadata: our metadata values), so "OK" means that
@@ -19,12 +22,10 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
-from flux_core.autoencoder import AutoEncoder
 from flux_core.files import CheckpointError, open_weights
-from flux_core.formats import ConversionError
+from flux_core.formats import FAMILIES, ConversionError
 from flux_core.inference import check_metadata, model_shapes
-from flux_core.model import Flux
-from flux_core.presets import get_preset
+from flux_core.presets import MODEL_CLASSES, family_presets, get_preset
 from flux_core.runtime.fp8 import fp8_layout, module_shapes
 
 from .inspect import require_format
@@ -83,7 +84,12 @@ class VerifyResult:
 
 def expected_shapes(preset: str, model: str) -> dict[str, tuple[int, ...]]:
     p = get_preset(preset)
-    return model_shapes(Flux, p.params) if model == "transformer" else model_shapes(AutoEncoder, p.ae_params)
+    transformer_cls, ae_cls = MODEL_CLASSES[p.family]
+    return model_shapes(transformer_cls, p.params) if model == "transformer" else model_shapes(ae_cls, p.ae_params)
+
+
+# The variant each family's transformer is without guidance_in (with it: dev).
+NO_GUIDANCE_VARIANT = {"flux1": "schnell", "flux2": "klein"}
 
 
 def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) -> VerifyResult:
@@ -96,6 +102,13 @@ def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) 
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     result = VerifyResult(str(path), preset, found_model, layout, len(ws.shapes))
+    family = get_preset(preset).family
+    if ws.family != family:  # every key would differ: say why instead of listing them
+        result.problem = (
+            f"the file holds a {FAMILIES[ws.family]} {found_model}, but preset {preset!r} is a {FAMILIES[family]} "
+            f"model; {FAMILIES[ws.family]} presets: {', '.join(family_presets(ws.family))}"
+        )
+        return result
     try:
         found = ws.bfl_shapes()
     except ConversionError as e:
@@ -112,8 +125,9 @@ def verify_file(path: str | os.PathLike, preset: str, model: str | None = None) 
         if tuple(found[k]) != tuple(expected[k])
     )
     guidance = {k for k in expected.keys() ^ found.keys() if k.startswith("guidance_in.")}
+    other = NO_GUIDANCE_VARIANT[family]
     if guidance and guidance == set(result.missing):
-        result.hint = "the file has no guidance_in.*: it is a schnell-type model, the preset is dev-type"
+        result.hint = f"the file has no guidance_in.*: it is a {other}-type model, the preset is dev-type"
     elif guidance and guidance == set(result.unexpected):
-        result.hint = "the file has guidance_in.*: it is a dev-type model, the preset is schnell-type"
+        result.hint = f"the file has guidance_in.*: it is a dev-type model, the preset is {other}-type"
     return result

@@ -13,6 +13,7 @@ tests/test_flux2_model.py. Unlike FLUX.1, diffusers keeps the single blocks' fus
 from torch import Tensor
 
 from ..formats import Fused, bfl_to_diffusers_tables, diffusers_to_bfl_tables
+from .autoencoder import diffusers_to_official, official_to_diffusers
 from .model import Flux2Params
 
 # (official BFL, diffusers): plain renames.
@@ -71,6 +72,15 @@ def bfl_to_diffusers_transformer(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def diffusers_to_bfl_transformer(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers Flux2Transformer2DModel keys -> official FLUX.2 keys, which `Flux2` loads with strict=True."""
     return diffusers_to_bfl_tables(sd, TRANSFORMER_RENAMES, TRANSFORMER_FUSED, TRANSFORMER_HALF_SWAPPED)
+
+
+# FLUX.2's converters, (model, target layout) -> function, as flux_core/formats.py CONVERTERS for FLUX.1.
+CONVERTERS = {
+    ("transformer", "diffusers"): bfl_to_diffusers_transformer,
+    ("transformer", "bfl"): diffusers_to_bfl_transformer,
+    ("ae", "diffusers"): official_to_diffusers,
+    ("ae", "bfl"): diffusers_to_official,
+}
 
 
 # diffusers config.json fields that have no Flux2Params counterpart, with the only value we support.

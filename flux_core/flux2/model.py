@@ -32,7 +32,7 @@ class Flux2Params:
     theta: int = 2000
     mlp_ratio: float = 3.0
     # The official snapshot (dev only) always has `guidance_in`. FLUX.2 [klein] has none: diffusers'
-    # Flux2Transformer2DModel `guidance_embeds=False` (see PRESETS), so the key set drops guidance_in.*.
+    # Flux2Transformer2DModel `guidance_embeds=False` (see SIZES), so the key set drops guidance_in.*.
     guidance_embed: bool = True
 
     def __post_init__(self):
@@ -49,7 +49,8 @@ class Flux2Params:
         return self.hidden_size // self.num_heads
 
 
-# Named sizes. dev: the official defaults. klein: huggingface/diffusers
+# Named transformer sizes (the presets of flux_core/presets.py add steps, guidance, text encoder and
+# autoencoder to them). dev: the official defaults. klein: huggingface/diffusers
 # scripts/convert_flux2_to_diffusers.py `get_flux2_transformer_config` ("klein-4b", "klein-9b"):
 # attention_head_dim 128, mlp_ratio 3, axes (32,)*4, theta 2000, guidance_embeds False, and
 #   klein-4b: 24 heads (hidden 3072), 5 double + 20 single blocks, joint_attention_dim 7680
@@ -58,7 +59,7 @@ class Flux2Params:
 #             (= 3 x 4096, Qwen3-8B).
 # Not checked against the released klein safetensors themselves (not reachable from here). The
 # "base" (undistilled) and distilled klein checkpoints share these sizes; they differ in weights only.
-PRESETS: dict[str, Flux2Params] = {
+SIZES: dict[str, Flux2Params] = {
     "flux2-dev": Flux2Params(),
     "flux2-klein-4b": Flux2Params(
         context_in_dim=7680, hidden_size=3072, num_heads=24, depth=5, depth_single_blocks=20, guidance_embed=False
@@ -71,9 +72,9 @@ PRESETS: dict[str, Flux2Params] = {
 
 def get_params(name: str) -> Flux2Params:
     """The Flux2Params of a named size (exact name)."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown FLUX.2 size {name!r}; valid: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    if name not in SIZES:
+        raise KeyError(f"unknown FLUX.2 size {name!r}; valid: {', '.join(SIZES)}")
+    return SIZES[name]
 
 
 class Flux2(nn.Module):
