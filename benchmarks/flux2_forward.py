@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--width-blocks", help="D,S: the preset's width with D double and S single blocks (CPU runs)"
     )
+    p.add_argument("--hidden", type=int, help="override the width (smoke tests; head dim stays sum(axes_dim))")
+    p.add_argument("--heads", type=int, help="override the head count, with --hidden")
     p.add_argument(
         "--height", type=int, default=1024, help="pixels (multiple of 16); image tokens = H/16 * W/16"
     )
@@ -84,6 +86,9 @@ def model_params(args) -> Flux2Params:
     if args.width_blocks:
         d, s = (int(x) for x in args.width_blocks.split(","))
         params = dataclasses.replace(params, depth=d, depth_single_blocks=s)
+    if args.hidden or args.heads:
+        params = dataclasses.replace(params, hidden_size=args.hidden or params.hidden_size,
+                                     num_heads=args.heads or params.num_heads)  # fmt: skip
     return params
 
 
@@ -210,6 +215,7 @@ def main(argv=None) -> dict:
         print(f"| {r['model']} | {r['mode']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r.get('ratio_to_reference', 0):.3f} "
               f"| {r['first_call_s']:.1f} | {'-' if err is None else f'{err:.1e}'} | ok |")  # fmt: skip
     blocks = f"-d{params.depth}s{params.depth_single_blocks}" if args.width_blocks else ""
+    blocks = f"-h{params.hidden_size}{blocks}" if args.hidden else blocks
     out = (
         args.out
         or RESULTS / f"flux2_forward-{args.device}-{args.preset}{blocks}-{args.height}x{args.width}-t{T}.json"
