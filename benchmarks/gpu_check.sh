@@ -6,6 +6,9 @@
 #                     24-layer T5-XXL-width encoder; $STEPS steps, the 28-step figures derived)
 #   forward.py        one forward, ours vs diffusers, eager / whole-model compiled / regional compiled
 #   edit_cost.py      a FluxSpace step against a plain step, both compiled (regional)
+#   flux2_forward.py  one FLUX.2 step (klein 4B, full size, 1024 x 1024, 512 text tokens): ours eager /
+#                     regional compiled / diffusers Flux2Transformer2DModel, same weights (stage flux2_forward)
+#   edit_cost.py      the same on FLUX.2 klein 4B: a FluxSpace fine-edit step against a plain one (flux2_edit_cost)
 #
 # Each writes its JSON (and a .log of its output) into OUT_DIR; gpu_check.json there sums up the
 # stages (exit status, seconds). A failing stage does not stop the others; the script exits 1 if any
@@ -18,7 +21,8 @@
 # none,model,model+fp8,blocks), FORWARD_SCOPE (whole|regional|both, default both), FORWARD_ITERS
 # (default 5), EDIT_ROUNDS (default 3), CKPT_TMP (where the 34 GB random checkpoint set is written,
 # default the system's temp folder), CKPT_DIR (keep the set there and reuse it on a rerun), SKIP
-# (comma-separated stage names to leave out: runtime_modes,forward,edit_cost).
+# (comma-separated stage names to leave out: runtime_modes,forward,edit_cost,flux2_forward,flux2_edit_cost),
+# FLUX2_PRESET (default flux2-klein-4b).
 set -euo pipefail
 
 TINY=${TINY:-0}
@@ -41,6 +45,7 @@ FORWARD_SCOPE=${FORWARD_SCOPE:-both}
 FORWARD_ITERS=${FORWARD_ITERS:-5}
 EDIT_ROUNDS=${EDIT_ROUNDS:-3}
 SKIP=${SKIP:-}
+FLUX2_PRESET=${FLUX2_PRESET:-flux2-klein-4b}
 
 echo "gpu_check: $(date -u +%FT%TZ), repo $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), python $PY, tiny=$TINY"
 if command -v nvidia-smi >/dev/null; then
@@ -76,10 +81,17 @@ if [[ $TINY == 1 ]]; then
     RUNTIME_ARGS=(--preset tiny --size 64 --steps "$STEPS" --device cpu)
     FORWARD_ARGS=(--preset tiny --height 64 --width 64 --device cpu --warmup 1 --iters "$FORWARD_ITERS")
     EDIT_ARGS=(--preset tiny --height 64 --width 64 --device cpu --rounds "$EDIT_ROUNDS")
+    # FLUX.2 has no tiny size: klein 4B's head layout at 256 wide, 1 + 1 blocks.
+    FLUX2_ARGS=(--preset "$FLUX2_PRESET" --hidden 256 --heads 2 --height 64 --width 64 --txt-len 16 --device cpu)
+    FLUX2_FORWARD_ARGS=("${FLUX2_ARGS[@]}" --width-blocks 1,1 --warmup 1 --iters "$FORWARD_ITERS")
+    FLUX2_EDIT_ARGS=("${FLUX2_ARGS[@]}" --depth 1 --depth-single 1 --rounds "$EDIT_ROUNDS")
 else
     RUNTIME_ARGS=(--preset flux-dev --size 1024 --steps "$STEPS" --device cuda)
     FORWARD_ARGS=(--preset flux-dev --height 1024 --width 1024 --device cuda --warmup 2 --iters "$FORWARD_ITERS")
     EDIT_ARGS=(--preset flux-dev --height 1024 --width 1024 --device cuda --rounds "$EDIT_ROUNDS")
+    FLUX2_FORWARD_ARGS=(--preset "$FLUX2_PRESET" --height 1024 --width 1024 --txt-len 512 --device cuda --dtype bf16
+        --warmup 2 --iters "$FORWARD_ITERS")
+    FLUX2_EDIT_ARGS=(--preset "$FLUX2_PRESET" --height 1024 --width 1024 --txt-len 512 --device cuda --rounds "$EDIT_ROUNDS")
 fi
 [[ -n ${CKPT_TMP:-} ]] && RUNTIME_ARGS+=(--tmp "$CKPT_TMP")
 [[ -n ${CKPT_DIR:-} ]] && RUNTIME_ARGS+=(--checkpoint-dir "$CKPT_DIR")
@@ -112,6 +124,8 @@ stage() {  # stage NAME COMMAND...: run, tee its output to OUT/NAME.log, record 
 stage runtime_modes "$PY" benchmarks/runtime_modes.py "${RUNTIME_ARGS[@]}" --modes "$MODES" --out "$OUT/runtime_modes.json"
 stage forward "$PY" benchmarks/forward.py "${FORWARD_ARGS[@]}" --compile-scope "$FORWARD_SCOPE" --models ours,diffusers --out "$OUT/forward.json"
 stage edit_cost "$PY" benchmarks/edit_cost.py "${EDIT_ARGS[@]}" --compile --out "$OUT/edit_cost.json"
+stage flux2_forward "$PY" benchmarks/flux2_forward.py "${FLUX2_FORWARD_ARGS[@]}" --out "$OUT/flux2_forward.json"
+stage flux2_edit_cost "$PY" benchmarks/edit_cost.py "${FLUX2_EDIT_ARGS[@]}" --compile --out "$OUT/flux2_edit_cost.json"
 
 TOTAL=$(($(date +%s) - T_ALL))
 {

@@ -98,11 +98,7 @@ class TextEncoders(nn.Module):
         "rait"); the tokenizer's offsets give a lone "▁" the span of the next character, so it counts
         as part of the word it opens.
         """
-        pattern = rf"(?<!\w){re.escape(word.strip())}(?!\w)"
-        spans = [m.span() for m in re.finditer(pattern, prompt, flags=re.IGNORECASE)] if word.strip() else []
-        if not spans:
-            words = re.findall(r"\w+", prompt)
-            raise ValueError(f"word {word!r} does not occur in the prompt {prompt!r}; its words are {words}")
+        spans = word_spans(prompt, word)
         offsets = self.t5_tokenizer(
             prompt,
             padding="max_length",
@@ -120,6 +116,18 @@ class TextEncoders(nn.Module):
                 "T5 tokens, which are cut off; shorten the prompt or raise t5_max_length"
             )
         return positions
+
+
+def word_spans(prompt: str, word: str) -> list[tuple[int, int]]:
+    """Character spans of every whole-word, case-insensitive occurrence of `word` (or a phrase) in
+    `prompt`; raise a ValueError listing the prompt's words if there is none. Shared by FLUX.2's
+    text encoder, whose keyword positions are found the same way (flux2/conditioner.py)."""
+    pattern = rf"(?<!\w){re.escape(word.strip())}(?!\w)"
+    spans = [m.span() for m in re.finditer(pattern, prompt, flags=re.IGNORECASE)] if word.strip() else []
+    if not spans:
+        words = re.findall(r"\w+", prompt)
+        raise ValueError(f"word {word!r} does not occur in the prompt {prompt!r}; its words are {words}")
+    return spans
 
 
 def _token_ids(tokenizer, prompts: list[str], max_length: int) -> Tensor:

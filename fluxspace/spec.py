@@ -24,11 +24,19 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from flux_core.flux2.conditioner import Flux2TextEncoder
+
 PROJECTIONS = ("after_proj", "before_proj")
 COARSE_TARGETS = ("txt", "both", "global")
 # What the edit direction keeps of the edit branch's attention output A_e, given the prior's A_phi:
 # the paper's component orthogonal to A_phi, or (ablations) the plain difference, or A_e itself.
 PRIOR_REMOVALS = ("orthogonal", "difference", "none")
+# FLUX.2 (flux_core/flux2) has no pooled text vector for the coarse edit (eq. 7) to move; said the same
+# way wherever an edit meets a FLUX.2 model: validate, encode_edit, FluxSpaceSchedule, the edit itself.
+NO_POOLED_TEXT = (
+    "FluxSpace's coarse edit (lambda_coarse) moves the pooled text vector, and this model has none "
+    "(FLUX.2 modulates by time and guidance only): set lambda_coarse=0 and edit with the fine edit"
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,8 +106,13 @@ def _is_real(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def validate(spec: EditSpec, num_steps: int, num_double_blocks: int) -> None:
-    """Raise a ValueError naming the problem before any sampling starts."""
+def validate(spec: EditSpec, num_steps: int, num_double_blocks: int, pooled_text: bool = True) -> None:
+    """Raise a ValueError naming the problem before any sampling starts.
+
+    pooled_text: whether the model has a pooled text vector (FLUX.1) or not (FLUX.2: no coarse edit).
+    """
+    if spec.has_coarse and not pooled_text:
+        raise ValueError(NO_POOLED_TEXT)
     if not spec.concepts and spec.coarse_prompt is None:
         raise ValueError("an edit needs at least one concept (an edit prompt), or a coarse_prompt for a coarse-only edit")
     for i, c in enumerate(spec.concepts):
@@ -163,15 +176,27 @@ def validate(spec: EditSpec, num_steps: int, num_double_blocks: int) -> None:
 class EncodedEdit:
     """The text side of an edit, encoded once: branch 0 is the prior, branch 1 + j concept j."""
 
-    branch_txt: Tensor  # (K, T, C_t5) T5 embeddings of [prior, concept prompts...]
-    coarse_pool: Tensor | None  # (1, C_clip) pooled CLIP vector of the coarse prompt
-    positions: list[list[int]]  # per concept: T5 positions of its mask words in its own prompt
+    branch_txt: Tensor  # (K, T, C_t) text embeddings of [prior, concept prompts...] (T5; FLUX.2: its LLM)
+    coarse_pool: Tensor | None  # (1, C_clip) pooled CLIP vector of the coarse prompt; None on FLUX.2
+    positions: list[list[int]]  # per concept: token positions of its mask words in its own prompt
 
 
 def encode_edit(spec: EditSpec, text) -> EncodedEdit:
-    """Encode the prior, concept and coarse prompts with `text` (flux_core TextEncoders)."""
+    """Encode the prior, concept and coarse prompts with `text`.
+
+    text: FLUX.1's flux_core TextEncoders (T5 for the branches, CLIP for the coarse prompt) or FLUX.2's
+    Flux2TextEncoder (one LLM for the branches; no pooled vector, so no coarse edit). Keyword positions
+    index the sequence the model sees: T5's tokens, or FLUX.2's chat-templated tokens.
+    """
+    flux2 = isinstance(text, Flux2TextEncoder)
+    if flux2 and spec.has_coarse:
+        raise ValueError(NO_POOLED_TEXT)
+    if flux2 and spec.reference:
+        raise ValueError("reference mode reproduces the unofficial FLUX.1 code (its T5 keyword lookup); "
+                         "FLUX.2 has no such reference: set reference=False")  # fmt: skip
+    encode = text if flux2 else text.encode_t5
     prompts = [spec.prior_prompt] + [c.prompt for c in spec.concepts]
-    branch_txt = text.encode_t5(prompts) if spec.has_fine else text.encode_t5(prompts[:1])[:0]
+    branch_txt = encode(prompts) if spec.has_fine else encode(prompts[:1])[:0]
     coarse_pool = text.encode_clip([spec.coarse_text]) if spec.has_coarse else None
     positions = []
     for c in spec.concepts:

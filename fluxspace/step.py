@@ -30,7 +30,7 @@ from .projection import (
     keyword_attention_reference,
     orthogonal_component_reference,
 )
-from .spec import EditSpec, EncodedEdit
+from .spec import NO_POOLED_TEXT, EditSpec, EncodedEdit
 
 
 @dataclass
@@ -66,9 +66,14 @@ class FluxSpaceSchedule:
     """Hands the sampler a per-step edit while the edit is on, and None otherwise (plain steps).
 
     Implements flux_core.seam.EditSchedule; `masks` collects every concept's mask as the run goes.
+    The same schedule serves FLUX.1 (flux_core.sampling.denoise) and FLUX.2 (flux_core.flux2.sampling
+    .denoise). n_generated: on Kontext / FLUX.2 with reference images, how many image tokens are
+    generated (the references follow); only those are edited unless spec.edit_condition.
     """
 
     def __init__(self, spec: EditSpec, encoded: EncodedEdit, keep_masks: bool = False, n_generated: int | None = None):
+        if spec.has_coarse and encoded.coarse_pool is None:  # encoded for FLUX.2: refused before any step
+            raise ValueError(NO_POOLED_TEXT)
         self.spec = spec
         self.encoded = encoded
         self.masks = MaskLog(keep=keep_masks)
@@ -113,14 +118,11 @@ class FluxSpaceEdit:
         self.last_block = -1
 
     # -- seam call 1: the modulation vectors, and the start of the branches' text streams
-    def vectors(self, model, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> ModVectors:
+    def vectors(self, model, vec: Tensor, timesteps: Tensor, y: Tensor | None, guidance: Tensor | None) -> ModVectors:
         spec, enc = self.spec, self.encoded
         vec_edit = vec
-        if spec.has_coarse and y is None:
-            raise ValueError(
-                "FluxSpace's coarse edit (lambda_coarse) moves the pooled text vector, and this model has none "
-                "(FLUX.2 modulates by time and guidance only): set lambda_coarse=0 and edit with the fine edit"
-            )
+        if spec.has_coarse and y is None:  # FLUX.2 (y is None): the last guard, should the checks before be skipped
+            raise ValueError(NO_POOLED_TEXT)
         if spec.has_coarse:
             c_edit = enc.coarse_pool.to(y.device).expand_as(y)  # (B, C')
             coarse = coarse_pooled_reference if spec.reference else coarse_pooled
@@ -150,7 +152,7 @@ class FluxSpaceEdit:
         blk, T, K = site.block, site.n_txt, self.encoded.branch_txt.shape[0]
         s = self.streams  # (B*K, T', C)
         if s.shape[1] != T:
-            raise ValueError(f"edit prompts have {s.shape[1]} T5 tokens but the base prompt has {T}; encode both alike")
+            raise ValueError(f"edit prompts have {s.shape[1]} text tokens but the base prompt has {T}; encode both alike")
         # The text stream's modulation layer: the block's own txt_mod on FLUX.1, the model's shared
         # double_stream_modulation_txt on FLUX.2 (flux_core/seam.py DoubleBlockSite.txt_modulation).
         mod1, mod2 = site.txt_modulation(self.branch_vec)  # each field (B*K, 1, C)

@@ -8,6 +8,8 @@ from scripts import load_script
 
 forward = load_script("forward")
 load_memory = load_script("load_memory")
+flux2_forward = load_script("flux2_forward")
+edit_cost = load_script("edit_cost")
 
 TINY_FORWARD = ["--preset", "tiny", "--height", "32", "--width", "48", "--txt-len", "5", "--device", "cpu"]
 TINY_FORWARD += ["--warmup", "0", "--iters", "1"]
@@ -116,3 +118,36 @@ def test_mini_kontext_slider_reads_monotone_and_in_between_paths():
     data = rows(0, [0.0, 0.0, 0.5, 1.0, 1.0]) + rows(1, [1.0, 0.0, 1.0, 1.0, 1.0]) + rows(2, [0.0, 0.0, 0.0, 0.0, 0.97])
     data += [{"task": "hat", "face": 3, "mode": "b0", "strength": 0.0, "success": True, "text": 1.0}]  # incomplete: left out
     assert mini_kontext.slider(data) == {"hat": {"faces": 3, "monotone": 2 / 3, "in_between": 1 / 3}}
+
+
+# FLUX.2 at klein 4B's head layout (head dim 128, 4 rope axes), 256 wide, 1 + 1 blocks: seconds on a CPU.
+TINY_FLUX2 = ["--preset", "flux2-klein-4b", "--hidden", "256", "--heads", "2", "--height", "32", "--width", "48"]
+TINY_FLUX2 += ["--txt-len", "5", "--device", "cpu"]
+
+
+def test_flux2_forward_runs_ours_and_diffusers_alike(tmp_path, capsys):
+    out = tmp_path / "flux2_forward.json"
+    data = flux2_forward.main([*TINY_FLUX2, "--width-blocks", "1,1", "--iters", "1", "--no-compile", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == data["results"]
+    s = data["settings"]
+    assert (s["image_tokens"], s["text_tokens"], s["dtype"]) == (6, 5, "float32")
+    assert (s["params"]["hidden_size"], s["params"]["depth"], s["params"]["depth_single_blocks"]) == (256, 1, 1)
+    assert data["reference"] == "diffusers eager" and {"cpu", "torch"} <= data["machine"].keys()
+    rows = {(r["model"], r["mode"]): r for r in data["results"]}
+    assert rows.keys() == {("ours", "eager"), ("diffusers", "eager")}
+    assert all(r["status"] == "ok" and len(r["times_ms"]) == 1 for r in rows.values())
+    assert rows["ours", "eager"]["rel_err"] <= 1e-5  # the same function as diffusers on the same weights
+    assert "| ours | eager |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--width-blocks takes D,S"):
+        flux2_forward.parse_args(["--width-blocks", "2"])
+    with pytest.raises(KeyError, match="unknown FLUX.2 size 'flux2-pro'"):
+        flux2_forward.parse_args(["--preset", "flux2-pro"])
+
+
+def test_edit_cost_runs_the_fine_edit_on_flux2(tmp_path):
+    out = tmp_path / "edit_cost.json"
+    data = edit_cost.main([*TINY_FLUX2, "--depth", "1", "--depth-single", "1", "--rounds", "1", "--out", str(out)])
+    assert data["settings"]["model"] == "FLUX.2"
+    rows = [r["row"] for r in data["rows"]]
+    assert rows == ["plain", "fluxspace", "two-concepts", "reference", "naive-batch3"]  # no coarse rows
+    assert all(r["median_ms"] > 0 for r in data["rows"])

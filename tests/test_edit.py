@@ -2,6 +2,7 @@
 
 import math
 
+import edit_probe
 import pytest
 import torch
 from hypothesis import given, settings
@@ -31,32 +32,8 @@ def encoded(model, n_concepts=1, seed=2, prior=None):
     return EncodedEdit(txt, torch.randn(1, p.vec_in_dim, generator=g), [[1, 2]] * n_concepts)
 
 
-class Spy:
-    """Wraps an edit and keeps what its double_block returned, block by block."""
-
-    def __init__(self, inner):
-        self.inner, self.outputs, self.img_in = inner, {}, {}
-
-    def vectors(self, *a):
-        return self.inner.vectors(*a)
-
-    def double_block(self, site):
-        out = self.inner.double_block(site)
-        self.outputs[site.index] = (out[0].clone(), site.outputs()[0].clone())
-        self.img_in[site.index] = site.img.clone()
-        return out
-
-    def single_block(self, site):
-        return self.inner.single_block(site)
-
-
 def run_step(model, spec, enc, inp=None, spy_out=None):
-    spy = Spy(FluxSpaceEdit(spec, enc))
-    with torch.inference_mode():
-        out = model(**(inp or inputs(model)), edit=spy)
-    if spy_out is not None:
-        spy_out.append(spy)
-    return out, spy.outputs
+    return edit_probe.run_step(model, spec, enc, inp or inputs(model), spy_out)
 
 
 # ---------------------------------------------------------------------------------------------- pure math

@@ -6,7 +6,6 @@ maps the same official-layout state dict into its module tree. Unlike FLUX.1's c
 assume the full width, so the models here are tiny (hidden 64, 2 heads, 2 + 2 blocks), float32.
 """
 
-import dataclasses
 import json
 
 import pytest
@@ -14,6 +13,8 @@ import torch
 from diffusers import Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file
+from tiny import TINY_FLUX2, random_state_dict, tiny_flux2
+from tiny import tiny_flux2_inputs as tiny_inputs
 from tiny import tiny_inputs as flux1_inputs
 from tiny import tiny_model as flux1_model
 
@@ -27,20 +28,7 @@ from flux_core.math import joint_attention
 from flux_core.recorder import Recorder
 from flux_core.seam import ModVectors
 
-TINY = Flux2Params(
-    in_channels=16, context_in_dim=24, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
-    axes_dim=(8, 8, 8, 8), theta=2000, mlp_ratio=3.0,
-)  # fmt: skip
-
-
-def random_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Normal weights (std 0.1 at this tiny width) and norm scales near 1: activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in model.state_dict().items():
-        t = torch.randn(v.shape, generator=g) * 0.1
-        out[k] = 1.0 + t if k.endswith(".scale") else t
-    return out
+TINY = TINY_FLUX2
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,28 +44,9 @@ def diffusers_reference(p: Flux2Params) -> Flux2Transformer2DModel:
 
 
 def tiny_model(guidance_embed: bool = True, seed: int = 0) -> tuple[Flux2, dict[str, torch.Tensor]]:
-    params = dataclasses.replace(TINY, guidance_embed=guidance_embed)
-    model = Flux2(params)
-    sd = random_state_dict(model, seed)
-    model.load_state_dict(sd, strict=True)
-    return model.eval(), sd
+    model = tiny_flux2(guidance_embed, seed)
+    return model, random_state_dict(model, seed)  # the state dict it was loaded with
 
-
-def tiny_inputs(p: Flux2Params, B=2, h=3, w=4, T=5, seed=1, guidance=True) -> dict:
-    """Ids as the official sampling builds them: image (t, h, w, 0), text (0, 0, 0, l); the image sits
-    at t=1 here so every axis carries a non-zero position somewhere."""
-    g = torch.Generator().manual_seed(seed)
-    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids = torch.stack([torch.ones(h * w), hh.flatten(), ww.flatten(), torch.zeros(h * w)], dim=-1)  # (N, 4)
-    txt_ids = torch.stack([torch.zeros(T)] * 3 + [torch.arange(T).float()], dim=-1)  # (T, 4)
-    return dict(
-        img=torch.randn(B, h * w, p.in_channels, generator=g),
-        img_ids=img_ids.expand(B, -1, -1),
-        timesteps=torch.tensor([0.93, 0.31][:B]),
-        txt=torch.randn(B, T, p.context_in_dim, generator=g),
-        txt_ids=txt_ids.expand(B, -1, -1),
-        guidance=torch.tensor([4.0, 1.5][:B]) if guidance else None,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..conditioner import _check_safetensors_weights
+from ..conditioner import _check_safetensors_weights, word_spans
 
 # src/flux2/system_messages.py SYSTEM_MESSAGE (also diffusers pipelines/flux2/system_messages.py).
 SYSTEM_MESSAGE = """You are an AI that reasons about image descriptions. You give structured responses focusing on object relationships, object
@@ -67,6 +67,8 @@ SPECS = {
     # pipeline_flux2_klein.py: hidden_states_layers=(9, 18, 27), max_sequence_length=512.
     "klein": TextEncoderSpec("Qwen3", "qwen3", "Qwen3ForCausalLM", (9, 18, 27), 512, None),
 }
+# Stands in for the prompt when locating it in the rendered chat (a private-use character).
+_MARKER = "\ue000"
 LAYOUT = {"text_encoder": "the LLM (config.json, *.safetensors)", "tokenizer": "its tokenizer"}
 VALID_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -98,24 +100,58 @@ class Flux2TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.spec = spec
 
+    def _template_kwargs(self) -> dict:
+        if self.spec.system_message is None:  # klein, as Flux2KleinPipeline._get_qwen3_prompt_embeds
+            return {"add_generation_prompt": True, "enable_thinking": False}
+        return {"add_generation_prompt": False}  # dev, as the official Mistral3SmallEmbedder.forward
+
+    def render(self, prompt: str) -> str:
+        """The chat one prompt is encoded as, rendered by the tokenizer's template (not yet tokenised)."""
+        return self.tokenizer.apply_chat_template(
+            conversation(prompt, self.spec), tokenize=False, **self._template_kwargs()
+        )
+
+    def _tokenize_texts(self, texts: list[str], **extra):
+        bos = self.tokenizer.bos_token
+        # As the processor's apply_chat_template: no second BOS when the template already wrote one.
+        add_special = not (bos is not None and texts[0].startswith(bos))
+        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.spec.max_length,
+                              add_special_tokens=add_special, **extra)  # fmt: skip
+
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """input_ids and attention_mask, (B, max_length) each: chat template, then padded / cut."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        if self.spec.system_message is None:  # klein, as Flux2KleinPipeline._get_qwen3_prompt_embeds
-            kwargs = {"add_generation_prompt": True, "enable_thinking": False}
-        else:  # dev, as the official Mistral3SmallEmbedder.forward
-            kwargs = {"add_generation_prompt": False}
-        texts = [
-            self.tokenizer.apply_chat_template(conversation(p, self.spec), tokenize=False, **kwargs)
-            for p in prompts
-        ]
-        bos = self.tokenizer.bos_token
-        # As the processor's apply_chat_template: no second BOS when the template already wrote one.
-        add_special = not (bos is not None and texts[0].startswith(bos))
-        batch = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.spec.max_length,
-                               add_special_tokens=add_special, return_tensors="pt")  # fmt: skip
+        batch = self._tokenize_texts([self.render(p) for p in prompts], return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"]
+
+    def word_token_positions(self, prompt: str, word: str) -> list[int]:
+        """Positions, in the padded templated sequence of `prompt`, of every sub-token of every whole-word
+        occurrence of `word` (FluxSpace's keyword mask; as flux_core.conditioner.TextEncoders' for T5).
+
+        The prompt sits inside the chat (system turn, role markers), so positions count from the
+        template's first token. The prompt's place in the rendered text is found by rendering the chat
+        once more with a marker in its place; tokens are matched by the tokenizer's character offsets.
+        """
+        content = prompt if self.spec.system_message is None else prompt.replace("[IMG]", "")
+        spans = word_spans(content, word)
+        text, marked = self.render(prompt), self.render(_MARKER)
+        start = marked.find(_MARKER)
+        if start < 0 or text[:start] != marked[:start] or text[start : start + len(content)] != content:
+            raise ValueError(
+                f"cannot find the prompt {prompt!r} in its chat template; keyword positions need it verbatim"
+            )
+        offsets = self._tokenize_texts([text], return_offsets_mapping=True)["offset_mapping"][0]
+        # Padding has the empty span (0, 0) and never overlaps a word.
+        positions = [
+            i for i, (a, b) in enumerate(offsets) if any(a < start + e and b > start + s for s, e in spans)
+        ]
+        if not positions:
+            raise ValueError(
+                f"word {word!r} occurs in the prompt {prompt!r} only after the first {self.spec.max_length} "
+                "tokens of its chat, which are cut off; shorten the prompt"
+            )
+        return positions
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Tensor:

@@ -32,6 +32,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from ..sampling import StepCallback, check_image_size, euler, seeded_randn, time_shift
+from ..seam import EditSchedule
 
 PIXELS_PER_TOKEN = 16  # autoencoder downsampling 8 x 2x2 patches (cli.py: `height // 16`)
 LATENT_CHANNELS = 128  # 4 x 32 autoencoder channels (cli.py: `shape = (1, 128, height // 16, width // 16)`)
@@ -222,7 +223,7 @@ def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
 
 # ----------------------------------------------------------------------------- the Euler loop
 
-# model(img, img_ids, timesteps, txt, txt_ids, guidance) -> velocity (B, N [+ M], C); ids (B, L, 4).
+# model(img, img_ids, timesteps, txt, txt_ids, guidance[, edit=]) -> velocity (B, N [+ M], C); ids (B, L, 4).
 Flux2Model = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None], Tensor]
 
 
@@ -238,6 +239,7 @@ def denoise(
     references: References | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
+    edit: EditSchedule | None = None,
 ) -> Tensor:
     """Euler from timesteps[0] to timesteps[-1], as the official denoise. Returns (B, N, C) in img's dtype.
 
@@ -247,6 +249,10 @@ def denoise(
     embedding (klein), which then receives None.
     references: reference images' tokens (prepare_references), after the image's at every step; the
     velocity predicted for them is dropped.
+    edit: an EditSchedule (flux_core.seam), asked for each step's edit (None: a plain step), as FLUX.1's
+    denoise. FluxSpace's schedule edits the first N image tokens only (FluxSpaceSchedule(...,
+    n_generated=N)); the references keep their plain attention outputs unless it edits them too.
+    With edit=None, or a schedule that returns None, the model is called exactly as without one.
     """
     if (
         img.ndim != 3
@@ -274,9 +280,13 @@ def denoise(
         None if guidance is None else torch.full((bs,), guidance, dtype=img.dtype, device=img.device)
     )
 
+    num_steps = len(timesteps) - 1
+
     def velocity(x: Tensor, t: float, step: int) -> Tensor:
         t_vec = torch.full((bs,), t, dtype=x.dtype, device=x.device)  # (B,)
         x_in = x if cond is None else torch.cat([x, cond], dim=1)  # (B, N [+ M], C)
-        return model(x_in, ids, t_vec, txt, txt_ids, guidance_vec)[:, :n_img]  # (B, N, C)
+        step_edit = edit.at_step(step, float(t), num_steps) if edit is not None else None
+        extra = {"edit": step_edit} if step_edit is not None else {}  # a plain step calls the model as before
+        return model(x_in, ids, t_vec, txt, txt_ids, guidance_vec, **extra)[:, :n_img]  # (B, N, C)
 
     return euler(velocity, img, timesteps, callback=callback, progress=progress)

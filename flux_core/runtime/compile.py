@@ -3,6 +3,9 @@
     compile_blocks(model)           # every DoubleStreamBlock and SingleStreamBlock, in place
     out = model(...)                # first call compiles (seconds), the next ones reuse the code
 
+The same holds for FLUX.2 (flux_core/flux2: 8 + 48 blocks for dev, 5 + 20 for klein 4B), whose
+shared modulation layers run once per forward outside the blocks and stay eager with the embedders.
+
 Why regional. FLUX.1 repeats two block classes 19 and 38 times; compiling the whole model traces and
 lowers all 57 copies (minutes on the first call). Compiling each block's forward instead traces one
 double and one single block: torch >= 2.5 always inlines a module's parameters as graph inputs, so
@@ -79,7 +82,9 @@ def check_compile_support(device: str | torch.device = "cpu", backend: str = "in
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
     if not (hasattr(model, "double_blocks") and hasattr(model, "single_blocks")):
-        raise TypeError(f"compile_blocks expects a flux_core.Flux (double_blocks, single_blocks); got {type(model).__name__}")
+        raise TypeError(
+            f"compile_blocks expects a flux_core Flux or Flux2 (double_blocks, single_blocks); got {type(model).__name__}"
+        )
     return [*model.double_blocks, *model.single_blocks]
 
 
