@@ -158,7 +158,7 @@ def encoded(model, seed=2):
 def kontext_step(model, spec, n_generated, seed=2):
     """One forward on (generated + conditioning) image tokens with a FluxSpace edit; per double
     block (the edit's image attention output, the plain one)."""
-    from test_edit import Spy
+    from edit_probe import Spy
 
     from fluxspace.step import FluxSpaceEdit
 
