@@ -268,6 +268,9 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+COLORS = {"b": "C0", "b0": "C1", "b'": "C2", "c": "C3"}  # one colour per mode in every panel
+
+
 def plot(data: dict, path: Path) -> None:
     """Per task: success against lambda (top) and success against PSNR outside the region (bottom)."""
     import matplotlib
@@ -287,8 +290,8 @@ def plot(data: dict, path: Path) -> None:
                 bottom.plot(succ, psnr, marker="*", ls="", ms=10, color="k" if mode == "a" else "grey", label=f"({mode})")
                 continue
             lams = [p["strength"] for p in pts]
-            top.plot(lams, succ, marker="o", label=f"({mode})")
-            bottom.plot(succ, psnr, marker="o", label=f"({mode})")
+            top.plot(lams, succ, marker="o", color=COLORS[mode], label=f"({mode})")
+            bottom.plot(succ, psnr, marker="o", color=COLORS[mode], label=f"({mode})")
             for x, y, lam in zip(succ, psnr, lams, strict=True):
                 bottom.annotate(f"{lam:g}", (x, y), fontsize=6)
         top.set(title=task, xlabel="lambda", ylabel="success", ylim=(-0.02, 1.02))
@@ -366,7 +369,7 @@ def main(argv=None) -> dict:
               "tau_m": TAU_M, "inversion": f"{INVERSION}@{INVERSION_STEPS}", "machine": machine_info("cpu"),
               "seconds": time.perf_counter() - t0, "results": data}  # fmt: skip
     result["slider"] = slider(rows)
-    text = table(data) + "\n".join(["### (b0) as a slider, lambda 0 -> -4", "",
+    text = table(data) + "\n" + "\n".join(["### (b0) as a slider, lambda 0 -> -4", "",
                                     "| task | faces | p(target) monotone % | an in-between output % |", "|---|---|---|---|"]
                                    + [f"| {t} | {v['faces']} | {100 * v['monotone']:.0f} | {100 * v['in_between']:.0f} |"
                                       for t, v in result["slider"].items()]) + "\n"  # fmt: skip
