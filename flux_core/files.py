@@ -333,6 +333,9 @@ def _folder_files(path: Path, model: str | None) -> list[Path]:
 # The files of one model
 
 
+INTEGER_BUFFER = "num_batches_tracked"  # BatchNorm's step counter: the one tensor kept as integers
+
+
 @dataclass
 class WeightFiles:
     """The headers of one model's files: one file or the shards of one folder (no tensor read yet).
@@ -377,7 +380,8 @@ class WeightFiles:
     def bfl_tensors(self, device: str | torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         """Every tensor, read memory-mapped one at a time into `dtype` on `device`, under official names.
 
-        Integer tensors (the FLUX.2 autoencoder's bn.num_batches_tracked) keep their dtype."""
+        The one integer buffer (the FLUX.2 autoencoder's bn.num_batches_tracked) keeps its dtype; any
+        other tensor stored as integers is cast like the rest."""
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for key, (file, file_key) in self.where.items():
             by_file.setdefault(file, []).append((key, file_key))
@@ -386,7 +390,8 @@ class WeightFiles:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key, file_key in keys:
                     t = f.get_tensor(file_key)
-                    out[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    counter = key.endswith(INTEGER_BUFFER) and not t.is_floating_point()
+                    out[key] = t.to(device=device, dtype=t.dtype if counter else dtype)
         return out if self._is_bfl() else self._to_bfl(out)
 
     @contextmanager
