@@ -268,6 +268,26 @@ def test_denoise_equals_official_loop_bit_for_bit(with_refs, dtype):
         assert ids[0, 12:, 0].unique().tolist() == [10, 20]
 
 
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_denoise_with_our_flux2_in_bf16_is_the_official_loop_bit_for_bit(with_refs):
+    # The whole bf16 denoise with the real (tiny) FLUX.2 transformer: the loop adds no rounding of its
+    # own (the transformer itself is held to the official model.py in test_flux2_model.py).
+    from tiny import tiny_flux2
+
+    model = tiny_flux2(in_channels=128, context_in_dim=8).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    inp = prepare(get_noise(1, 48, 32, seed=7, dtype=torch.bfloat16), torch.randn(1, 5, 8, generator=g).bfloat16())
+    refs = prepare_references([torch.randn(1, 128, 2, 2, generator=g).bfloat16()], batch=1) if with_refs else None
+    timesteps = get_schedule(3, inp.img.shape[1])
+    with torch.no_grad():
+        ours = denoise(model, inp.img, inp.img_ids, inp.txt, inp.txt_ids, timesteps, 4.0, references=refs,
+                       progress=False)  # fmt: skip
+        ref = official_denoise(model, inp.img, inp.img_ids, inp.txt, inp.txt_ids, timesteps, 4.0,
+                               img_cond_seq=refs.img if refs else None, img_cond_seq_ids=refs.ids if refs else None)  # fmt: skip
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, ref)
+    assert not torch.equal(ours, inp.img)
+
+
 def test_denoise_without_guidance_passes_none_and_callback_sees_every_step():
     inp = prepare(get_noise(1, 32, 32, seed=0, dtype=torch.float32), torch.randn(1, 3, 8))
     model = StandIn(128, 8)
