@@ -104,7 +104,11 @@ def write_random_file(
     plan = [(k, shapes[k], integers.get(k, dtype)) for k in keys]
 
     def tensor(k: str) -> Tensor:
-        return torch.zeros(shapes[k], dtype=integers[k]) if k in integers else random_tensor(k, shapes[k], seed, dtype)
+        return (
+            torch.zeros(shapes[k], dtype=integers[k])
+            if k in integers
+            else random_tensor(k, shapes[k], seed, dtype)
+        )
 
     tensors = ((k, tensor(k)) for k in keys)
     return write_safetensors(path, plan, tensors, metadata={"format": "pt", **metadata}, force=force)
@@ -203,7 +207,9 @@ def write_random_checkpoint(
     result = RandomCheckpoint(write_random_file(flux_path, flux_shapes, seed, torch_dtype, metadata, force))
     if transformer_only:
         return result
-    ae_meta = ae_metadata(p.ae_params) if p.family == "flux1" else {META_RESOLUTION: str(p.ae_params.resolution)}
+    ae_meta = (
+        ae_metadata(p.ae_params) if p.family == "flux1" else {META_RESOLUTION: str(p.ae_params.resolution)}
+    )
     result.ae = write_random_file(
         ae_path, meta_shapes(ae), seed, torch.float32, ae_meta, force, integers=integer_dtypes(ae)
     )
@@ -212,7 +218,9 @@ def write_random_checkpoint(
         from .text_encoders import install_folders, write_random_qwen3
 
         layers = get_spec(p.text_encoder).output_layers
-        build = partial(write_random_qwen3, hidden=p.params.context_in_dim // len(layers), layers=max(layers), seed=seed)
+        build = partial(
+            write_random_qwen3, hidden=p.params.context_in_dim // len(layers), layers=max(layers), seed=seed
+        )
         result.text_encoders = install_folders(out, text_folders, build, overwrite=force)
         result.text_folders = text_folders
     elif with_text:

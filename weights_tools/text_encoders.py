@@ -391,7 +391,9 @@ def install_text_encoders(out: str | os.PathLike, overwrite: bool = False, **kwa
     building leaves `out` as it was. Existing ones are replaced only with overwrite=True. They get
     ordinary modes (temporary folders are private), so others can read them like the files beside them.
     """
-    return install_folders(out, TEXT_ENCODER_FOLDERS, lambda f: write_random_text_encoders(f, **kwargs), overwrite)
+    return install_folders(
+        out, TEXT_ENCODER_FOLDERS, lambda f: write_random_text_encoders(f, **kwargs), overwrite
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,7 +409,9 @@ QWEN3_TEMPLATE = (
 )
 
 
-def train_byte_bpe(specials: Sequence[str], corpus: Sequence[str] = BUILTIN_CORPUS, vocab_size: int = 400) -> Tokenizer:
+def train_byte_bpe(
+    specials: Sequence[str], corpus: Sequence[str] = BUILTIN_CORPUS, vocab_size: int = 400
+) -> Tokenizer:
     """A byte-level BPE (the kind Qwen3 and Mistral use) trained on `corpus`, with `specials` first."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

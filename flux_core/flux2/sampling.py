@@ -295,7 +295,11 @@ class Velocity:
         dtype = img.dtype if self.dtype is None else self.dtype
         n = self.ids.shape[0]
         t_vec = torch.full((n,), t, dtype=img.dtype, device=img.device).to(dtype)  # (B or 2B,)
-        g = None if self.guidance is None else torch.full((n,), self.guidance, dtype=img.dtype, device=img.device)
+        g = (
+            None
+            if self.guidance is None
+            else torch.full((n,), self.guidance, dtype=img.dtype, device=img.device)
+        )
         x = img.to(dtype)  # (B, N, C)
         x = torch.cat([x, x]) if self.use_cfg else x  # (B or 2B, N, C)
         if self.cond is not None:
