@@ -86,11 +86,12 @@ def check_text_device(text: str) -> torch.device:
 
 def _streamed_lists(part: str, module: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
     """(owner, attribute names) of the block lists that "blocks" streams: the transformer's two
-    lists, and T5's encoder blocks (transformers' T5Stack iterates `self.block`, as Flux.forward does)."""
+    lists, and T5's encoder blocks (transformers' T5Stack iterates `self.block`, as Flux.forward does; a
+    FLUX.2 LLM's `layers`)."""
     if part == "flow":
         return [(module, FLOW_BLOCK_LISTS)]
-    if part == "text":
-        return [(module.t5.encoder, ("block",))]
+    if part == "text":  # FLUX.2: the LLM's decoder layers (transformers' Qwen3Model / MistralModel.layers)
+        return [(module.t5.encoder, ("block",))] if hasattr(module, "t5") else [(module.model, ("layers",))]
     return []
 
 
@@ -107,9 +108,10 @@ def resident_weights(counts: dict[str, int], params, residency: Residency, devic
         return sum(on_device.values())
     if residency.offload == "blocks" and "flow" in on_device:
         from flux_core import Flux
+        from flux_core.flux2.model import Flux2, Flux2Params
 
         with torch.device("meta"):
-            model = Flux(params)
+            model = (Flux2 if isinstance(params, Flux2Params) else Flux)(params)
         blocks = [*model.double_blocks, *model.single_blocks]
         largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) if blocks else 0
         in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
