@@ -198,6 +198,15 @@ def diffusers_pipeline(folder: Path) -> str | None:
     return diffusers_index(folder).get("_class_name")
 
 
+def text_length(preset: AnyPreset) -> int:
+    """Text tokens a prompt is padded to: T5's max length (FLUX.1) or the FLUX.2 LLM's 512."""
+    if preset.family == "flux2":
+        from .flux2 import text_length as flux2_text_length
+
+        return flux2_text_length(preset)
+    return preset.t5_max_length
+
+
 @dataclass(frozen=True)
 class FamilyLoaders:
     """How one family's parts are checked (on the headers alone) and loaded: the only place load_models
@@ -272,12 +281,7 @@ class FluxModels:
 
     @property
     def text_length(self) -> int:
-        """Text tokens a prompt is padded to: T5's max length (FLUX.1) or the FLUX.2 LLM's 512."""
-        if self.family == "flux2":
-            from .flux2 import text_length
-
-            return text_length(self.preset)
-        return self.preset.t5_max_length
+        return text_length(self.preset)
 
     @property
     def residency(self) -> Residency:
