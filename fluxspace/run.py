@@ -219,9 +219,11 @@ class SamplingRun:
 
 
 def decode(models: FluxModels, latents: Tensor) -> list[Image.Image]:
-    """Latents (B, C, h, w) -> PIL images."""
+    """Latents (B, C, h, w) -> PIL images, one image at a time: batched convolutions round differently
+    from batch to batch on the CPU, and an image should not depend on the batch it is decoded in."""
     with torch.inference_mode():
-        x = models.ae.decode(latents.to(models.dtype))  # (B, 3, H, W)
+        ae = models.ae
+        x = torch.cat([ae.decode(z[None].to(models.dtype)) for z in latents])  # (B, 3, H, W)
     return tensor_to_pil(x)
 
 
