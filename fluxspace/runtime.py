@@ -86,12 +86,11 @@ def check_text_device(text: str) -> torch.device:
 
 def _streamed_lists(part: str, module: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
     """(owner, attribute names) of the block lists that "blocks" streams: the transformer's two
-    lists, and T5's encoder blocks (transformers' T5Stack iterates `self.block`, as Flux.forward does; a
-    FLUX.2 LLM's `layers`)."""
+    lists, and T5's encoder blocks (transformers' T5Stack iterates `self.block`, as Flux.forward does)."""
     if part == "flow":
         return [(module, FLOW_BLOCK_LISTS)]
-    if part == "text":  # FLUX.2: the LLM's decoder layers (transformers' Qwen3Model / MistralModel.layers)
-        return [(module.t5.encoder, ("block",))] if hasattr(module, "t5") else [(module.model, ("layers",))]
+    if part == "text":  # FLUX.2's LLM moves whole: transformers slices its `layers`, which a streamed list refuses
+        return [(module.t5.encoder, ("block",))] if hasattr(module, "t5") else []
     return []
 
 

@@ -228,3 +228,13 @@ def test_missing_parts_are_named(folder, tmp_path, capsys):
         from fluxspace.flux2 import check_text
 
         check_text(folder, resolve_preset(resolve_paths(folder), None), 96)
+
+
+def test_offload_staged_and_block_streaming_give_the_same_image(folder, models):
+    from fluxspace.runtime import Residency
+
+    plain = generate(models, [PROMPT], [3], progress=False)[0].tobytes()
+    for residency in (Residency(offload="model"), Residency(staged=True),
+                      Residency(offload="blocks", cpu_streaming=True, block_group=1)):  # fmt: skip
+        other = load_models(folder, residency=residency)
+        assert generate(other, [PROMPT], [3], progress=False)[0].tobytes() == plain, residency
