@@ -223,8 +223,9 @@ def add_image_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     if required:
         g.add_argument("image", help="the image to invert (PNG, JPEG, ...)")
     else:
-        g.add_argument("--image", help="edit this image instead of a generated one: it is inverted first, or, on a "
-                       "Kontext model, it is the image the instruction edits (no inversion)")  # fmt: skip
+        g.add_argument("--image", action="append", help="edit this image instead of a generated one: it is inverted "
+                       "first, or, on a Kontext model, it is the image the instruction edits (no inversion); on "
+                       "FLUX.2, a reference image (repeat for several)")  # fmt: skip
     g.add_argument("--fit", choices=FITS, default="resize",
                    help="make the sides multiples of the token size by resizing (default) or centre-cropping")  # fmt: skip
     g.add_argument("--size", type=int, help="resize the longer side to this many pixels first")
@@ -267,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("prompt", nargs="+", help="one or more prompts (quote each); on a Kontext model, instructions")
     gen.add_argument("--out", default="out/generate.png", help="output PNG (several images: NAME-K.png)")
-    gen.add_argument("--image", help="Kontext models: the image to edit by the prompt's instruction")
+    gen.add_argument("--image", action="append", help="Kontext models: the image to edit by the prompt's "
+                     "instruction; FLUX.2: a reference image (repeat for several)")  # fmt: skip
     add_model_args(gen)
     add_sampling_args(gen)
 
@@ -289,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="a labelled grid over one or two edit parameters, from one noise")
     sw.add_argument("prompt", help="the base prompt (on a Kontext model: the instruction)")
-    sw.add_argument("--image", help="Kontext models: the image the instruction edits")
+    sw.add_argument("--image", action="append", help="Kontext models: the image the instruction edits; FLUX.2: a "
+                    "reference image (repeat for several)")  # fmt: skip
     sw.add_argument(
         "--vary", action="append", required=True, metavar="NAME=V1,V2,...",
         help=f"parameter and values; once or twice. NAME in {', '.join(grammar.SWEEPABLE)}",

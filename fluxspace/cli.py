@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from flux_core import FluxParams, Preset
+from flux_core import FluxParams
 from flux_core.atomic import FileSet
 from flux_core.autoencoder import AutoEncoderParams
 from flux_core.files import open_weights
-from flux_core.loading import read_ae_params, read_flux_params, resolve_dtype
+from flux_core.loading import resolve_dtype
+from flux_core.presets import AnyPreset
 from flux_core.runtime import check_compile_support
 from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
@@ -40,12 +41,21 @@ from .arguments import (
     spec_from,
 )
 from .editing import edit_image, mask_overlay
+from .flux2 import read_references
 from .images import save_png, side_by_side
-from .inversion import fit_image, invert_image, read_image
+from .inversion import NO_FLUX2_INVERSION, fit_image, invert_image, read_image
 from .kontext import fit_condition
 from .loras import Loras
 from .metadata import run_metadata
-from .models import ModelPaths, flux_mini_path, load_models, resolve_paths, resolve_preset
+from .models import (
+    ModelPaths,
+    family_loaders,
+    flux_mini_path,
+    load_models,
+    resolve_paths,
+    resolve_preset,
+    text_length,
+)
 from .resources import check_fits, footprint, part_weights
 from .run import generate
 from .runtime import Residency, resident_weights
@@ -61,7 +71,8 @@ class Terminated(BaseException):
 def check_spec(spec: EditSpec, settings: SampleSettings, chosen: "Chosen") -> None:
     """Validate the edit against the run's steps and the model's double blocks (read from the file header)."""
     try:
-        validate(spec, num_steps=settings.steps, num_double_blocks=chosen.depth)
+        validate(spec, num_steps=settings.steps, num_double_blocks=chosen.depth,
+                 pooled_text=chosen.preset.family == "flux1")  # FLUX.2: no coarse edit
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -137,9 +148,9 @@ class Chosen:
     """What the files' headers say about the model, before anything is loaded."""
 
     paths: ModelPaths
-    preset: Preset
-    flux: FluxParams
-    ae: AutoEncoderParams
+    preset: AnyPreset
+    flux: FluxParams  # FLUX.2: Flux2Params
+    ae: AutoEncoderParams  # FLUX.2: its autoencoder's params
     n_weights: int  # parameters on the device at the peak (all four parts, unless offloaded or staged)
     device: str
     dtype: torch.dtype
@@ -160,7 +171,7 @@ class Chosen:
 
     def check_fits(self, s: SampleSettings, batch: int = 1, conditions: int = 0) -> None:
         """Refuse a run whose memory this device does not have (resources.py)."""
-        need = footprint(self.n_weights, self.flux, self.ae, self.preset.t5_max_length, s.width, s.height,
+        need = footprint(self.n_weights, self.flux, self.ae, text_length(self.preset), s.width, s.height,
                          self.pixels_per_token, batch, s.cfg_scale != 1.0, conditions, self.dtype,
                          self.n_fp8)  # fmt: skip
         try:
@@ -181,14 +192,22 @@ def choose_model(args, unfused_loras: bool = False) -> Chosen:
     model = args.model if args.model else flux_mini_path()
     paths = resolve_paths(model, args.ae, args.text_encoders)
     preset = resolve_preset(paths, args.preset)
-    flux, ae = read_flux_params(paths.transformer), read_ae_params(paths.ae)
-    n_weights = resident_weights(part_weights(paths), flux, residency, device)
+    family = family_loaders(preset)
     files = open_weights(paths.transformer, "transformer")
+    flux, ae = family.check_model(files, None), family.check_ae(open_weights(paths.ae, "ae"))
+    n_weights = resident_weights(part_weights(paths), flux, residency, device)
     n_fp8 = quantized_count(files) if args.weights == "fp8" else 0
     loras = loras_from(args, unfused_loras)
-    loras.check_flow(files)
-    return Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, min(n_fp8, n_weights), residency,
-                  loras)  # fmt: skip
+    family.check_loras(loras, files)
+    chosen = Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, min(n_fp8, n_weights), residency,
+                    loras)  # fmt: skip
+    images = getattr(args, "image", None)
+    if isinstance(images, list) and preset.family == "flux1":  # --image, repeatable for FLUX.2's references
+        if len(images) > 1:
+            raise CLIError(f"{preset.name} takes one --image; got {len(images)} (several reference images are "
+                           "for FLUX.2 models)")  # fmt: skip
+        args.image = images[0]
+    return chosen
 
 
 def run_generate(args) -> int:
@@ -199,15 +218,15 @@ def run_generate(args) -> int:
     paths = output_paths(args.out, len(prompts))
     chosen = choose_model(args)
     check_kontext_image(args, chosen)
-    image = kontext_image(args, chosen) if args.image else None
-    s = settings_from(args, chosen, size=image.size if image else None)
+    image, size = kontext_image(args, chosen) if args.image else (None, None)
+    s = settings_from(args, chosen, size=size)
     chosen.check_fits(s, batch=len(seeds), conditions=1 if image else 0)
     models = load_for(args, chosen)
     images = []
     for i in range(0, len(prompts), len(seeds)):
         images += generate(models, prompts[i : i + len(seeds)], all_seeds[i : i + len(seeds)], s, progress=not args.quiet,
                            image=image)  # fmt: skip
-    extra = {"image_path": str(args.image)} if image else {}
+    extra = {"image_path": image_paths(args)} if image else {}
     params = run_metadata("generate", models, s, prompt=None, seed=None, **extra)  # weight files hashed once
     with FileSet() as outputs:
         for image, path, prompt, seed in zip(images, paths, prompts, all_seeds, strict=True):
@@ -239,7 +258,10 @@ def instruction_of(args) -> str:
 
 
 def check_kontext_image(args, chosen: "Chosen", inverts: bool = False) -> None:
-    """A Kontext model needs --image; a text-to-image model takes none unless the command inverts it (edit)."""
+    """A Kontext model needs --image; a text-to-image model takes none unless the command inverts it (edit).
+    FLUX.2 models take any number (reference images)."""
+    if chosen.preset.family == "flux2":
+        return
     if chosen.preset.kontext and not getattr(args, "image", None):
         raise CLIError(f"{chosen.preset.name} is a Kontext model: it edits an image by instruction; give --image FILE")
     if args.image and not chosen.preset.kontext and not inverts:
@@ -248,11 +270,21 @@ def check_kontext_image(args, chosen: "Chosen", inverts: bool = False) -> None:
 
 
 def kontext_image(args, chosen: "Chosen"):
-    """The Kontext conditioning image, read and fitted before anything loads (errors name the file)."""
+    """(image, its size): the Kontext conditioning image, or FLUX.2's reference images (a list; the
+    size is the first one's), read and fitted before anything loads (errors name the file)."""
     try:
-        return fit_condition(args.image, chosen.preset, chosen.pixels_per_token)
+        if chosen.preset.family == "flux2":
+            images = read_references(args.image)
+            return images, images[0].size
+        image = fit_condition(args.image, chosen.preset, chosen.pixels_per_token)
+        return image, image.size
     except ValueError as e:
         raise CLIError(str(e)) from None
+
+
+def image_paths(args) -> str | list[str]:
+    """--image as PNG metadata records it: the path (FLUX.1), the list of reference paths (FLUX.2)."""
+    return [str(p) for p in args.image] if isinstance(args.image, list) else str(args.image)
 
 
 def run_edit(args) -> int:
@@ -260,10 +292,10 @@ def run_edit(args) -> int:
     chosen = choose_model(args)
     check_kontext_image(args, chosen, inverts=True)
     spec = spec_from(args)
-    kontext = chosen.preset.kontext
-    image = kontext_image(args, chosen) if kontext else None  # its size is the default size
-    settings = settings_from(args, chosen, real_image=args.image is not None and not kontext,
-                             size=image.size if kontext else None)  # fmt: skip
+    # the image conditions the runs (Kontext; FLUX.2's references) rather than being inverted
+    kontext = chosen.preset.kontext or (chosen.preset.family == "flux2" and args.image is not None)
+    image, size = kontext_image(args, chosen) if kontext else (None, None)  # its size is the default size
+    settings = settings_from(args, chosen, real_image=args.image is not None and not kontext, size=size)
     check_spec(spec, settings, chosen)
     if len(args.seed) != 1:
         raise CLIError("edit takes one --seed")
@@ -283,7 +315,7 @@ def run_edit(args) -> int:
                         image=image, inversion=inversion, fit=args.fit)  # fmt: skip
     params = edit_params(result, models)
     if image is not None and kontext:
-        params |= {"image_path": str(args.image), "instruction": args.prompt}
+        params |= {"image_path": image_paths(args), "instruction": args.prompt}
     elif image is not None:
         params |= {"image_path": str(args.image), "inversion": dataclasses.asdict(inversion), "fit": args.fit}
     images = [result.original, result.edited, side_by_side([result.original, result.edited])]
@@ -310,6 +342,8 @@ def _image(args, chosen: Chosen):
 
 def run_invert(args) -> int:
     chosen = choose_model(args)
+    if chosen.preset.family == "flux2":
+        raise CLIError(NO_FLUX2_INVERSION)
     settings = settings_from(args, chosen, real_image=True)
     seeds_for(args)  # the seed's range (RF-Inversion's target noise)
     inversion = inversion_from(args)
@@ -337,9 +371,9 @@ def run_sweep(args) -> int:
         raise CLIError("--vary lora_scale needs a LoRA: add --lora FILE")
     chosen = choose_model(args, unfused_loras=lora_sweep)  # strengths change cell to cell: unfused
     check_kontext_image(args, chosen)
-    image = kontext_image(args, chosen) if args.image else None
+    image, size = kontext_image(args, chosen) if args.image else (None, None)
     spec = spec_from(args)
-    settings = settings_from(args, chosen, size=image.size if image else None)
+    settings = settings_from(args, chosen, size=size)
     for name, values in axes:
         for v in values:
             check_spec(vary(spec, name, v), settings, chosen)

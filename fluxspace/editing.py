@@ -116,7 +116,7 @@ def edit_image(
     record=True also returns a Recorder with every block's attention output during the edited steps,
     and every double block's concept masks (`block_masks`).
     image: on a Kontext model, the image it edits by the instruction `prompt` (no inversion: the
-    image conditions both runs). On a text-to-image model, edit a real image instead (a path or PIL image): it is inverted (inversion: an
+    image conditions both runs); on FLUX.2, reference images (one or a list), likewise. On a text-to-image model, edit a real image instead (a path or PIL image): it is inverted (inversion: an
     inversion.InversionSettings) and `original` is its reconstruction, `edited` the reverse pass with
     the edit; the size comes from the image (fit: "resize" or "crop" to the token grid), `seed` is
     RF-Inversion's target noise, and true CFG is off unless settings.cfg_scale asks for it.
@@ -125,13 +125,15 @@ def edit_image(
     the time when the edit is on from the first step.
     Everything is validated before any sampling starts.
     """
-    kontext = models.preset.kontext
-    if image is not None and not kontext:
+    flux2 = models.family == "flux2"
+    conditioned = models.preset.kontext or flux2  # the image conditions both runs (FLUX.2: references)
+    if image is not None and not conditioned:
         return _edit_real_image(models, prompt, spec, seed, settings, image, inversion, fit, record)
     s = models.sample_settings(settings)
-    validate(spec, num_steps=s.steps, num_double_blocks=models.params.depth)
+    validate(spec, num_steps=s.steps, num_double_blocks=models.params.depth, pooled_text=not flux2)
     encoded = encode_edit(spec, models.text)  # also checks that the mask words are in the edit prompts
-    run = SamplingRun.prepare(models, [prompt], [seed], settings, progress=progress, image=image if kontext else None)
+    run = SamplingRun.prepare(models, [prompt], [seed], settings, progress=progress,
+                              image=image if conditioned else None)  # fmt: skip
     s = run.settings
 
     start = run.first_active_step(spec)
@@ -140,7 +142,8 @@ def edit_image(
     plain, branch = known if known is not None else run.plain_and_branch(start)
     if plain_runs is not None:
         plain_runs.put(key, (plain, branch))
-    n_generated = run.inp.img.shape[1] if run.condition is not None else None  # Kontext: the image tokens edited
+    # Kontext, FLUX.2 references: the generated image's tokens are edited, the conditioning ones follow
+    n_generated = run.inp.img.shape[1] if run.condition is not None else None
     schedule = FluxSpaceSchedule(spec, encoded, keep_masks=record, n_generated=n_generated)
     recorder = Recorder(keep=("img_attn_out", "attn")) if record else None
     if start is None:  # the edit never switches on: the edited image is the plain one

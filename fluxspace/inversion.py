@@ -147,6 +147,14 @@ FITS = ("resize", "crop")
 MAX_IMAGE_PIXELS = 64_000_000
 
 
+# Inversion (and so editing a real image through it) is built on FLUX.1's sampler; on FLUX.2 an image
+# enters as a reference the model conditions on, which needs no inversion.
+NO_FLUX2_INVERSION = (
+    "inverting a real image runs on FLUX.1 models only; FLUX.2 takes an image as a reference image "
+    "(--image on generate, edit and sweep; image= in Python) instead"
+)
+
+
 def read_image(image) -> Image.Image:
     """A path or a PIL image -> an RGB PIL image; anything else, unreadable files, images of more than
     MAX_IMAGE_PIXELS (judged by the header, before decoding) and non-RGB modes that do not convert to
@@ -243,6 +251,8 @@ def invert_image(models: FluxModels, image, prompt: str = "", *, settings: Sampl
     from .spec import encode_edit, validate
     from .step import FluxSpaceSchedule
 
+    if models.family == "flux2":
+        raise ValueError(NO_FLUX2_INVERSION)
     inversion.validate()
     s = models.sample_settings(replace(settings or SampleSettings(), width=None, height=None, parity=False),
                                real_image=True)  # fmt: skip

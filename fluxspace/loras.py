@@ -98,6 +98,8 @@ class Loras:
 
     def apply(self, part: str, module: nn.Module) -> None:
         """Put every LoRA's updates on a freshly loaded part: "flow" (a Flux) or "text" (TextEncoders)."""
+        if not self.files:  # nothing to put (and a FLUX.2 part, whose LoRAs are refused, has no CLIP or T5)
+            return
         if part == "text":
             clip = module.clip.text_model if hasattr(module.clip, "text_model") else module.clip  # transformers < 5
             self._apply("clip", clip)

@@ -7,16 +7,18 @@ used: the library finds its files without importing the flux-mini domain (fluxsp
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from flux_core import Flux, FluxParams, Preset, get_preset
+from flux_core import Flux, FluxParams, get_preset
 from flux_core.autoencoder import AutoEncoder, AutoEncoderParams
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS, check_text_encoder_folder
 from flux_core.files import CheckpointError, WeightFiles, open_weights
+from flux_core.formats import FAMILIES
 from flux_core.inference import META_PRESET
 from flux_core.loading import (
     check_autoencoder,
@@ -109,7 +111,10 @@ def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders
         transformer, default_ae, default_te = candidates[0], model / "ae.safetensors", model
     else:
         transformer, default_ae, default_te = model, model.parent / "ae.safetensors", model.parent
-    refuse_flux2(transformer)  # before looking for FLUX.1's text encoders beside it
+    if transformer_family(transformer) == "flux2":  # before looking for FLUX.1's text encoders beside it
+        from . import flux2
+
+        return ModelPaths(transformer, *flux2.find_parts(transformer, default_ae, default_te, ae, text_encoders))
     ae_path = Path(ae) if ae else default_ae
     te_path = Path(text_encoders) if text_encoders else default_te
     if not ae_path.exists():
@@ -124,62 +129,116 @@ def resolve_paths(model: str | os.PathLike, ae: str | None = None, text_encoders
     return ModelPaths(transformer, ae_path, te_path)
 
 
-def resolve_preset(paths: ModelPaths, preset: str | None) -> Preset:
-    """An explicit preset wins; else the preset our writers record in the file; else dev or schnell by keys.
+def resolve_preset(paths: ModelPaths, preset: str | None) -> AnyPreset:
+    """An explicit preset wins; else the preset our writers record in the file; else one read from the file.
 
-    The transformer's headers pass every check of the loader first (check_flow_model). FLUX.2 presets
-    and files are refused: the pipeline runs FLUX.1 models only (flux_core.flux2 loads FLUX.2)."""
+    The transformer's headers pass every check of the loader first. A preset of the other family than
+    the file's is refused in one line; FLUX.2 files are resolved by fluxspace/flux2.py (detect_preset)."""
+    files = _open_transformer(paths.transformer)
+    family = files.family if files is not None else None
     if preset is not None:
-        return _flux1_only(get_preset(preset))
-    files = open_weights(paths.transformer, "transformer")
-    refuse_flux2(paths.transformer, files)
+        chosen = get_preset(preset)
+        if family is not None and chosen.family != family:
+            raise ValueError(
+                f"preset {chosen.name!r} is a {FAMILIES[chosen.family]} model but {paths.transformer} is a "
+                f"{FAMILIES[family]} transformer; {FAMILIES[family]} presets: {', '.join(family_presets(family))}"
+            )
+        if family == "flux2":
+            from . import flux2
+
+            return flux2.check_preset(chosen, files)
+        return chosen
+    files = open_weights(paths.transformer, "transformer")  # unreadable: the error names the problem
+    if family == "flux2":
+        from . import flux2
+
+        return flux2.detect_preset(paths.transformer, files)
     params = check_flow_model(files)
     recorded = files.metadata.get(META_PRESET)
     if recorded is not None:
-        if recorded not in PRESETS:
+        if recorded not in PRESETS or PRESETS[recorded].family != "flux1":
             raise CheckpointError(
                 f"{paths.transformer} records preset {recorded!r}, which this version does not know "
                 f"(known: {', '.join(family_presets('flux1'))}); pass --preset NAME to choose one"
             )
-        return _flux1_only(PRESETS[recorded])
+        return PRESETS[recorded]
     if params.guidance_embed and diffusers_pipeline(paths.transformer) == "FluxKontextPipeline":
         return PRESETS["flux-kontext-dev"]  # Kontext's keys equal dev's; its diffusers folder names its pipeline
     return PRESETS["flux-dev" if params.guidance_embed else "flux-schnell"]
 
 
-def refuse_flux2(transformer: Path, files: WeightFiles | None = None) -> None:
-    """Refuse a FLUX.2 transformer in one line: the pipeline runs FLUX.1 models only for now. Files
-    that cannot be read are left to the loader's checks, which name what is wrong."""
-    if files is None:
-        try:
-            files = open_weights(transformer, "transformer")
-        except CheckpointError:
-            return
-    if files.family == "flux2":
-        raise CheckpointError(
-            f"{transformer} is a FLUX.2 transformer; the fluxspace pipeline runs FLUX.1 models only for now "
-            f"(FLUX.2 loads with flux_core.flux2.loading)"
-        )
+def _open_transformer(transformer: Path) -> WeightFiles | None:
+    """The transformer's headers, or None where they cannot be read (the loader's checks then say why)."""
+    try:
+        return open_weights(transformer, "transformer")
+    except CheckpointError:
+        return None
 
 
-def _flux1_only(preset: AnyPreset) -> Preset:
-    if preset.family != "flux1":
-        raise ValueError(
-            f"preset {preset.name!r} is a FLUX.2 model; the fluxspace pipeline runs FLUX.1 models only for now "
-            f"(FLUX.1 presets: {', '.join(family_presets('flux1'))})"
-        )
-    return preset
+def transformer_family(transformer: Path) -> str | None:
+    """'flux1' or 'flux2' by the transformer's keys; None for files that cannot be read or are neither."""
+    files = _open_transformer(transformer)
+    return files.family if files is not None else None
+
+
+def diffusers_index(folder: Path) -> dict:
+    """A diffusers folder's model_index.json ({} if there is none or it cannot be read)."""
+    index = folder / "model_index.json"
+    if not (folder.is_dir() and index.is_file()):
+        return {}
+    try:
+        found = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # an unreadable index says nothing; the keys decide
+    return found if isinstance(found, dict) else {}
 
 
 def diffusers_pipeline(folder: Path) -> str | None:
     """The pipeline class a diffusers folder's model_index.json names (None: no such file)."""
-    index = folder / "model_index.json"
-    if not (folder.is_dir() and index.is_file()):
-        return None
-    try:
-        return json.loads(index.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None  # an unreadable index says nothing; the keys decide
+    return diffusers_index(folder).get("_class_name")
+
+
+def text_length(preset: AnyPreset) -> int:
+    """Text tokens a prompt is padded to: T5's max length (FLUX.1) or the FLUX.2 LLM's 512."""
+    if preset.family == "flux2":
+        from .flux2 import text_length as flux2_text_length
+
+        return flux2_text_length(preset)
+    return preset.t5_max_length
+
+
+@dataclass(frozen=True)
+class FamilyLoaders:
+    """How one family's parts are checked (on the headers alone) and loaded: the only place load_models
+    tells FLUX.1 from FLUX.2 (whose functions live in fluxspace/flux2.py)."""
+
+    check_model: Callable  # (files, preset or None) -> the transformer's params
+    check_ae: Callable  # (files) -> the autoencoder's params
+    check_text: Callable  # (folder, preset, params): the text-encoder folder fits
+    check_loras: Callable  # (Loras, files): every LoRA fits the transformer, or LoRA is refused
+    load_model: Callable  # (path, preset or None, device, dtype, weights) -> transformer
+    load_ae: Callable  # (path, device, dtype) -> autoencoder
+    load_text: Callable  # (folder, preset, device, dtype) -> text encoder(s)
+
+
+def family_loaders(preset: AnyPreset) -> FamilyLoaders:
+    """The loaders of the preset's family."""
+    if preset.family == "flux2":
+        from . import flux2
+
+        return FamilyLoaders(
+            flux2.check_model, flux2.check_ae, lambda folder, p, params: flux2.check_text(folder, p, params.context_in_dim),
+            lambda loras, files: flux2.refuse_loras(loras), flux2.load_model, flux2.load_ae, flux2.load_text,
+        )  # fmt: skip
+    from flux_core.conditioner import load_text_encoders
+
+    return FamilyLoaders(
+        check_flow_model, check_autoencoder, lambda folder, p, params: check_text_encoder_folder(folder),
+        lambda loras, files: loras.check_flow(files),
+        lambda path, p, device, dtype, weights: load_flow_model(path, preset=p, device=device, dtype=dtype, weights=weights),
+        lambda path, device, dtype: load_autoencoder(path, device=device, dtype=dtype),
+        lambda folder, p, device, dtype: load_text_encoders(folder, t5_max_length=p.t5_max_length, device=device, dtype=dtype),
+    )  # fmt: skip
 
 
 @dataclass
@@ -193,9 +252,9 @@ class FluxModels:
     """
 
     runtime: Runtime
-    params: FluxParams  # the transformer's, from the file header
-    ae_params: AutoEncoderParams
-    preset: Preset
+    params: FluxParams  # the transformer's, from the file header (FLUX.2: Flux2Params)
+    ae_params: AutoEncoderParams  # (FLUX.2: flux_core.flux2.autoencoder.AutoEncoderParams)
+    preset: AnyPreset
     paths: ModelPaths
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -214,6 +273,15 @@ class FluxModels:
     @property
     def text(self) -> "TextEncoders":
         return self.runtime.use("text")
+
+    @property
+    def family(self) -> str:
+        """'flux1' or 'flux2': which sampling path a run takes (run.py, fluxspace/flux2.py)."""
+        return self.preset.family
+
+    @property
+    def text_length(self) -> int:
+        return text_length(self.preset)
 
     @property
     def residency(self) -> Residency:
@@ -268,7 +336,7 @@ def load_models(
     weights as each part loads: no run-time cost) or "unfused" (strengths can change later through
     `models.loras.set_scale`). Files are read and checked before anything loads (loras.py).
     """
-    from flux_core.conditioner import VALID_DTYPES, load_text_encoders
+    from flux_core.conditioner import VALID_DTYPES
     from flux_core.runtime import check_compile_support, compile_blocks
 
     if compile:
@@ -282,6 +350,7 @@ def load_models(
     residency.check(device)
     paths = resolve_paths(model if model is not None else flux_mini_path(), ae, text_encoders)
     chosen = resolve_preset(paths, preset)
+    family = family_loaders(chosen)
     dtype = resolve_dtype(dtype, device)
     if dtype not in VALID_DTYPES:  # before anything is loaded: one dtype serves all four parts
         valid = ", ".join(str(d).removeprefix("torch.") for d in VALID_DTYPES)
@@ -290,20 +359,20 @@ def load_models(
     from .resources import Footprint, check_fits, part_weights, weight_bytes
 
     files = open_weights(paths.transformer, "transformer")
-    params = check_flow_model(files, chosen if preset else None)
-    ae_params = check_autoencoder(open_weights(paths.ae, "ae"))
-    check_text_encoder_folder(paths.text_encoders)
+    given = chosen if preset else None  # no preset given: the shape is read from the file (pruned files load)
+    params = family.check_model(files, given)
+    ae_params = family.check_ae(open_weights(paths.ae, "ae"))
+    family.check_text(paths.text_encoders, chosen, params)
     loras = loras if isinstance(loras, Loras) else Loras(loras, lora_mode)
-    loras.check_flow(files)
+    family.check_loras(loras, files)
     resident = resident_weights(part_weights(paths), params, residency, device)
     n_fp8 = min(quantized_count(files), resident) if weights == "fp8" else 0
     check_fits(Footprint(weight_bytes(resident, n_fp8, dtype), 0, 0, 0), device, "loading the model")
 
-    def read_flow(where: torch.device) -> Flux:
-        return load_flow_model(paths.transformer, preset=chosen if preset else None, device=where, dtype=dtype,
-                               weights=weights)  # fmt: skip
+    def read_flow(where: torch.device) -> torch.nn.Module:
+        return family.load_model(paths.transformer, given, where, dtype, weights)
 
-    def load_flow(where: torch.device) -> Flux:
+    def load_flow(where: torch.device) -> torch.nn.Module:
         flow = read_flow(where)
         loras.apply("flow", flow)
         if compile:
@@ -322,14 +391,14 @@ def load_models(
     def reload_ae(module: torch.nn.Module, where: torch.device) -> None:
         module.load_state_dict(open_weights(paths.ae, "ae").bfl_tensors(where, dtype), strict=True, assign=True)
 
-    def load_text(where: torch.device) -> "TextEncoders":
-        text = load_text_encoders(paths.text_encoders, t5_max_length=chosen.t5_max_length, device=where, dtype=dtype)
+    def load_text(where: torch.device):
+        text = family.load_text(paths.text_encoders, chosen, where, dtype)
         loras.apply("text", text)
         return text
 
     loaders = {
         "flow": load_flow,
-        "ae": lambda where: load_autoencoder(paths.ae, device=where, dtype=dtype),
+        "ae": lambda where: family.load_ae(paths.ae, where, dtype),
         "text": load_text,
     }
     runtime = Runtime(residency, device, loaders, {"flow": reload_flow, "ae": reload_ae})

@@ -41,11 +41,13 @@ class SamplingRun:
 
     models: FluxModels
     settings: SampleSettings  # resolved
-    inp: ModelInputs  # noise (B, N, C) packed, ids, text, pooled vector
+    inp: ModelInputs  # noise (B, N, C) packed, ids, text, pooled vector (FLUX.2: flux2.sampling.ModelInputs)
     timesteps: list[float]
-    negative: tuple[Tensor | None, Tensor | None]  # (neg_txt, neg_vec), or Nones without true CFG
+    negative: tuple[Tensor | None, Tensor | None]  # (neg_txt, neg_vec), or Nones without true CFG (FLUX.2: no vec)
     progress: bool = True
-    condition: Condition | None = None  # Kontext: the image being edited, as tokens after the image's
+    # Kontext: the image being edited; FLUX.2: the reference images (flux2.sampling.References); as
+    # tokens after the generated image's
+    condition: Condition | None = None
 
     @classmethod
     def prepare(
@@ -62,21 +64,33 @@ class SamplingRun:
         """Resolve the settings for this model, encode the prompts, draw the noise, build the schedule.
 
         image: a Kontext model's image to edit (a path or PIL image; fluxspace/kontext.py), fitted to
-        the closest training resolution, which is also the size generated unless settings give one."""
+        the closest training resolution, which is also the size generated unless settings give one.
+        On FLUX.2: reference images (one or a list; fluxspace/flux2.py), the first one's fitted size
+        the size generated unless settings give one."""
+        from . import flux2
         from .kontext import check_condition, encode_condition, fit_condition
 
         if len(prompts) != len(seeds):
             raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
-        check_condition(models, image)
-        if image is not None:
-            image = fit_condition(image, models.preset, models.pixels_per_token)
+        is_flux2 = models.family == "flux2"
+        if is_flux2:
+            image = flux2.read_references(image) if image is not None else []
+            first = image[0] if image else None
+        else:
+            check_condition(models, image)
+            first = image = fit_condition(image, models.preset, models.pixels_per_token) if image is not None else None
+        if first is not None:
             given = settings or SampleSettings()
-            settings = replace(given, width=given.width or image.width, height=given.height or image.height)
+            settings = replace(given, width=given.width or first.width, height=given.height or first.height)
         s = models.sample_settings(settings, real_image=real_image)
-        need = footprint(0, models.params, models.ae_params, models.preset.t5_max_length, s.width, s.height,
+        need = footprint(0, models.params, models.ae_params, models.text_length, s.width, s.height,
                          models.pixels_per_token, len(seeds), s.cfg_scale != 1.0, 0, models.dtype)  # fmt: skip
         check_fits(need, models.device, f"{s.width}x{s.height} px, batch {len(seeds)}")  # the model is loaded
         # Every prompt of the run is encoded here, before the transformer runs (runtime.py).
+        if is_flux2:
+            inp, timesteps, negative = flux2.prepare(models, prompts, seeds, s)
+            condition = flux2.encode_references(models, image, len(seeds)) if image else None
+            return cls(models, s, inp, timesteps, negative, progress, condition)
         txt, vec = models.text(prompts)  # (B, T, C'), (B, C'')
         z, ppt = models.ae_params.z_channels, models.pixels_per_token
         noise = get_noise(len(seeds), s.height, s.width, seeds, z, models.device, torch.bfloat16, pixels_per_token=ppt)
@@ -91,9 +105,15 @@ class SamplingRun:
         """The dtype the latent is integrated in: float32, or the noise's own (bf16) in parity mode."""
         return self.inp.img.dtype if self.settings.parity else torch.float32
 
-    def text(self, prompt: str) -> tuple[Tensor, Tensor]:
-        """Another prompt's (txt, vec), shaped and placed like this run's."""
-        txt, vec = self.models.text([prompt])
+    def text(self, prompt: str) -> tuple[Tensor, Tensor | None]:
+        """Another prompt's (txt, vec), shaped and placed like this run's (FLUX.2: vec is None)."""
+        return self.encode([prompt])
+
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
+        """Prompts' (txt, vec) placed like this run's; FLUX.2 has no pooled vector (None)."""
+        if self.models.family == "flux2":
+            return self.models.text(prompts).to(self.inp.txt), None
+        txt, vec = self.models.text(prompts)
         return txt.to(self.inp.txt), vec.to(self.inp.vec)
 
     def velocity(
@@ -113,11 +133,18 @@ class SamplingRun:
         """
         s, inp, runtime = self.settings, self.inp, self.models.runtime
         neg_txt, neg_vec = self.negative if negative is None else negative
-        v = Velocity(
-            self.models.flow if model is None else model, inp.img_ids, inp.txt if txt is None else txt,
-            inp.txt_ids, inp.vec if vec is None else vec, s.guidance, neg_txt=neg_txt, neg_vec=neg_vec,
-            cfg_scale=s.cfg_scale, latent_dtype=self.latent_dtype, parity=s.parity, condition=self.condition,
-        )  # fmt: skip
+        flow = self.models.flow if model is None else model
+        txt = inp.txt if txt is None else txt
+        if self.models.family == "flux2":
+            from . import flux2
+
+            v = flux2.velocity(self.models, flow, inp, txt, s, neg_txt, self.condition)
+        else:
+            v = Velocity(
+                flow, inp.img_ids, txt, inp.txt_ids, inp.vec if vec is None else vec, s.guidance, neg_txt=neg_txt,
+                neg_vec=neg_vec, cfg_scale=s.cfg_scale, latent_dtype=self.latent_dtype, parity=s.parity,
+                condition=self.condition,
+            )  # fmt: skip
         step_velocity = scheduled(v, edit, s.steps, offset)
 
         def velocity(x: Tensor, t: float, step: int) -> Tensor:
@@ -173,14 +200,17 @@ class SamplingRun:
         if negative_prompt is not None:
             if self.settings.cfg_scale == 1.0:
                 raise ValueError("a negative prompt needs true CFG (cfg_scale != 1)")
-            neg_txt, neg_vec = self.models.text([negative_prompt])
-            negative = (neg_txt.to(self.inp.txt), neg_vec.to(self.inp.vec))
+            negative = self.encode([negative_prompt])
         txt, vec = self.text(prompt)
         return self.velocity(txt=txt, vec=vec, negative=negative)
 
     def unpack(self, latents: Tensor) -> Tensor:
         """Packed tokens (B, N, C) -> latents (B, C, h, w), float32."""
         s = self.settings
+        if self.models.family == "flux2":
+            from . import flux2
+
+            return flux2.unpack(latents.float(), s)
         return unpack(latents.float(), s.height, s.width, self.models.pixels_per_token)
 
     def decode(self, *latents: Tensor) -> list[Image.Image]:
@@ -189,9 +219,11 @@ class SamplingRun:
 
 
 def decode(models: FluxModels, latents: Tensor) -> list[Image.Image]:
-    """Latents (B, C, h, w) -> PIL images."""
+    """Latents (B, C, h, w) -> PIL images, one image at a time: batched convolutions round differently
+    from batch to batch on the CPU, and an image should not depend on the batch it is decoded in."""
     with torch.inference_mode():
-        x = models.ae.decode(latents.to(models.dtype))  # (B, 3, H, W)
+        ae = models.ae
+        x = torch.cat([ae.decode(z[None].to(models.dtype)) for z in latents])  # (B, 3, H, W)
     return tensor_to_pil(x)
 
 

@@ -89,8 +89,8 @@ def _streamed_lists(part: str, module: nn.Module) -> list[tuple[nn.Module, tuple
     lists, and T5's encoder blocks (transformers' T5Stack iterates `self.block`, as Flux.forward does)."""
     if part == "flow":
         return [(module, FLOW_BLOCK_LISTS)]
-    if part == "text":
-        return [(module.t5.encoder, ("block",))]
+    if part == "text":  # FLUX.2's LLM moves whole: transformers slices its `layers`, which a streamed list refuses
+        return [(module.t5.encoder, ("block",))] if hasattr(module, "t5") else []
     return []
 
 
@@ -107,9 +107,10 @@ def resident_weights(counts: dict[str, int], params, residency: Residency, devic
         return sum(on_device.values())
     if residency.offload == "blocks" and "flow" in on_device:
         from flux_core import Flux
+        from flux_core.flux2.model import Flux2, Flux2Params
 
         with torch.device("meta"):
-            model = Flux(params)
+            model = (Flux2 if isinstance(params, Flux2Params) else Flux)(params)
         blocks = [*model.double_blocks, *model.single_blocks]
         largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) if blocks else 0
         in_blocks = sum(p.numel() for b in blocks for p in b.parameters())

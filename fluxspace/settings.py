@@ -35,11 +35,13 @@ class SampleSettings:
         (a real image is inverted and reconstructed, and CFG pulls the reconstruction off the image)."""
         cfg = self.cfg_scale
         if cfg is None:  # dev models distil guidance into the model; the others need true CFG
-            cfg = 1.0 if real_image or preset.params.guidance_embed else preset.default_guidance
+            cfg = 1.0 if real_image or not true_cfg(preset) else preset.default_guidance
+        size = preset.default_size  # FLUX.1: pixels a side; FLUX.2: (width, height)
+        width, height = size if isinstance(size, tuple) else (size, size)
         return replace(
             self,
-            width=self.width if self.width is not None else preset.default_size,
-            height=self.height if self.height is not None else preset.default_size,
+            width=self.width if self.width is not None else width,
+            height=self.height if self.height is not None else height,
             steps=self.steps if self.steps is not None else preset.default_steps,
             guidance=self.guidance if self.guidance is not None else preset.default_guidance,
             cfg_scale=cfg,
@@ -68,3 +70,12 @@ class SampleSettings:
         s = self.resolved(preset, real_image=real_image)
         s.validate(pixels_per_token)
         return s
+
+
+def true_cfg(preset) -> bool:
+    """Whether the preset's model samples with true classifier-free guidance by default: FLUX.1 models
+    without a guidance embedding (flux-mini), FLUX.2 [klein] base models
+    (flux_core/flux2/preset.py: guidance "cfg"). FLUX.2 [klein] distilled takes no guidance at all."""
+    if preset.family == "flux2":
+        return preset.guidance == "cfg"
+    return not preset.params.guidance_embed

@@ -16,7 +16,6 @@ import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from einops import rearrange
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Mistral3Config,
     Mistral3ForConditionalGeneration,
@@ -31,29 +30,17 @@ from transformers import (
 from flux_core.files import CheckpointError
 from flux_core.flux2.conditioner import SPECS, SYSTEM_MESSAGE, load_text_encoder
 from flux_core.flux2.sampling import prepare, txt_ids
-from weights_tools.text_encoders import BUILTIN_CORPUS
+from weights_tools.text_encoders import BUILTIN_CORPUS, QWEN3_SPECIALS, QWEN3_TEMPLATE, train_byte_bpe
 
 PROMPTS = ["a portrait of a smiling woman with glasses", "A red car parked near the sea at sunset [IMG]"]
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}"
     "[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{{ m['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}"
 )
-QWEN3_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
-    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
 
 
-def byte_bpe(specials: list[str]) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([*BUILTIN_CORPUS, SYSTEM_MESSAGE], trainer)
-    return tok
+def byte_bpe(specials):
+    return train_byte_bpe(specials, [*BUILTIN_CORPUS, SYSTEM_MESSAGE])
 
 
 def llm_config(cls, vocab: int, layers: int, **extra):
@@ -92,8 +79,7 @@ def dev_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def klein_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux2") / "klein"
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(specials), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(QWEN3_SPECIALS), eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   chat_template=QWEN3_TEMPLATE)  # fmt: skip
     tok.save_pretrained(folder / "tokenizer")
     torch.manual_seed(1)

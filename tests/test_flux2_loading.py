@@ -379,39 +379,5 @@ def test_check_flux2_model_reads_headers_only(ckpt):
     assert check_flux2_model(open_weights(ckpt.transformer), "tiny-flux2") == TINY.params
 
 
-def test_fluxspace_refuses_flux2_for_now(ckpt):
-    from fluxspace.models import ModelPaths, resolve_preset
-
-    paths = ModelPaths(ckpt.transformer, ckpt.ae, ckpt.transformer.parent)
-    with pytest.raises(ValueError) as e:
-        resolve_preset(paths, "flux2-dev")
-    assert str(e.value) == (
-        "preset 'flux2-dev' is a FLUX.2 model; the fluxspace pipeline runs FLUX.1 models only for now "
-        f"(FLUX.1 presets: {FLUX1_PRESETS})"
-    )
-    with pytest.raises(CheckpointError) as e:
-        resolve_preset(paths, None)
-    assert str(e.value) == (
-        f"{ckpt.transformer} is a FLUX.2 transformer; the fluxspace pipeline runs FLUX.1 models only for now "
-        "(FLUX.2 loads with flux_core.flux2.loading)"
-    )
-
-
 def test_flux1_model_class_is_untouched(flux1):
     assert isinstance(load_flow_model(flux1.transformer), Flux)
-
-
-def test_fluxspace_cli_refuses_a_flux2_model_in_one_line(ckpt, capsys):
-    from fluxspace.cli import main
-
-    for argv, message in (
-        (
-            ["--model", str(ckpt.transformer)],
-            f"{ckpt.transformer} is a FLUX.2 transformer; the fluxspace pipeline",
-        ),
-        (["--preset", "flux2-klein-4b"], "preset 'flux2-klein-4b' is a FLUX.2 model; the fluxspace pipeline"),
-    ):
-        with pytest.raises(SystemExit) as e:
-            main(["generate", "a face", *argv, "--out", str(ckpt.transformer.parent / "o.png")])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith(f"fluxspace: error: {message}") and err.count("\n") == 1

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux_core.files import read_header
+from flux_core.flux2.conditioner import load_text_encoder
 from flux_core.flux2.loading import load_flux2_autoencoder, load_flux2_model
 from flux_core.flux2.model import Flux2
 from flux_core.inference import flux_metadata
@@ -40,7 +41,8 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def test_random_writes_a_loadable_official_set(ckpt, tmp_path, capsys):
-    assert sorted(p.name for p in ckpt.iterdir()) == ["ae.safetensors", "flux2-tiny.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ae.safetensors", "flux2-tiny.safetensors", "text_encoder",
+                                                      "tokenizer"]  # fmt: skip
     model = load_flux2_model(ckpt / "flux2-tiny.safetensors")  # no preset: the metadata has the RoPE axes
     assert model.params == TINY.params
     assert sum(p.numel() for p in model.parameters()) == TINY_PARAMS
@@ -55,9 +57,12 @@ def test_random_writes_a_loadable_official_set(ckpt, tmp_path, capsys):
     assert (code, err) == (0, "")
     assert out == (
         f"wrote {tmp_path / 'flux2-tiny.safetensors'}\nwrote {tmp_path / 'ae.safetensors'}\n"
-        "note: no text encoders for tiny-flux2 (FLUX.2 text encoders are not written by this tool)\n"
+        f"wrote {tmp_path}/text_encoder, tokenizer\n"
     )
-    for name in ("flux2-tiny.safetensors", "ae.safetensors"):  # same seed, same bytes
+    # The tiny Qwen3 in klein's slot: 3 layers read x width 16 = the transformer's 48 features a token.
+    text = load_text_encoder(ckpt, "klein", dtype=torch.float32)
+    assert text(["a red car"]).shape == (1, 512, TINY.params.context_in_dim)
+    for name in ("flux2-tiny.safetensors", "ae.safetensors", "text_encoder/model.safetensors"):  # same seed, same bytes
         assert (tmp_path / name).read_bytes() == (ckpt / name).read_bytes()
 
 

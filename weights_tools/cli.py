@@ -67,7 +67,7 @@ def _random(args) -> int:
     if r.ae:
         print(f"wrote {r.ae}")
     if r.text_encoders:
-        print(f"wrote {r.text_encoders}/text_encoder, text_encoder_2, tokenizer, tokenizer_2")
+        print(f"wrote {r.text_encoders}/{', '.join(r.text_folders)}")
     for note in r.notes:
         print(f"note: {note}")
     return 0

@@ -12,7 +12,9 @@ FLUX.2 presets:
                                    (flux2-dev -> flux2-dev.safetensors, as the official file; tiny-flux2 ->
                                    flux2-tiny.safetensors)
     DIR/ae.safetensors             the FLUX.2 autoencoder, float32 (BatchNorm statistics: mean ~0, var ~1)
-    No text encoders (the FLUX.2 LLMs are written by nothing here yet).
+    DIR/text_encoder/, tokenizer/  a tiny random Qwen3 in [klein]'s slot, for small klein-text presets
+                                   (tiny-flux2; weights_tools.text_encoders.write_random_qwen3); none for
+                                   the full-size presets (their LLMs are 4-24B)
 
 Keys and shapes are those of the preset's meta-device model; the metadata records what no tensor
 shape says (RoPE axes and theta, the AE's scale/shift, the preset name; see flux_core.loading), so
@@ -34,6 +36,7 @@ import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,6 +44,8 @@ from torch import Tensor
 
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS
 from flux_core.files import CheckpointError, dtype_named
+from flux_core.flux2.conditioner import LAYOUT as FLUX2_TEXT_LAYOUT
+from flux_core.flux2.conditioner import get_spec
 from flux_core.inference import META_RESOLUTION, ae_metadata, flux_metadata
 from flux_core.presets import MODEL_CLASSES, AnyPreset, get_preset
 
@@ -99,7 +104,11 @@ def write_random_file(
     plan = [(k, shapes[k], integers.get(k, dtype)) for k in keys]
 
     def tensor(k: str) -> Tensor:
-        return torch.zeros(shapes[k], dtype=integers[k]) if k in integers else random_tensor(k, shapes[k], seed, dtype)
+        return (
+            torch.zeros(shapes[k], dtype=integers[k])
+            if k in integers
+            else random_tensor(k, shapes[k], seed, dtype)
+        )
 
     tensors = ((k, tensor(k)) for k in keys)
     return write_safetensors(path, plan, tensors, metadata={"format": "pt", **metadata}, force=force)
@@ -110,6 +119,7 @@ class RandomCheckpoint:
     transformer: Path
     ae: Path | None = None
     text_encoders: Path | None = None
+    text_folders: tuple[str, ...] = ()  # the folders written into text_encoders
     notes: list[str] = field(default_factory=list)
 
 
@@ -178,14 +188,15 @@ def write_random_checkpoint(
         )
     flux_path = out / transformer_filename(p, depth, depth_single)
     ae_path = out / "ae.safetensors"
-    small = p.family == "flux1" and n_flow <= SMALL_PRESET_PARAMS
+    small = n_flow <= SMALL_PRESET_PARAMS and (p.family == "flux1" or p.text_encoder == "klein")
     with_text = not transformer_only and small
+    text_folders = TEXT_ENCODER_FOLDERS if p.family == "flux1" else tuple(FLUX2_TEXT_LAYOUT)
     # Check every target before writing anything, so a refusal leaves the folder as it was.
     check_writable(flux_path, force)
     if not transformer_only:
         check_writable(ae_path, force)
     if with_text and not force:
-        for name in TEXT_ENCODER_FOLDERS:
+        for name in text_folders:
             if (out / name).exists():
                 raise CheckpointError(f"{out / name} already exists; pass --force to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
@@ -196,11 +207,23 @@ def write_random_checkpoint(
     result = RandomCheckpoint(write_random_file(flux_path, flux_shapes, seed, torch_dtype, metadata, force))
     if transformer_only:
         return result
-    ae_meta = ae_metadata(p.ae_params) if p.family == "flux1" else {META_RESOLUTION: str(p.ae_params.resolution)}
+    ae_meta = (
+        ae_metadata(p.ae_params) if p.family == "flux1" else {META_RESOLUTION: str(p.ae_params.resolution)}
+    )
     result.ae = write_random_file(
         ae_path, meta_shapes(ae), seed, torch.float32, ae_meta, force, integers=integer_dtypes(ae)
     )
-    if with_text:
+    if with_text and p.family == "flux2":
+        # A tiny random Qwen3 in klein's slot: context_in_dim = (layers read) x its width.
+        from .text_encoders import install_folders, write_random_qwen3
+
+        layers = get_spec(p.text_encoder).output_layers
+        build = partial(
+            write_random_qwen3, hidden=p.params.context_in_dim // len(layers), layers=max(layers), seed=seed
+        )
+        result.text_encoders = install_folders(out, text_folders, build, overwrite=force)
+        result.text_folders = text_folders
+    elif with_text:
         # Imported here: it pulls in transformers and tokenizers, which the other commands do not need.
         from .text_encoders import install_text_encoders
 
@@ -212,8 +235,10 @@ def write_random_checkpoint(
             t5_max_length=p.t5_max_length,
             seed=seed,
         )
+        result.text_folders = text_folders
     elif p.family == "flux2":
-        result.notes.append(f"no text encoders for {p.name} (FLUX.2 text encoders are not written by this tool)")
+        result.notes.append(f"no text encoders for {p.name} (FLUX.2 text encoders are written for small klein-type "
+                            "presets only)")  # fmt: skip
     else:
         result.notes.append(
             f"no text encoders for {p.name} (only for presets up to {SMALL_PRESET_PARAMS:,} parameters)"

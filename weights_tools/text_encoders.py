@@ -1,4 +1,4 @@
-"""Write small text-encoder folders in the layout of the official FLUX.1 repositories.
+"""Write small text-encoder folders in the layout of the official FLUX.1 and FLUX.2 repositories.
 
     folder/text_encoder/    CLIPTextModel (config.json, model.safetensors)   the CLIP-L slot
     folder/text_encoder_2/  T5EncoderModel (config.json, model.safetensors)  the T5-XXL slot
@@ -6,6 +6,12 @@
     folder/tokenizer_2/     T5 tokenizer (spiece.model, tokenizer.json, ...)
 
 `flux_core.conditioner.load_text_encoders` loads these exactly as it loads black-forest-labs/FLUX.1-dev.
+FLUX.2 [klein] (`write_random_qwen3`, for tiny FLUX.2 presets):
+
+    folder/text_encoder/    Qwen3ForCausalLM (config.json, model.safetensors), tiny and random
+    folder/tokenizer/       a byte-level BPE with Qwen3's chat tokens and a chat template of Qwen3's form
+
+`flux_core.flux2.conditioner.load_text_encoder(folder, "klein")` loads it as it loads FLUX.2-klein-4B's.
 Tests use `write_random_text_encoders` (seeded random weights, tiny widths); a small trained model
 reuses the two tokenizer trainers on its own caption corpus.
 
@@ -26,8 +32,19 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+from transformers.utils import logging as hf_logging
 
 from flux_core.atomic import atomic_folder, make_readable, replace_folder
 from flux_core.conditioner import TEXT_ENCODER_FOLDERS
@@ -350,6 +367,22 @@ def write_random_text_encoders(
     return folder
 
 
+def install_folders(out: str | os.PathLike, names: Sequence[str], build, overwrite: bool = False) -> Path:
+    """Folders `names`, written by build(folder) into a temporary folder inside `out`, moved into `out`
+    beside whatever else it holds; existing ones are replaced only with overwrite=True."""
+    out = Path(out)
+    taken = [name for name in names if (out / name).exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{out} already has {', '.join(taken)}; pass overwrite=True to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".text-encoders.", dir=out) as tmp:
+        built = build(Path(tmp) / "te")
+        for name in names:
+            make_readable(built / name)
+            replace_folder(built / name, out / name)
+    return out
+
+
 def install_text_encoders(out: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
     """The four folders of random text encoders (`write_random_text_encoders`' arguments) put into
     `out`, beside whatever else it holds (a checkpoint's transformer and AE).
@@ -358,14 +391,58 @@ def install_text_encoders(out: str | os.PathLike, overwrite: bool = False, **kwa
     building leaves `out` as it was. Existing ones are replaced only with overwrite=True. They get
     ordinary modes (temporary folders are private), so others can read them like the files beside them.
     """
-    out = Path(out)
-    taken = [name for name in TEXT_ENCODER_FOLDERS if (out / name).exists()]
-    if taken and not overwrite:
-        raise FileExistsError(f"{out} already has {', '.join(taken)}; pass overwrite=True to replace them")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".text-encoders.", dir=out) as tmp:
-        built = write_random_text_encoders(Path(tmp) / "te", **kwargs)
-        for name in TEXT_ENCODER_FOLDERS:
-            make_readable(built / name)
-            replace_folder(built / name, out / name)
-    return out
+    return install_folders(
+        out, TEXT_ENCODER_FOLDERS, lambda f: write_random_text_encoders(f, **kwargs), overwrite
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLUX.2 [klein]: a tiny random Qwen3
+
+# Qwen3's chat tokens and a template of the form of Qwen3's (user turn; the assistant turn opened with
+# an empty think block when enable_thinking is false), enough for Flux2TextEncoder's chat.
+QWEN3_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def train_byte_bpe(
+    specials: Sequence[str], corpus: Sequence[str] = BUILTIN_CORPUS, vocab_size: int = 400
+) -> Tokenizer:
+    """A byte-level BPE (the kind Qwen3 and Mistral use) trained on `corpus`, with `specials` first."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(list(corpus), trainer)
+    return tok
+
+
+def write_random_qwen3(folder: str | os.PathLike, hidden: int, layers: int, seed: int = 0,
+                       overwrite: bool = False) -> Path:  # fmt: skip
+    """A FLUX.2 [klein] text-encoder folder (text_encoder/, tokenizer/) with a seeded random Qwen3 of
+    `layers` layers of width `hidden`; same arguments -> identical files. A FLUX.2 transformer reading
+    layers (a, b, c) takes 3 x hidden features a token and needs layers >= c."""
+    folder = Path(folder)
+    with atomic_folder(folder, overwrite) as tmp:
+        tok = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(QWEN3_SPECIALS), eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", chat_template=QWEN3_TEMPLATE)  # fmt: skip
+        tok.save_pretrained(tmp / "tokenizer")
+        config = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                             max_position_embeddings=1024)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = Qwen3ForCausalLM(config)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a writer says what it wrote, once (flux-weights random)
+        try:
+            model.save_pretrained(tmp / "text_encoder")
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+    return folder

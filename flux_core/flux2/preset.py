@@ -24,6 +24,9 @@ GUIDANCE_KINDS = ("embedded", "cfg", "none")
 @dataclass(frozen=True)
 class Flux2Preset:
     family: ClassVar[str] = "flux2"
+    # FLUX.1's Kontext models take one image to edit (presets.Preset.kontext); FLUX.2 models take any
+    # number of reference images as part of every model, so none is a Kontext model.
+    kontext: ClassVar[bool] = False
 
     name: str
     params: Flux2Params

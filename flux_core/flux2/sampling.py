@@ -31,7 +31,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from ..sampling import StepCallback, check_image_size, euler, seeded_randn, time_shift
+from ..sampling import StepCallback, check_image_size, euler, scheduled, seeded_randn, time_shift
 from ..seam import EditSchedule
 
 PIXELS_PER_TOKEN = 16  # autoencoder downsampling 8 x 2x2 patches (cli.py: `height // 16`)
@@ -179,18 +179,23 @@ def prepare_references(latents: Sequence[Tensor], batch: int = 1) -> References:
     return References(img, repeat(torch.cat(ids), "M four -> B M four", B=batch).to(img.device))  # (B, M, 4)
 
 
-def reference_size(width: int, height: int, num_references: int) -> tuple[int, int]:
-    """(width, height) a reference image is brought to before encoding (official default_prep).
-
-    Above the pixel cap (2024^2 for a single reference, 1024^2 each for several) it is scaled down
-    keeping the aspect ratio (`cap_pixels`: int() of each side), then centre-cropped to multiples of 16.
-    """
+def capped_size(width: int, height: int, num_references: int) -> tuple[int, int]:
+    """(width, height) a reference image is resized to before its crop (official cap_pixels): above the
+    pixel cap (2024^2 for a single reference, 1024^2 each for several) scaled down keeping the aspect
+    ratio, int() of each side; unchanged below it."""
     if num_references < 1:
         raise ValueError(f"num_references must be >= 1; got {num_references}")
     limit = REF_PIXELS_ONE if num_references == 1 else REF_PIXELS_MANY
     if width * height > limit:
         scale = math.sqrt(limit / (width * height))
         width, height = int(width * scale), int(height * scale)
+    return width, height
+
+
+def reference_size(width: int, height: int, num_references: int) -> tuple[int, int]:
+    """(width, height) a reference image is brought to before encoding (official default_prep):
+    capped_size, then centre-cropped to multiples of 16."""
+    width, height = capped_size(width, height, num_references)
     return width // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN, height // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
 
 
@@ -227,6 +232,88 @@ def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
 Flux2Model = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None], Tensor]
 
 
+class Velocity:
+    """The FLUX.2 model as the ODE's right-hand side, v(x, t[, edit]): what every step shares (ids, text,
+    guidance, reference tokens, the negative prompt of true CFG) held once. denoise is an Euler loop
+    over it; the fluxspace pipeline integrates the same object (as flux_core.sampling.Velocity for FLUX.1).
+
+    dtype: the dtype the model is called in; None calls it in the latent's own dtype, as the official
+    loop does (bf16 noise: the official bf16 run). t and the guidance scale are built in the latent's
+    dtype (official: `torch.full(..., dtype=img.dtype)`) and then cast to `dtype`.
+    guidance: FLUX.2 [dev]'s distilled guidance (4.0 in cli.py); None for a model without a guidance
+    embedding (klein), which then receives None.
+    neg_txt, cfg_scale: true classifier-free guidance (FLUX.2 [klein] base models; diffusers
+    Flux2KleinPipeline): the prompt and the negative prompt run as one forward of batch 2B and
+    v = v_neg + cfg_scale (v_pos - v_neg). cfg_scale 1 is one plain forward.
+    references: reference images' tokens (prepare_references), after the image's at every step; the
+    velocity predicted for them is dropped.
+    """
+
+    def __init__(
+        self,
+        model: Flux2Model,
+        img_ids: Tensor,  # (B, N, 4)
+        txt: Tensor,  # (B, T, D)
+        txt_ids: Tensor,  # (B, T, 4)
+        guidance: float | None,
+        *,
+        references: References | None = None,
+        neg_txt: Tensor | None = None,  # (B or 1, T, D)
+        cfg_scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+    ):
+        bs, self.n_img = img_ids.shape[:2]
+        if txt.shape[0] != bs or txt_ids.shape[:2] != txt.shape[:2]:
+            raise ValueError(
+                f"txt {tuple(txt.shape)} and txt_ids {tuple(txt_ids.shape)} must have the image's batch size {bs} "
+                "and one id per token (prepare() builds them)"
+            )
+        ids, cond = img_ids, None
+        if references is not None:
+            if references.img.shape[0] != bs:
+                raise ValueError(
+                    f"references have batch {references.img.shape[0]}, the image {bs}: "
+                    f"use prepare_references(..., batch={bs})"
+                )
+            ids = torch.cat([img_ids, references.ids.to(img_ids)], dim=1)  # (B, N+M, 4)
+            cond = references.img  # (B, M, C)
+        self.use_cfg = cfg_scale != 1.0
+        if self.use_cfg:
+            if neg_txt is None or neg_txt.shape[1:] != txt.shape[1:] or neg_txt.shape[0] not in (1, bs):
+                got = "none" if neg_txt is None else str(tuple(neg_txt.shape))
+                raise ValueError(f"cfg_scale={cfg_scale} needs neg_txt of shape (1 or {bs}, {txt.shape[1]}, "
+                                 f"{txt.shape[2]}) (the negative prompt's features); got {got}")  # fmt: skip
+            ids, txt_ids = torch.cat([ids, ids]), torch.cat([txt_ids, txt_ids])  # (2B, L, 4)
+            txt = torch.cat([txt, neg_txt.expand(bs, -1, -1).to(txt)])  # (2B, T, D): [positive ; negative]
+            cond = None if cond is None else torch.cat([cond, cond])
+        self.model, self.guidance, self.cfg_scale, self.dtype = model, guidance, cfg_scale, dtype
+        self.ids, self.txt, self.txt_ids, self.cond = ids, txt, txt_ids, cond
+
+    def __call__(self, img: Tensor, t: float, edit=None) -> Tensor:
+        """The (guided) velocity at latent img (B, N, C) and time t, in img's dtype. edit: this step's
+        edit (flux_core.seam.Edit) or None, which calls the model exactly as without one."""
+        dtype = img.dtype if self.dtype is None else self.dtype
+        n = self.ids.shape[0]
+        t_vec = torch.full((n,), t, dtype=img.dtype, device=img.device).to(dtype)  # (B or 2B,)
+        g = (
+            None
+            if self.guidance is None
+            else torch.full((n,), self.guidance, dtype=img.dtype, device=img.device)
+        )
+        x = img.to(dtype)  # (B, N, C)
+        x = torch.cat([x, x]) if self.use_cfg else x  # (B or 2B, N, C)
+        if self.cond is not None:
+            x = torch.cat([x, self.cond.to(x)], dim=1)  # (B or 2B, N+M, C): the references after the image
+        extra = {"edit": edit} if edit is not None else {}
+        txt = self.txt.to(dtype)
+        pred = self.model(x, self.ids, t_vec, txt, self.txt_ids, None if g is None else g.to(dtype), **extra)
+        pred = pred[:, : self.n_img].to(img.dtype)  # (B or 2B, N, C): the references' prediction dropped
+        if self.use_cfg:
+            v_pos, v_neg = pred.chunk(2)  # (B, N, C) each
+            pred = v_neg + self.cfg_scale * (v_pos - v_neg)  # (B, N, C)
+        return pred
+
+
 def denoise(
     model: Flux2Model,
     img: Tensor,  # (B, N, C) packed noise
@@ -245,48 +332,17 @@ def denoise(
 
     Everything runs in img's dtype as in the official loop (bf16 noise from get_noise gives the
     official bf16 run): t and the guidance scale are built in it, the update is done in it.
-    guidance: FLUX.2 [dev]'s distilled guidance (4.0 in cli.py); None for a model without a guidance
-    embedding (klein), which then receives None.
-    references: reference images' tokens (prepare_references), after the image's at every step; the
-    velocity predicted for them is dropped.
+    guidance, references: as Velocity's.
     edit: an EditSchedule (flux_core.seam), asked for each step's edit (None: a plain step), as FLUX.1's
     denoise. FluxSpace's schedule edits the first N image tokens only (FluxSpaceSchedule(...,
     n_generated=N)); the references keep their plain attention outputs unless it edits them too.
     With edit=None, or a schedule that returns None, the model is called exactly as without one.
     """
-    if (
-        img.ndim != 3
-        or img_ids.shape[:2] != img.shape[:2]
-        or txt.shape[0] != img.shape[0]
-        or txt_ids.shape[:2] != txt.shape[:2]
-    ):
+    if img.ndim != 3 or img_ids.shape[:2] != img.shape[:2] or txt.shape[0] != img.shape[0]:
         raise ValueError(
             "denoise expects img (B, N, C), img_ids (B, N, 4), txt (B, T, D), txt_ids (B, T, 4) with one batch "
             "size (prepare() builds them); got "
             + ", ".join(str(tuple(x.shape)) for x in (img, img_ids, txt, txt_ids))
         )
-    bs, n_img = img.shape[:2]
-    ids = img_ids
-    cond = None
-    if references is not None:
-        if references.img.shape[0] != bs:
-            raise ValueError(
-                f"references have batch {references.img.shape[0]}, the image {bs}: "
-                f"use prepare_references(..., batch={bs})"
-            )
-        ids = torch.cat([img_ids, references.ids.to(img_ids)], dim=1)  # (B, N+M, 4)
-        cond = references.img.to(img)  # (B, M, C)
-    guidance_vec = (
-        None if guidance is None else torch.full((bs,), guidance, dtype=img.dtype, device=img.device)
-    )
-
-    num_steps = len(timesteps) - 1
-
-    def velocity(x: Tensor, t: float, step: int) -> Tensor:
-        t_vec = torch.full((bs,), t, dtype=x.dtype, device=x.device)  # (B,)
-        x_in = x if cond is None else torch.cat([x, cond], dim=1)  # (B, N [+ M], C)
-        step_edit = edit.at_step(step, float(t), num_steps) if edit is not None else None
-        extra = {"edit": step_edit} if step_edit is not None else {}  # a plain step calls the model as before
-        return model(x_in, ids, t_vec, txt, txt_ids, guidance_vec, **extra)[:, :n_img]  # (B, N, C)
-
-    return euler(velocity, img, timesteps, callback=callback, progress=progress)
+    v = Velocity(model, img_ids, txt, txt_ids, guidance, references=references)
+    return euler(scheduled(v, edit, len(timesteps) - 1), img, timesteps, callback=callback, progress=progress)

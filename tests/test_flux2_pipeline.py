@@ -1,0 +1,240 @@
+"""FLUX.2 end to end in the fluxspace pipeline and CLI, on the tiny-flux2 set `flux-weights random`
+writes (transformer, FLUX.2 autoencoder, a tiny random Qwen3 in klein's text slot).
+
+The pipeline adds nothing to the model-level sampler: a SamplingRun equals flux_core.flux2.sampling
+.denoise called directly, bit for bit, with and without reference images. Zero edit strengths give
+plain generate bit for bit. Bad input is refused in one line, with the messages below."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from flux_core.flux2 import sampling as f2
+from flux_core.flux2.model import SIZES
+from flux_core.presets import family_presets
+from fluxspace import Concept, EditSpec, SampleSettings, edit_image, load_models
+from fluxspace.cli import main
+from fluxspace.images import read_png_params
+from fluxspace.models import FLUX_MINI_DIR, ModelPaths, resolve_paths, resolve_preset
+from fluxspace.run import SamplingRun, generate
+from weights_tools.cli import main as weights_main
+
+PROMPT = "a portrait of a woman with red hair and glasses"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-flux2")
+    assert weights_main(["random", "--preset", "tiny-flux2", "--out", str(out), "--dtype", "float32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(folder):
+    return load_models(folder)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("refs") / "photo.png"
+    Image.fromarray((torch.rand(72, 100, 3, generator=g) * 255).byte().numpy()).save(path)
+    return path
+
+
+def cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_load_models_resolves_the_flux2_set(models, folder):
+    assert models.preset.name == "tiny-flux2" and models.family == "flux2"  # the preset our writer recorded
+    assert models.paths == ModelPaths(folder / "flux2-tiny.safetensors", folder / "ae.safetensors", folder)
+    assert models.text_length == 512 and models.pixels_per_token == 16
+    assert type(models.flow).__name__ == "Flux2" and type(models.text).__name__ == "Flux2TextEncoder"
+
+
+def test_klein_presets_are_read_from_sizes_and_diffusers_index(tmp_path):
+    from fluxspace.flux2 import detect_preset
+
+    class Files:  # what detect_preset reads: metadata and (through check_flux2_model) the shapes
+        metadata = {}
+
+    for name, base in (("flux-2-klein-4b.safetensors", False), ("flux-2-klein-base-4b.safetensors", True)):
+        params = dataclasses.replace(SIZES["flux2-klein-4b"], guidance_embed=False)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("fluxspace.flux2.check_flux2_model", lambda files, preset=None, p=params: p)
+            assert detect_preset(tmp_path / name, Files()).name == (
+                "flux2-klein-base-4b" if base else "flux2-klein-4b"
+            )
+            (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline",
+                                                                   "is_distilled": False}))  # fmt: skip
+            assert detect_preset(tmp_path, Files()).name == "flux2-klein-base-4b"
+            (tmp_path / "model_index.json").unlink()
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_sampling_run_equals_flux2_denoise_bit_for_bit(models, photo, with_refs):
+    run = SamplingRun.prepare(models, [PROMPT, PROMPT], [3, 4], image=[photo, photo] if with_refs else None,
+                              progress=False)  # fmt: skip
+    ours = run.sample(run.inp.img)
+    ref = f2.denoise(models.flow, run.inp.img.float(), run.inp.img_ids, run.inp.txt, run.inp.txt_ids, run.timesteps,
+                     run.settings.guidance, references=run.condition, progress=False)  # fmt: skip
+    assert torch.equal(ours, ref)
+    # The official recipe: bf16 noise per seed, the empirical-mu schedule, the preset's guidance.
+    s = run.settings
+    assert torch.equal(
+        run.inp.img, f2.prepare(f2.get_noise(2, s.height, s.width, [3, 4]).float(), run.inp.txt).img
+    )
+    assert (
+        run.timesteps == f2.get_schedule(4, run.inp.img.shape[1]) and s.guidance == 4.0 and s.cfg_scale == 1.0
+    )
+    if with_refs:  # two references at t = 10, 20; the size generated is the first one's, fitted to 16 px
+        assert run.condition.ids[0, :, 0].unique().tolist() == [10, 20] and (s.width, s.height) == (96, 64)
+
+
+def test_same_seed_same_image(models):
+    one = generate(models, [PROMPT], [7], progress=False)[0]
+    assert one.tobytes() == generate(models, [PROMPT], [7], progress=False)[0].tobytes() and one.size == (
+        128,
+        128,
+    )
+    assert one.tobytes() != generate(models, [PROMPT], [8], progress=False)[0].tobytes()
+    # In a batch: the same noise (a generator per seed); the image may differ by float rounding of
+    # batched CPU kernels, at most one level of 255 here.
+    two = SamplingRun.prepare(models, ["a cat", PROMPT], [1, 7], progress=False)
+    assert torch.equal(two.inp.img[1:], SamplingRun.prepare(models, [PROMPT], [7], progress=False).inp.img)
+    pixels = [
+        torch.tensor(list(im.get_flattened_data()))
+        for im in (one, generate(models, ["a cat", PROMPT], [1, 7], progress=False)[1])
+    ]
+    assert (pixels[0] - pixels[1]).abs().max() <= 1
+
+
+def test_true_cfg_combines_prompt_and_negative(models):
+    """klein base's guidance: v_neg + s (v_pos - v_neg), the negative prompt "" by default."""
+    s = SampleSettings(steps=2, cfg_scale=3.0)
+    run = SamplingRun.prepare(models, [PROMPT], [1], s, progress=False)
+    x, t = run.inp.img.float(), run.timesteps[0]
+    got = run.velocity()(x, t, 0)
+    plain = f2.Velocity(models.flow, run.inp.img_ids, run.inp.txt, run.inp.txt_ids, 4.0)
+    neg = f2.Velocity(models.flow, run.inp.img_ids, models.text([""]), run.inp.txt_ids, 4.0)
+    with torch.no_grad():
+        v_pos, v_neg = plain(x, t), neg(x, t)
+    torch.testing.assert_close(got, v_neg + 3.0 * (v_pos - v_neg), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- FluxSpace
+
+
+def test_zero_strengths_give_plain_generate_bit_for_bit(models, photo):
+    spec = EditSpec(concepts=(Concept("glasses", lambda_fine=0.0), Concept("red hair", lambda_fine=0.0)))
+    for image in (None, [photo]):
+        r = edit_image(models, PROMPT, spec, seed=5, image=image, progress=False)
+        plain = generate(models, [PROMPT], [5], progress=False, image=image)[0]
+        assert r.original.tobytes() == r.edited.tobytes() == plain.tobytes()
+
+
+def test_fine_edit_with_keyword_masks_and_two_concepts(models, photo):
+    spec = EditSpec(concepts=(Concept("glasses", lambda_fine=6.0, tau_m=0.5), Concept("red hair", -4.0, 0.0)))
+    r = edit_image(models, PROMPT, spec, seed=5, image=[photo], progress=False)
+    plain = generate(models, [PROMPT], [5], progress=False, image=[photo])[0]
+    assert r.original.tobytes() == plain.tobytes() and r.edited.tobytes() != plain.tobytes()
+    grid = (r.settings.height // 16, r.settings.width // 16)
+    assert [m.shape for m in r.masks] == [grid, grid]
+    assert 0 < r.masks[0].mean() < 1 and r.masks[1].min() == 1  # keyword mask; tau 0: every token
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_generate_edit_sweep(folder, photo, tmp_path, capsys):
+    assert main(["generate", PROMPT, "--model", str(folder), "--seed", "2", "--out", str(tmp_path / "g.png"),
+                 "--image", str(photo), "--image", str(photo), "--quiet"]) == 0  # fmt: skip
+    params = read_png_params(tmp_path / "g.png")
+    assert params["preset"] == "tiny-flux2" and params["image_path"] == [str(photo)] * 2
+    assert (params["width"], params["height"], params["steps"], params["guidance"]) == (96, 64, 4, 4.0)
+    assert {w["part"] for w in params["weights"]} == {"transformer", "ae", "text_encoder"}
+    assert main(["edit", PROMPT, "--edit", "glasses:4", "--model", str(folder), "--seed", "2", "--quiet",
+                 "--out-dir", str(tmp_path / "e")]) == 0  # fmt: skip
+    assert read_png_params(tmp_path / "e" / "edited.png")["edit"]["concepts"][0]["prompt"] == "glasses"
+    assert main(["sweep", PROMPT, "--edit", "glasses", "--vary", "lambda_fine=0,4", "--model", str(folder),
+                 "--seed", "2", "--quiet", "--out", str(tmp_path / "s.png")]) == 0  # fmt: skip
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def test_one_line_refusals(folder, photo, tmp_path, capsys):
+    out = ["--out", tmp_path / "o.png"]
+    code, err = cli(capsys, "edit", PROMPT, "--edit", "glasses", "--lambda-coarse", "1", "--model", folder,
+                    "--out-dir", tmp_path / "e")  # fmt: skip
+    assert (code, err) == (2, "fluxspace: error: FluxSpace's coarse edit (lambda_coarse) moves the pooled text "
+                           "vector, and this model has none (FLUX.2 modulates by time and guidance only): set "
+                           "lambda_coarse=0 and edit with the fine edit\n")  # fmt: skip
+    lora = FLUX_MINI_DIR.parent / "loras" / "pixel.safetensors"  # a LoRA file, read and checked first
+    code, err = cli(capsys, "generate", PROMPT, "--model", folder, "--lora", lora, *out)
+    assert (code, err) == (2, "fluxspace: error: LoRA files are supported for FLUX.1 only: flux_core/lora reads "
+                           "FLUX.1's module names, not FLUX.2's; run the FLUX.2 model without a LoRA\n")  # fmt: skip
+    code, err = cli(capsys, "generate", PROMPT, "--model", folder, "--preset", "flux-dev", *out)
+    assert (code, err) == (2, f"fluxspace: error: preset 'flux-dev' is a FLUX.1 model but {folder / 'flux2-tiny.safetensors'} "
+                           f"is a FLUX.2 transformer; FLUX.2 presets: {', '.join(family_presets('flux2'))}\n")  # fmt: skip
+    code, err = cli(capsys, "generate", PROMPT, "--preset", "flux2-klein-4b", *out)  # the default flux-mini
+    assert code == 2 and err.startswith("fluxspace: error: preset 'flux2-klein-4b' is a FLUX.2 model but ")
+    assert err.endswith(f"is a FLUX.1 transformer; FLUX.1 presets: {', '.join(family_presets('flux1'))}\n")
+    code, err = cli(capsys, "invert", photo, "--model", folder, *out)
+    assert (code, err) == (2, "fluxspace: error: inverting a real image runs on FLUX.1 models only; FLUX.2 takes an "
+                           "image as a reference image (--image on generate, edit and sweep; image= in Python) instead\n")  # fmt: skip
+    code, err = cli(
+        capsys, "generate", PROMPT, "--image", photo, "--image", photo, "--model", "flux-mini-kontext", *out
+    )
+    assert (code, err) == (2, "fluxspace: error: flux-mini-kontext takes one --image; got 2 (several reference images "
+                           "are for FLUX.2 models)\n")  # fmt: skip
+
+
+def test_missing_parts_are_named(folder, tmp_path, capsys):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(folder / "flux2-tiny.safetensors", lone)
+    shutil.copy(folder / "ae.safetensors", lone)
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_paths(lone / "flux2-tiny.safetensors")
+    assert str(e.value) == (
+        f"FLUX.2 text encoder not found in {lone} (missing text_encoder/, tokenizer/); pass --text-encoders FOLDER "
+        "laid out like the FLUX.2 repositories (text_encoder/ with the LLM: Mistral-Small-3.x for [dev], Qwen3 for "
+        "[klein]; tokenizer/)"
+    )
+    paths = resolve_paths(lone / "flux2-tiny.safetensors", text_encoders=str(folder))  # --text-encoders
+    assert resolve_preset(paths, None).name == "tiny-flux2"
+    (lone / "ae.safetensors").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"^FLUX.2 autoencoder not found at .*ae.safetensors \(nor a vae/"
+    ):
+        resolve_paths(lone / "flux2-tiny.safetensors", text_encoders=str(folder))
+    with pytest.raises(ValueError, match=r"^the Qwen3 in .* gives 3 x 16 = 48 features a token, but the transformer "
+                       r"takes 96: the text encoder belongs to another FLUX.2 model$"):  # fmt: skip
+        from fluxspace.flux2 import check_text
+
+        check_text(folder, resolve_preset(resolve_paths(folder), None), 96)
+
+
+def test_offload_staged_and_block_streaming_give_the_same_image(folder, models):
+    from fluxspace.runtime import Residency
+
+    plain = generate(models, [PROMPT], [3], progress=False)[0].tobytes()
+    for residency in (Residency(offload="model"), Residency(staged=True),
+                      Residency(offload="blocks", cpu_streaming=True, block_group=1)):  # fmt: skip
+        other = load_models(folder, residency=residency)
+        assert generate(other, [PROMPT], [3], progress=False)[0].tobytes() == plain, residency
