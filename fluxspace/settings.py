@@ -74,8 +74,9 @@ class SampleSettings:
 
 def true_cfg(preset) -> bool:
     """Whether the preset's model samples with true classifier-free guidance by default: FLUX.1 models
-    without a guidance embedding (flux-mini), FLUX.2 [klein] base models
-    (flux_core/flux2/preset.py: guidance "cfg"). FLUX.2 [klein] distilled takes no guidance at all."""
+    without a guidance embedding that give a scale (flux-mini's 6; schnell, timestep-distilled, gives
+    0: no guidance), FLUX.2 [klein] base models (flux_core/flux2/preset.py: guidance "cfg"). FLUX.2
+    [klein] distilled takes no guidance at all."""
     if preset.family == "flux2":
         return preset.guidance == "cfg"
-    return not preset.params.guidance_embed
+    return not preset.params.guidance_embed and preset.default_guidance > 0

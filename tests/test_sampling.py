@@ -483,3 +483,17 @@ def test_parity_mode_reproduces_official_bf16_loop():
     assert default.dtype == torch.float32 and not torch.equal(default, ours.float())
     rel = ((default - ours.float()).norm() / default.norm()).item()
     assert rel < 2e-2
+
+
+@pytest.mark.parametrize("preset, real_image, cfg", [
+    ("flux-dev", False, 1.0),  # guidance distilled into the model
+    ("flux-schnell", False, 1.0),  # timestep-distilled: no guidance (its scale 0 would keep only the negative prompt)
+    ("flux-mini", False, 6.0), ("flux-mini-kontext", False, 3.0),  # trained with caption dropout: true CFG
+    ("flux-mini", True, 1.0),  # a real image is reconstructed without CFG
+])  # fmt: skip
+def test_default_true_cfg_scale_per_preset(preset, real_image, cfg):
+    from flux_core import get_preset
+    from fluxspace import SampleSettings
+
+    assert SampleSettings().resolved(get_preset(preset), real_image=real_image).cfg_scale == cfg
+    assert SampleSettings(cfg_scale=2.0).resolved(get_preset(preset), real_image=real_image).cfg_scale == 2.0
