@@ -1,6 +1,7 @@
-"""LoRA for FLUX.1: the file formats in use, read strictly, applied fused or unfused from outside the model.
+"""LoRA for FLUX.1 and FLUX.2: the file formats in use, read strictly, applied fused or unfused from outside the model.
 
     lora = read_lora("style.safetensors")                     # format from the keys, every key checked
+    lora = read_lora("klein.safetensors", family="flux2")     # a FLUX.2 file (family_of(model) names it)
     updates = updates_for(lora, "flow", linear_shapes(flow))  # one LowRank per target Linear
     fused = fuse(flow, updates, scale=0.8); ...; fused.undo() # in the weights; undo is bit-exact
     scales = LoraScales(style=0.8); attach(flow, "style", updates, scales)   # unfused: change scales freely
@@ -10,11 +11,12 @@
     apply     LowRank, fuse / Fused.undo, LoraLinear / attach / detach
 """
 
-from .apply import Fused, LoraLinear, LoraScales, LowRank, attach, detach, fuse, linear_shapes
+from .apply import Fused, LoraLinear, LoraScales, LowRank, attach, detach, family_of, fuse, linear_shapes
 from .files import LoraError, LoraFile, file_sha256, read_lora, updates_for
-from .formats import FORMATS
+from .formats import FAMILIES, FORMATS
 
 __all__ = [
+    "FAMILIES",
     "FORMATS",
     "Fused",
     "LoraError",
@@ -24,6 +26,7 @@ __all__ = [
     "LowRank",
     "attach",
     "detach",
+    "family_of",
     "file_sha256",
     "fuse",
     "linear_shapes",

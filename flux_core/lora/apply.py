@@ -35,19 +35,17 @@ from torch import Tensor, nn
 from ..flux2.model import Flux2
 from ..runtime.fp8 import Fp8Linear, quantize
 
-# FLUX.2 LoRA files name FLUX.2's modules (diffusers' Flux2LoraLoaderMixin reads diffusers, kohya and
-# BFL/ai-toolkit layouts of them); formats.py knows FLUX.1's names only, so a FLUX.2 model is refused
-# before any key is matched rather than failing on the first name it lacks.
+# flux_core/lora no longer raises this (FLUX.2 LoRA files are read: formats.FLUX2); the text stays for
+# fluxspace/flux2.py, which refuses LoRAs on its FLUX.2 pipeline until it passes family="flux2".
 FLUX2_REFUSAL = (
     "LoRA files are supported for FLUX.1 only: flux_core/lora reads FLUX.1's module names, not FLUX.2's; "
     "run the FLUX.2 model without a LoRA"
 )
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise a one-line ValueError if `model` is one whose LoRA files this package cannot read (FLUX.2)."""
-    if isinstance(model, Flux2):
-        raise ValueError(FLUX2_REFUSAL)
+def family_of(model: nn.Module) -> str:
+    """The family name (formats.FAMILIES) to read LoRA files with for this transformer: "flux2" or "flux1"."""
+    return "flux2" if isinstance(model, Flux2) else "flux1"
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,6 @@ def linear_weight(module: nn.Module) -> Tensor:
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Module name -> weight shape (O, I) of every Linear / Fp8Linear of `model` (a LoraLinear by its own name)."""
-    check_model(model)
     shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
@@ -131,7 +128,6 @@ def fuse(model: nn.Module, updates: Mapping[str, LowRank], scale: float) -> Fuse
 
     The model must not be offloaded while this runs (its weights are where they are kept).
     """
-    check_model(model)
     originals: dict[str, dict[str, Tensor]] = {}
     if scale == 0:  # nothing added: the weights stay exactly as they are
         return Fused(model, originals)
@@ -224,7 +220,6 @@ class LoraLinear(nn.Module):
 
 def attach(model: nn.Module, name: str, updates: Mapping[str, LowRank], scales: LoraScales) -> None:
     """Put LoRA `name`'s updates on `model` unfused, at strength scales[name] (set it before calling)."""
-    check_model(model)
     if not name.isidentifier():
         raise ValueError(f"LoRA name {name!r} must be a Python identifier (it names buffers)")
     if name not in scales:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..files import CheckpointError, read_header
 from .apply import LowRank
-from .formats import FORMATS, PARTS, Entry, Rows, detect, parse
+from .formats import FLUX1, FLUX2, PARTS, Entry, Family, Rows, detect, get_family, parse
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Known model families by a key that only their LoRAs carry: named in the refusal of a foreign file.
@@ -44,6 +44,9 @@ FOREIGN_MODELS = {
     "pos_embed.": "Stable Diffusion 3",
     "lora_te2_": "Stable Diffusion XL (second CLIP encoder)",
 }
+
+
+FLUX2_MARKER = "single_stream_modulation.lin"  # a Linear of every FLUX.2 transformer, of no FLUX.1 one
 
 
 class LoraError(CheckpointError):
@@ -81,6 +84,7 @@ class LoraFile:
     format: str
     pieces: tuple[Piece, ...]
     metadata: dict[str, str]
+    family: Family = FLUX1  # the model family whose module names the file was read against
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -110,27 +114,33 @@ def _foreign(keys) -> str | None:
     return None
 
 
-def read_lora(path: str | os.PathLike) -> LoraFile:
-    """Read a LoRA .safetensors file and check it on its own: format, keys, ranks, alphas, values."""
+def read_lora(path: str | os.PathLike, family: str | Family = "flux1") -> LoraFile:
+    """Read a LoRA .safetensors file for a model of `family` ("flux1" or "flux2", formats.FAMILIES) and
+    check it on its own: format, keys, ranks, alphas, values."""
     path = Path(path)
+    family = get_family(family)
     shapes, dtypes, metadata = read_header(path)
-    fmt = detect(shapes)
+    fmt = detect(shapes, family)
     if fmt is None:
         foreign = _foreign(shapes)
         what = f"a {foreign} LoRA" if foreign else "not a LoRA file"
         raise LoraError(
             f"{path}: {what}: no key has a LoRA suffix (found {_listing(shapes, 4)}); known formats: "
-            f"{', '.join(FORMATS)} (keys ending .lora_A.weight / .lora_B.weight, .lora_down.weight / "
-            ".lora_up.weight + .alpha, or XLabs .processor.*.down.weight / .up.weight)"
+            f"{', '.join(family.formats)} (keys ending .lora_A.weight / .lora_B.weight, .lora_down.weight / "
+            ".lora_up.weight + .alpha" + (", or XLabs .processor.*.down.weight / .up.weight)" if "xlabs" in family.formats else ")")
         )
-    entries, left = parse(shapes, fmt)
+    if fmt not in family.formats:
+        raise LoraError(f"{path}: a {fmt} LoRA; {family.name} LoRA files are read in the {', '.join(family.formats)} "
+                        f"formats only ({fmt} files exist for FLUX.1)")  # fmt: skip
+    entries, left = parse(shapes, fmt, family)
     unknown = [e.name for e in entries if e.target is None]
     if unknown:
         foreign = _foreign(unknown)
         hint = f" (these are {foreign} module names)" if foreign else ""
+        scope = "and of CLIP / T5" if family.text_encoders else "only (text-encoder LoRAs are not supported)"
         raise LoraError(
-            f"{path}: {fmt} LoRA for modules FLUX.1 does not have{hint}: {_listing(unknown)}; "
-            "a FLUX.1 LoRA updates the Linears of the transformer (official or diffusers names) and of CLIP / T5"
+            f"{path}: {fmt} LoRA for modules {family.name} does not have{hint}: {_listing(unknown)}; "
+            f"a {family.name} LoRA updates the Linears of the transformer (official or diffusers names) {scope}"
         )
     if left:
         raise LoraError(
@@ -157,7 +167,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     alpha_default = _metadata_alpha(path, metadata) if fmt == "diffusers" else None
     with safe_open(path, framework="pt") as f:
         pieces = tuple(_piece(path, f, e, shapes, alpha_default) for e in entries)
-    return LoraFile(path, fmt, pieces, metadata)
+    return LoraFile(path, fmt, pieces, metadata, family)
 
 
 def _metadata_alpha(path: Path, metadata: dict[str, str]) -> float | None:
@@ -229,8 +239,15 @@ def _row_spans(rows: Rows, out_features: int, in_features: int) -> list[tuple[in
 def updates_for(lora: LoraFile, part: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, LowRank]:
     """The updates of `lora` on one model part, checked against that part's Linear shapes.
 
-    shapes: module name -> weight shape (O, I) of every Linear of the part.
+    shapes: module name -> weight shape (O, I) of every Linear of the part. The transformer's family is
+    told by its shared modulation (FLUX.2 has `single_stream_modulation.lin`; FLUX.1 a modulation per
+    block): a file read for the other family is refused, not matched on the names the two share.
     """
+    if part == "flow":
+        model = FLUX2 if FLUX2_MARKER in shapes else FLUX1
+        if model is not lora.family:
+            raise LoraError(f"{lora.path}: read as a {lora.family.name} LoRA but the model is {model.name}: read it "
+                            f"with read_lora(path, family={'flux2' if model is FLUX2 else 'flux1'!r})")  # fmt: skip
     pieces: dict[str, list[tuple[Piece, list[tuple[int, int]]]]] = {}
     for p in lora.pieces:
         target = p.entry.target

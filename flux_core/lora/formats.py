@@ -1,4 +1,4 @@
-"""The LoRA file formats of FLUX.1, read from the keys: which module each low-rank pair updates.
+"""The LoRA file formats of FLUX.1 and FLUX.2, read from the keys: which module each low-rank pair updates.
 
 A LoRA file stores, per module, a down matrix A (r, in), an up matrix B (out, r), sometimes an
 alpha (strength alpha / r) and a bias of B. Formats differ in the module names and the suffixes:
@@ -22,6 +22,13 @@ diffusers Linear that is part of a fused official one (to_q of qkv, proj_mlp of 
 a block of that module's output rows, and diffusers' norm_out.linear holds the two halves of
 final_layer.adaLN_modulation.1 swapped. kohya names are the same names with dots written as `_`.
 
+Families: the tables above are FLUX.1's (`FLUX1`). `FLUX2` swaps in FLUX.2's Linears
+(`FLUX2_LINEARS`) and the rename table of flux_core/flux2/formats.py (only the double blocks' qkv is
+split in diffusers; a single block's linear1 is one diffusers module); the grammar is shared. FLUX.2
+files come in the diffusers/PEFT, kohya (`lora_unet_` on official names, as diffusers'
+_convert_kohya_flux2_lora_to_diffusers reads them) and official forms; XLabs and text-encoder entries
+(FLUX.2 encodes text with Qwen3 / Mistral, which no module table here covers) are refused.
+
 Nothing here reads tensors or knows a model's sizes: `parse` maps keys to `Entry`s; files.py reads
 and checks them.
 """
@@ -30,7 +37,9 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from ..formats import BFL_PREFIX, TRANSFORMER_FUSED, TRANSFORMER_HALF_SWAPPED, TRANSFORMER_RENAMES
+from .. import formats as flux1_formats
+from ..flux2 import formats as flux2_formats
+from ..formats import BFL_PREFIX
 
 FORMATS = ("diffusers", "kohya", "bfl", "xlabs")
 
@@ -61,6 +70,49 @@ T5_LINEARS: tuple[str, ...] = tuple(
 # The text encoders, by their attribute in flux_core.conditioner.TextEncoders.
 TEXT_PARTS = {"clip": CLIP_LINEARS, "t5": T5_LINEARS}
 PARTS = ("clip", "t5", "flow")  # in the order a run uses them
+
+# The official FLUX.2 transformer's Linears (flux2 src/flux2/model.py): shared modulations instead of
+# per-block ones, SwiGLU MLPs (mlp.0 gives 2x the hidden width), no vector_in.
+FLUX2_LINEARS: tuple[str, ...] = (
+    "img_in", "txt_in",
+    "time_in.in_layer", "time_in.out_layer",
+    "guidance_in.in_layer", "guidance_in.out_layer",
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+    *(f"double_blocks.{{i}}.{s}_{m}" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")),
+    "single_blocks.{i}.linear1", "single_blocks.{i}.linear2",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between model families for LoRA files: the transformer's Linears, the diffusers
+    rename tables of that family's formats.py, the file formats read, and whether text encoders take
+    LoRA entries. `name` is what messages call the model."""
+
+    name: str
+    linears: tuple[str, ...]
+    renames: tuple[tuple[str, str], ...]
+    fused: tuple  # of flux_core.formats.Fused
+    half_swapped: tuple[tuple[str, str], ...]
+    formats: tuple[str, ...]
+    text_encoders: bool
+
+
+FLUX1 = Family("FLUX.1", FLOW_LINEARS, flux1_formats.TRANSFORMER_RENAMES, flux1_formats.TRANSFORMER_FUSED,
+               flux1_formats.TRANSFORMER_HALF_SWAPPED, ("diffusers", "kohya", "bfl", "xlabs"), True)  # fmt: skip
+FLUX2 = Family("FLUX.2", FLUX2_LINEARS, flux2_formats.TRANSFORMER_RENAMES, flux2_formats.TRANSFORMER_FUSED,
+               flux2_formats.TRANSFORMER_HALF_SWAPPED, ("diffusers", "kohya", "bfl"), False)  # fmt: skip
+FAMILIES: dict[str, Family] = {"flux1": FLUX1, "flux2": FLUX2}
+
+
+def get_family(family: "str | Family") -> Family:
+    """A Family, or one by its exact name in FAMILIES."""
+    if isinstance(family, Family):
+        return family
+    if family not in FAMILIES:
+        raise KeyError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
+    return FAMILIES[family]
 
 
 @dataclass(frozen=True)
@@ -117,21 +169,21 @@ def _lookup(table: dict[str, Target], name: str, underscores: bool) -> Target | 
 
 
 @cache
-def official_names() -> dict[str, Target]:
-    return {p: Target("flow", p) for p in FLOW_LINEARS}
+def official_names(family: Family = FLUX1) -> dict[str, Target]:
+    return {p: Target("flow", p) for p in family.linears}
 
 
 @cache
-def diffusers_names() -> dict[str, Target]:
-    """diffusers module pattern -> the official module (and rows) it is, from flux_core/formats.py's table."""
+def diffusers_names(family: Family = FLUX1) -> dict[str, Target]:
+    """diffusers module pattern -> the official module (and rows) it is, from the family's formats.py table."""
     table = {}
-    for bfl, diffusers in TRANSFORMER_RENAMES:
-        if bfl in FLOW_LINEARS:  # the table also renames norm scales, which no LoRA updates
+    for bfl, diffusers in family.renames:
+        if bfl in family.linears:  # the table also renames norm scales, which no LoRA updates
             table[diffusers] = Target("flow", bfl)
-    for fused in TRANSFORMER_FUSED:
+    for fused in family.fused:
         for k, diffusers in enumerate(fused.diffusers):
             table[diffusers] = Target("flow", fused.bfl, Rows((k,), len(fused.diffusers)))
-    for bfl, diffusers in TRANSFORMER_HALF_SWAPPED:
+    for bfl, diffusers in family.half_swapped:
         table[diffusers] = Target("flow", bfl, Rows((0, 1), 2, swap=True))
     return table
 
@@ -161,41 +213,43 @@ XLABS_NAMES: dict[str, Target] = {
 }
 
 
-def _diffusers_target(name: str) -> Target | None:
-    for prefix in ("transformer.", "base_model.model.", ""):
+def _diffusers_target(name: str, family: Family) -> Target | None:
+    # diffusion_model.: ai-toolkit's FLUX.2 files on diffusers names (diffusers' _convert_non_diffusers_flux2_lora_to_diffusers)
+    for prefix in ("transformer.", "base_model.model.", "diffusion_model.", ""):
         if name.startswith(prefix):
             rest = name[len(prefix):]
             if prefix != "transformer." and rest.startswith(("text_encoder.", "text_encoder_2.")):
                 break
-            hit = _lookup(diffusers_names(), rest, False)
+            hit = _lookup(diffusers_names(family), rest, False)
             if hit is not None:
                 return hit
     for prefix, encoder in (("text_encoder.", "clip"), ("text_encoder_2.", "t5")):
-        if name.startswith(prefix):
+        if name.startswith(prefix) and family.text_encoders:
             return _text_target(encoder, name[len(prefix):], False)
     return None
 
 
-def _kohya_target(name: str) -> Target | None:
+def _kohya_target(name: str, family: Family) -> Target | None:
     for prefix, table in (("lora_unet_", official_names), ("lora_transformer_", diffusers_names)):
         if name.startswith(prefix):
-            return _lookup(table(), name[len(prefix):], True)
+            return _lookup(table(family), name[len(prefix):], True)
     for prefix, encoder in (("lora_te1_", "clip"), ("lora_te3_", "t5")):
-        if name.startswith(prefix):
+        if name.startswith(prefix) and family.text_encoders:
             return _text_target(encoder, name[len(prefix):], True)
     return None
 
 
-def _bfl_target(name: str) -> Target | None:
+def _bfl_target(name: str, family: Family) -> Target | None:
     for prefix in (BFL_PREFIX, "diffusion_model.", "base_model.model.", ""):
         if name.startswith(prefix):
-            hit = _lookup(official_names(), name[len(prefix):], False)
+            hit = _lookup(official_names(family), name[len(prefix):], False)
             if hit is not None:
                 return hit
     return None
 
 
-def _xlabs_target(name: str) -> Target | None:
+def _xlabs_target(name: str, family: Family) -> Target | None:
+    assert family is FLUX1, "XLabs LoRAs exist for FLUX.1 only"
     return _lookup(XLABS_NAMES, name.removeprefix("diffusion_model."), False)
 
 
@@ -209,7 +263,7 @@ class Grammar:
     up: tuple[str, ...]
     bias: tuple[str, ...]
     alpha: tuple[str, ...]
-    target: object  # name -> Target | None
+    target: object  # (name, family) -> Target | None
 
 
 GRAMMARS: dict[str, Grammar] = {
@@ -222,8 +276,10 @@ GRAMMARS: dict[str, Grammar] = {
 DORA_SUFFIXES = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.default")
 
 
-def detect(keys) -> str | None:
-    """The format of a LoRA file from its keys; None if no key looks like a LoRA's."""
+def detect(keys, family: "str | Family" = FLUX1) -> str | None:
+    """The format of a LoRA file for a model of `family` from its keys; None if no key looks like a LoRA's.
+    The format may be one the family does not read (files.py refuses it)."""
+    family = get_family(family)
     keys = list(keys)
     if any(k.endswith(".lora_down.weight") for k in keys):
         return "kohya"
@@ -232,7 +288,7 @@ def detect(keys) -> str | None:
     lora_a = [k for k in keys if ".lora_A." in k or ".lora_B." in k]
     if not lora_a:
         return None
-    official = sum(_bfl_target(_module(k)) is not None for k in lora_a)
+    official = sum(_bfl_target(_module(k), family) is not None for k in lora_a)
     return "bfl" if official > len(lora_a) / 2 else "diffusers"
 
 
@@ -244,8 +300,11 @@ def _module(key: str) -> str:
     return key
 
 
-def parse(keys, fmt: str) -> tuple[list[Entry], list[str]]:
-    """The entries of a file in format `fmt`, and the keys that are none of an entry's tensors."""
+def parse(keys, fmt: str, family: "str | Family" = FLUX1) -> tuple[list[Entry], list[str]]:
+    """The entries of a file in format `fmt` for a model of `family`, and the keys that are none of an entry's tensors."""
+    family = get_family(family)
+    if fmt not in family.formats:
+        raise ValueError(f"{family.name} LoRA files are read in the {', '.join(family.formats)} formats, not {fmt}")
     grammar = GRAMMARS[fmt]
     roles = {"down": grammar.down, "up": grammar.up, "bias": grammar.bias, "alpha": grammar.alpha, "dora": DORA_SUFFIXES}
     found: dict[str, dict[str, str]] = {}
@@ -260,7 +319,7 @@ def parse(keys, fmt: str) -> tuple[list[Entry], list[str]]:
             left.append(key)
     entries = [
         Entry(name, tensors.get("down"), tensors.get("up"), tensors.get("bias"), tensors.get("alpha"),
-              tensors.get("dora"), grammar.target(name))
+              tensors.get("dora"), grammar.target(name, family))
         for name, tensors in sorted(found.items())
     ]  # fmt: skip
     return entries, left
