@@ -1,0 +1,260 @@
+"""LoRA files on FLUX.2 (flux_core/lora with family="flux2"): the diffusers/PEFT and kohya forms against
+diffusers' own LoRA loading on Flux2Transformer2DModel (through peft), the official form against the
+formula by hand, fused == unfused, bit-exact undo and strength 0 (also with fp8 weights), and the
+FLUX.2 refusals in one line.
+
+The model is tests/tiny.py's tiny random FLUX.2 (hidden 64, 2 + 2 blocks, float32); diffusers gets
+the same weights through its own converter, as in tests/test_flux2_model.py.
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+from diffusers import Flux2Transformer2DModel
+from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
+from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+from lora_files import bfl_file, diffusers_file, in_blocks, kohya_file, linear_names, random_pairs, xlabs_file
+from safetensors.torch import save_file
+from tiny import random_state_dict, tiny_flux2, tiny_flux2_inputs
+
+from flux_core.flux2.model import Flux2
+from flux_core.lora import (
+    LoraError,
+    LoraScales,
+    attach,
+    detach,
+    family_of,
+    fuse,
+    linear_shapes,
+    read_lora,
+    updates_for,
+)
+from flux_core.lora.formats import FLUX2_LINEARS
+from flux_core.runtime.fp8 import quantize_linears
+
+RANK = 4
+SCALES = (0.5, 1.0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def diffusers_reference(model: Flux2, sd) -> Flux2Transformer2DModel:
+    p = model.params
+    ref = Flux2Transformer2DModel(
+        patch_size=1, in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
+        attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
+        mlp_ratio=p.mlp_ratio, axes_dims_rope=tuple(p.axes_dim), rope_theta=p.theta, guidance_embeds=p.guidance_embed,
+    )  # fmt: skip
+    ref.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(dict(sd)), strict=True)
+    return ref.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    ours = tiny_flux2(seed=3)
+    ref = diffusers_reference(ours, random_state_dict(ours, 3))
+    ref.lora_free_names = linear_names(ref)  # diffusers' own Linear names, before peft wraps them
+    return ours, ref, tiny_flux2_inputs(ours.params, B=1)
+
+
+def run_ours(model, x):
+    with torch.inference_mode():
+        return model(**x)
+
+
+def run_ref(ref, x):
+    with torch.inference_mode():
+        return ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], timestep=x["timesteps"],
+                   img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], guidance=x["guidance"], return_dict=False)[0]  # fmt: skip
+
+
+def write(tmp_path, sd, name="lora.safetensors"):
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def diffusers_outputs(ref, sd, x):
+    """diffusers' forward with the LoRA loaded its own way (Flux2LoraLoaderMixin.lora_state_dict converts
+    kohya and ai-toolkit files; load_lora_adapter puts it in through peft), at each strength."""
+    state = Flux2LoraLoaderMixin.lora_state_dict(copy.deepcopy(sd))
+    ref.load_lora_adapter(state, adapter_name="t")
+    try:
+        outs = []
+        for s in SCALES:
+            ref.set_adapters("t", s)
+            outs.append(run_ref(ref, x))
+        return outs
+    finally:
+        ref.delete_adapters("t")
+
+
+def ours_outputs(model, path, x):
+    """Our forward, fused and unfused, at each strength; the model is left as it was (checked bit for bit)."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = run_ours(model, x)
+    updates = updates_for(read_lora(path, family=family_of(model)), "flow", linear_shapes(model))
+    # unfused first: fuse + undo restores the weights bit for bit but in new memory, where 2-thread GEMMs may
+    # round differently, so "strength 0 == plain" is compared before any weight is replaced
+    scales = LoraScales(t=0.0)
+    attach(model, "t", updates, scales)
+    unfused = []
+    for s in (0.0, *SCALES):
+        scales["t"] = s
+        unfused.append(run_ours(model, x))
+    detach(model)
+    fused = []
+    for s in (0.0, *SCALES):
+        handle = fuse(model, updates, s)
+        fused.append(run_ours(model, x))
+        handle.undo()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "undo / detach did not restore the weights"
+    assert torch.equal(fused[0], plain) and torch.equal(unfused[0], plain), (
+        "strength 0 is not the plain model"
+    )
+    return fused[1:], unfused[1:]
+
+
+def check(ours, expected):
+    for got, want in zip(ours, expected, strict=True):
+        err = rel_err(got, want)
+        assert err <= 1e-5, f"relative error {err:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("form", ["transformer.", "base_model.model.", ".default"])
+def test_diffusers_form_matches_diffusers(tmp_path, pair, form):
+    """Every Linear of the transformer (diffusers' names: split to_q/k/v, whole to_qkv_mlp_proj, the shared
+    modulations, the swapped norm_out.linear), with diffusers' and PEFT's prefixes."""
+    ours, ref, x = pair
+    pairs = random_pairs(ref.lora_free_names, RANK, seed=5)
+    prefix = "transformer." if form == ".default" else form
+    sd = diffusers_file(pairs, prefix=prefix, default=form == ".default")
+    fused, unfused = ours_outputs(ours, write(tmp_path, sd), x)
+    plain = run_ref(ref, x)
+    # diffusers reads its own form (transformer.<module>); the other spellings name the same tensors
+    expected = diffusers_outputs(ref, diffusers_file(pairs), x)
+    assert rel_err(expected[1], plain) > 1e-2, "the LoRA should change the output"
+    check(fused, expected)
+    check(unfused, expected)
+
+
+def test_kohya_form_matches_diffusers(tmp_path, pair):
+    """sd-scripts' names (official, dots as _) with alpha: the modules diffusers' FLUX.2 kohya converter maps."""
+    ours, ref, x = pair
+    extras = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear")
+    names = linear_names(ours, lambda n: (in_blocks(n) and "modulation" not in n) or n in extras)
+    sd = kohya_file(random_pairs(names, RANK, seed=6), "lora_unet_", alpha=2.0)
+    fused, unfused = ours_outputs(ours, write(tmp_path, sd), x)
+    expected = diffusers_outputs(ref, sd, x)
+    check(fused, expected)
+    check(unfused, expected)
+
+
+def test_official_form_equals_the_formula(tmp_path, pair):
+    """`diffusion_model.<official module>.lora_A/B.weight`: W + s * B @ A, by hand, on every Linear."""
+    ours, _, x = pair
+    pairs = random_pairs(linear_names(ours), RANK, seed=7)
+    path = write(tmp_path, bfl_file(pairs, prefix="diffusion_model."))
+    assert read_lora(path, family="flux2").format == "bfl"
+    fused, unfused = ours_outputs(ours, path, x)
+    for s, got_fused, got_unfused in zip(SCALES, fused, unfused, strict=True):
+        by_hand = copy.deepcopy(ours)
+        with torch.no_grad():
+            for name, (down, up) in pairs.items():
+                by_hand.get_submodule(name).weight += s * up @ down
+        want = run_ours(by_hand, x)
+        assert rel_err(got_fused, want) <= 1e-5 and rel_err(got_unfused, want) <= 1e-5
+
+
+def test_fp8_weights_take_a_lora_and_give_it_back(tmp_path):
+    model = quantize_linears(tiny_flux2(seed=4))
+    x = tiny_flux2_inputs(model.params, B=1)
+    pairs = random_pairs(linear_shapes(model), RANK, seed=8)
+    fused, unfused = ours_outputs(model, write(tmp_path, bfl_file(pairs)), x)
+    assert rel_err(fused[1], unfused[1]) < 0.1  # fused rounds W + dW to fp8 again; unfused keeps W as it was
+
+
+def test_flux2_linears_are_the_models():
+    model = tiny_flux2()
+    found = {
+        re.sub(r"\.\d+\.", ".{i}.", n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    assert found == set(FLUX2_LINEARS)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def refusal(call) -> str:
+    with pytest.raises(LoraError) as e:
+        call()
+    return str(e.value)
+
+
+def test_refusals_in_one_line(tmp_path, pair):
+    ours, ref, _ = pair
+    shapes = linear_shapes(ours)
+    one = {"double_blocks.0.img_attn.proj": (64, 64)}
+
+    path = write(tmp_path, xlabs_file(ours, RANK, seed=1), "xlabs.safetensors")
+    assert refusal(lambda: read_lora(path, family="flux2")) == (
+        f"{path}: a xlabs LoRA; FLUX.2 LoRA files are read in the diffusers, kohya, bfl formats only "
+        "(xlabs files exist for FLUX.1)"
+    )
+
+    sd = diffusers_file(random_pairs({"transformer_blocks.0.attn.to_out.0": (64, 64)}, RANK, 1))
+    sd |= {"text_encoder.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(RANK, 8),
+           "text_encoder.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, RANK)}  # fmt: skip
+    path = write(tmp_path, sd, "text.safetensors")
+    assert refusal(lambda: read_lora(path, family="flux2")) == (
+        f"{path}: diffusers LoRA for modules FLUX.2 does not have: text_encoder.model.layers.0.self_attn.q_proj; "
+        "a FLUX.2 LoRA updates the Linears of the transformer (official or diffusers names) only "
+        "(text-encoder LoRAs are not supported)"
+    )
+
+    sd = diffusers_file(random_pairs({"transformer_blocks.0.attn.to_q": (64, 32)}, RANK, 1))
+    path = write(tmp_path, sd, "narrow.safetensors")
+    assert refusal(lambda: updates_for(read_lora(path, family="flux2"), "flow", shapes)) == (
+        f"{path}: transformer.transformer_blocks.0.attn.to_q.lora_A.weight takes 32 input features; "
+        "double_blocks.0.img_attn.qkv of this model takes 64 (a LoRA for a model of another width, or with "
+        "extra input channels)"
+    )
+
+    sd = diffusers_file(random_pairs({"transformer_blocks.0.attn.to_q": (128, 64)}, RANK, 1))
+    path = write(tmp_path, sd, "tall.safetensors")
+    assert refusal(lambda: updates_for(read_lora(path, family="flux2"), "flow", shapes)) == (
+        f"{path}: transformer.transformer_blocks.0.attn.to_q.lora_B.weight has 128 rows; it updates 64 rows of "
+        "double_blocks.0.img_attn.qkv (192 in all)"
+    )
+
+    sd = diffusers_file(random_pairs(one, RANK, 1), prefix="diffusion_model.") | {
+        "double_blocks.0.img_norm.scale": torch.ones(64)
+    }
+    path = write(tmp_path, sd, "left.safetensors")
+    assert refusal(lambda: read_lora(path, family="flux2")) == (
+        f"{path}: 1 key(s) of this bfl LoRA are no LoRA tensor and would be left unused: double_blocks.0.img_norm.scale; "
+        "refusing rather than dropping them silently (full replacement tensors, e.g. the RMSNorm scales of a "
+        "control LoRA, are not applied)"
+    )
+
+    # A file read for FLUX.1 is not matched against FLUX.2 on the names the two share (and back).
+    path = write(
+        tmp_path,
+        diffusers_file(random_pairs({"transformer_blocks.0.attn.to_q": (64, 64)}, RANK, 1)),
+        "f1.safetensors",
+    )
+    assert refusal(lambda: updates_for(read_lora(path), "flow", shapes)) == (
+        f"{path}: read as a FLUX.1 LoRA but the model is FLUX.2: read it with read_lora(path, family='flux2')"
+    )
+    flux1_shapes = {"double_blocks.0.img_attn.qkv": (192, 64)}
+    assert refusal(lambda: updates_for(read_lora(path, family="flux2"), "flow", flux1_shapes)) == (
+        f"{path}: read as a FLUX.2 LoRA but the model is FLUX.1: read it with read_lora(path, family='flux1')"
+    )
