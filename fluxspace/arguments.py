@@ -69,8 +69,9 @@ def residency_from(args) -> Residency:
     return residency
 
 
-def loras_from(args, unfused: bool = False) -> Loras:
-    """--lora FILE[:SCALE] (each read and checked now) and --lora-mode; `unfused` when strengths will change."""
+def loras_from(args, family: str, unfused: bool = False) -> Loras:
+    """--lora FILE[:SCALE] (each read and checked now, for a model of `family`) and --lora-mode; `unfused`
+    when strengths will change."""
     try:
         specs = [LoraSpec.parse(text) for text in args.lora]
     except ValueError as e:
@@ -78,7 +79,7 @@ def loras_from(args, unfused: bool = False) -> Loras:
     for spec in specs:
         if not spec.path.is_file():
             raise CLIError(f"--lora {spec.path}: no such file")
-    return Loras(specs, "unfused" if unfused else args.lora_mode)
+    return Loras(specs, "unfused" if unfused else args.lora_mode, family)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

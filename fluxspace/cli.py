@@ -197,7 +197,7 @@ def choose_model(args, unfused_loras: bool = False) -> Chosen:
     flux, ae = family.check_model(files, None), family.check_ae(open_weights(paths.ae, "ae"))
     n_weights = resident_weights(part_weights(paths), flux, residency, device)
     n_fp8 = quantized_count(files) if args.weights == "fp8" else 0
-    loras = loras_from(args, unfused_loras)
+    loras = loras_from(args, preset.family, unfused_loras)
     family.check_loras(loras, files)
     chosen = Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, min(n_fp8, n_weights), residency,
                     loras)  # fmt: skip

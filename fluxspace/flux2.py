@@ -46,7 +46,6 @@ from flux_core.flux2.loading import (
 from flux_core.flux2.model import SIZES
 from flux_core.flux2.preset import Flux2Preset
 from flux_core.inference import META_PRESET
-from flux_core.lora.apply import FLUX2_REFUSAL
 from flux_core.presets import PRESETS, family_presets
 
 from .models import diffusers_index
@@ -127,11 +126,6 @@ def check_text(folder: Path, preset: Flux2Preset, context_in_dim: int) -> None:
             f"{len(spec.output_layers) * width} features a token, but the transformer takes {context_in_dim}: "
             "the text encoder belongs to another FLUX.2 model"
         )
-
-
-def refuse_loras(loras) -> None:
-    if loras:
-        raise ValueError(FLUX2_REFUSAL)
 
 
 def load_model(path, preset, device, dtype, weights):

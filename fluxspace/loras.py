@@ -72,16 +72,17 @@ def as_spec(item) -> LoraSpec:
 class Loras:
     """The LoRAs of one loaded model: files read and checked once, applied to each part as it loads."""
 
-    def __init__(self, specs, mode: str = "fused"):
+    def __init__(self, specs, mode: str = "fused", family: str = "flux1"):
         if mode not in LORA_MODES:
             raise ValueError(f"unknown LoRA mode {mode!r}; valid: {', '.join(LORA_MODES)}")
         self.specs = [as_spec(s) for s in specs]
         self.mode = mode
+        self.family = family  # whose module names the files are read against (the model's preset.family)
         self.files: list[LoraFile] = []
         for spec in self.specs:
             if not spec.path.is_file():
                 raise FileNotFoundError(f"LoRA file not found: {spec.path}")
-            self.files.append(read_lora(spec.path))
+            self.files.append(read_lora(spec.path, family))
         self.names = [f"lora{k}" for k in range(len(self.specs))]  # buffer names of unfused LoRAs
         self.scales = LoraScales({n: s.scale for n, s in zip(self.names, self.specs, strict=True)})
         self._sha256: list[str] | None = None
@@ -98,8 +99,10 @@ class Loras:
 
     def apply(self, part: str, module: nn.Module) -> None:
         """Put every LoRA's updates on a freshly loaded part: "flow" (a Flux) or "text" (TextEncoders)."""
-        if not self.files:  # nothing to put (and a FLUX.2 part, whose LoRAs are refused, has no CLIP or T5)
+        if not self.files:
             return
+        if part == "text" and self.family == "flux2":
+            return  # FLUX.2 LoRA files update the transformer only (read_lora refuses text-encoder entries)
         if part == "text":
             clip = module.clip.text_model if hasattr(module.clip, "text_model") else module.clip  # transformers < 5
             self._apply("clip", clip)

@@ -215,7 +215,7 @@ class FamilyLoaders:
     check_model: Callable  # (files, preset or None) -> the transformer's params
     check_ae: Callable  # (files) -> the autoencoder's params
     check_text: Callable  # (folder, preset, params): the text-encoder folder fits
-    check_loras: Callable  # (Loras, files): every LoRA fits the transformer, or LoRA is refused
+    check_loras: Callable  # (Loras, files): every LoRA fits the transformer
     load_model: Callable  # (path, preset or None, device, dtype, weights) -> transformer
     load_ae: Callable  # (path, device, dtype) -> autoencoder
     load_text: Callable  # (folder, preset, device, dtype) -> text encoder(s)
@@ -228,7 +228,7 @@ def family_loaders(preset: AnyPreset) -> FamilyLoaders:
 
         return FamilyLoaders(
             flux2.check_model, flux2.check_ae, lambda folder, p, params: flux2.check_text(folder, p, params.context_in_dim),
-            lambda loras, files: flux2.refuse_loras(loras), flux2.load_model, flux2.load_ae, flux2.load_text,
+            lambda loras, files: loras.check_flow(files), flux2.load_model, flux2.load_ae, flux2.load_text,
         )  # fmt: skip
     from flux_core.conditioner import load_text_encoders
 
@@ -363,7 +363,7 @@ def load_models(
     params = family.check_model(files, given)
     ae_params = family.check_ae(open_weights(paths.ae, "ae"))
     family.check_text(paths.text_encoders, chosen, params)
-    loras = loras if isinstance(loras, Loras) else Loras(loras, lora_mode)
+    loras = loras if isinstance(loras, Loras) else Loras(loras, lora_mode, chosen.family)
     family.check_loras(loras, files)
     resident = resident_weights(part_weights(paths), params, residency, device)
     n_fp8 = min(quantized_count(files), resident) if weights == "fp8" else 0

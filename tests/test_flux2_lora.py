@@ -33,6 +33,7 @@ from flux_core.lora import (
 )
 from flux_core.lora.formats import FLUX2_LINEARS
 from flux_core.runtime.fp8 import quantize_linears
+from fluxspace.models import FLUX_MINI_DIR
 
 RANK = 4
 SCALES = (0.5, 1.0)
@@ -188,6 +189,29 @@ def test_flux2_linears_are_the_models():
         re.sub(r"\.\d+\.", ".{i}.", n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }
     assert found == set(FLUX2_LINEARS)
+
+
+def test_flux_weights_inspect_names_the_family(tmp_path, pair, capsys):
+    """diffusers names are FLUX.2's alone; official names are shared, so the MLP proportions decide (SwiGLU
+    ratio 3 against FLUX.1's ratio 4); attention-only official LoRAs fit both families."""
+    from weights_tools.cli import main as weights_main
+    from weights_tools.inspect import inspect_path
+
+    ours, ref, _ = pair
+    kohya = write(tmp_path, kohya_file(random_pairs(linear_names(ours, in_blocks), RANK, 1), "lora_unet_", 2.0), "k.safetensors")
+    diffusers = write(tmp_path, diffusers_file(random_pairs(ref.lora_free_names, RANK, 1)), "d.safetensors")
+    attention = {n: s for n, s in linear_names(ours, in_blocks).items() if "_attn." in n}
+    official = write(tmp_path, bfl_file(random_pairs(attention, RANK, 1), prefix="diffusion_model."), "b.safetensors")
+    pixel = FLUX_MINI_DIR.parent / "loras" / "pixel.safetensors"  # flux-mini's: FLUX.1, official names
+    found = {p.name: inspect_path(p)[0] for p in (kohya, diffusers, official, pixel)}
+    assert {name: r["families"] for name, r in found.items()} == {
+        "k.safetensors": ["FLUX.2"], "d.safetensors": ["FLUX.2"], "b.safetensors": ["FLUX.1", "FLUX.2"],
+        "pixel.safetensors": ["FLUX.1"],
+    }  # fmt: skip
+    assert found["k.safetensors"]["format"] == "kohya" and found["d.safetensors"]["format"] == "diffusers"
+    assert "single_blocks.{0..1}.linear1" in found["k.safetensors"]["targets"]["flow"]
+    assert weights_main(["inspect", str(official)]) == 0
+    assert "model     FLUX.1 or FLUX.2 (it updates modules both have, of the same shapes)\n" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -174,6 +174,51 @@ def test_cli_generate_edit_sweep(folder, photo, tmp_path, capsys):
     capsys.readouterr()
 
 
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def lora_file(models, tmp_path_factory):
+    """A kohya LoRA (official names, alpha 2 at rank 4) on every Linear of the tiny FLUX.2's blocks."""
+    from safetensors.torch import save_file
+
+    from tests.lora_files import in_blocks, kohya_file, linear_names, random_pairs
+
+    path = tmp_path_factory.mktemp("lora") / "klein-style.safetensors"
+    save_file(kohya_file(random_pairs(linear_names(models.flow, in_blocks), 4, seed=3), "lora_unet_", 2.0), path)
+    return path
+
+
+def test_lora_through_the_pipeline_equals_fusing_it_by_hand(folder, models, lora_file, tmp_path):
+    from flux_core.lora import fuse, linear_shapes, read_lora, updates_for
+
+    plain = generate(models, [PROMPT], [5], progress=False)[0]
+    with_lora = load_models(folder, loras=[f"{lora_file}:0.7"])
+    assert with_lora.loras.summary()[0] | {"sha256": None} == {
+        "file": "klein-style.safetensors", "sha256": None, "format": "kohya", "scale": 0.7}  # fmt: skip
+    by_hand = load_models(folder)
+    lora = read_lora(lora_file, family="flux2")
+    fuse(by_hand.flow, updates_for(lora, "flow", linear_shapes(by_hand.flow)), 0.7)
+    image = generate(with_lora, [PROMPT], [5], progress=False)[0]
+    assert image.tobytes() == generate(by_hand, [PROMPT], [5], progress=False)[0].tobytes()
+    assert image.tobytes() != plain.tobytes()
+    unfused = load_models(folder, loras=[lora_file], lora_mode="unfused")
+    unfused.loras.set_scale(0.0)  # strength 0: the plain model's image, bit for bit
+    assert generate(unfused, [PROMPT], [5], progress=False)[0].tobytes() == plain.tobytes()
+    unfused.loras.set_scale(0.7)
+    assert generate(unfused, [PROMPT], [5], progress=False)[0].tobytes() != plain.tobytes()
+
+
+def test_cli_lora_on_flux2(folder, lora_file, tmp_path, capsys):
+    assert main(["edit", PROMPT, "--edit", "glasses:4", "--model", str(folder), "--seed", "2", "--quiet",
+                 "--lora", f"{lora_file}:0.5", "--out-dir", str(tmp_path / "e")]) == 0  # fmt: skip
+    (recorded,) = read_png_params(tmp_path / "e" / "edited.png")["loras"]
+    assert (recorded["file"], recorded["format"], recorded["scale"]) == ("klein-style.safetensors", "kohya", 0.5)
+    assert main(["sweep", PROMPT, "--edit", "glasses", "--vary", "lora_scale=0,1", "--model", str(folder), "--seed", "2", "--quiet",
+                 "--lora", str(lora_file), "--out", str(tmp_path / "s.png")]) == 0  # fmt: skip
+    capsys.readouterr()
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 
@@ -184,10 +229,11 @@ def test_one_line_refusals(folder, photo, tmp_path, capsys):
     assert (code, err) == (2, "fluxspace: error: FluxSpace's coarse edit (lambda_coarse) moves the pooled text "
                            "vector, and this model has none (FLUX.2 modulates by time and guidance only): set "
                            "lambda_coarse=0 and edit with the fine edit\n")  # fmt: skip
-    lora = FLUX_MINI_DIR.parent / "loras" / "pixel.safetensors"  # a LoRA file, read and checked first
+    lora = FLUX_MINI_DIR.parent / "loras" / "pixel.safetensors"  # flux-mini's LoRA: FLUX.1 module names
     code, err = cli(capsys, "generate", PROMPT, "--model", folder, "--lora", lora, *out)
-    assert (code, err) == (2, "fluxspace: error: LoRA files are supported for FLUX.1 only: flux_core/lora reads "
-                           "FLUX.1's module names, not FLUX.2's; run the FLUX.2 model without a LoRA\n")  # fmt: skip
+    assert (code, err) == (2, f"fluxspace: error: {lora}: double_blocks.0.img_attn.proj.lora_A.weight takes 192 input "
+                           "features; double_blocks.0.img_attn.proj of this model takes 64 (a LoRA for a model of "
+                           "another width, or with extra input channels)\n")  # fmt: skip
     code, err = cli(capsys, "generate", PROMPT, "--model", folder, "--preset", "flux-dev", *out)
     assert (code, err) == (2, f"fluxspace: error: preset 'flux-dev' is a FLUX.1 model but {folder / 'flux2-tiny.safetensors'} "
                            f"is a FLUX.2 transformer; FLUX.2 presets: {', '.join(family_presets('flux2'))}\n")  # fmt: skip

@@ -26,6 +26,7 @@ from flux_core.formats import BFL_PREFIX, FAMILIES, ConversionError
 from flux_core.inference import detect_variant
 from flux_core.loading import check_autoencoder, check_flow_model
 from flux_core.lora import LoraError, read_lora
+from flux_core.lora.files import ForeignLoraError
 from flux_core.lora.formats import detect as detect_lora
 from flux_core.presets import PRESETS
 from flux_core.runtime.fp8 import fp8_layout
@@ -157,21 +158,57 @@ def _collapse(names) -> list[str]:
     return [g["keys"] for g in group_keys({n + ".": () for n in names}, {n + ".": "" for n in names})]
 
 
+# (output / input features) of the MLP Linears a LoRA may update, per family: FLUX.1's GELU MLP of ratio 4,
+# FLUX.2's SwiGLU of ratio 3 (its first Linear gives gate and value); a single block's linear1 gives
+# q, k, v and the MLP input, its linear2 takes the attention output and the MLP's.
+MLP_PROPORTIONS = {
+    "FLUX.1": {"_mlp.0": 4, "_mlp.2": 1 / 4, "linear1": 7, "linear2": 1 / 5},
+    "FLUX.2": {"_mlp.0": 6, "_mlp.2": 1 / 3, "linear1": 9, "linear2": 1 / 4},
+}
+
+
+def _fits_proportions(lora) -> bool:
+    """No whole-module update of the LoRA has an MLP shape its family's blocks cannot have."""
+    for piece in lora.pieces:
+        target = piece.entry.target
+        if target.part != "flow" or target.rows is not None:
+            continue
+        for suffix, ratio in MLP_PROPORTIONS[lora.family.name].items():
+            if target.module.endswith(suffix) and piece.up.shape[0] != ratio * piece.down.shape[1]:
+                return False
+    return True
+
+
 def inspect_lora(path: Path, with_keys: bool = False) -> dict:
-    """What `flux-weights inspect` reports of a LoRA file: format, ranks, alphas, the modules it updates."""
+    """What `flux-weights inspect` reports of a LoRA file: format, ranks, alphas, the modules it updates, and
+    the model family (FLUX.1, FLUX.2) whose module names and MLP proportions it fits (a LoRA on attention
+    Linears only, on official names, fits both)."""
     shapes, dtypes, metadata = read_header(path)
     report = {
         "path": str(path), "files": [str(path)], "size_bytes": path.stat().st_size, "model": "lora",
         "num_tensors": len(shapes), "num_params": num_params(shapes),
-        "dtypes": dict(sorted(Counter(dtypes.values()).items())), "format": detect_lora(shapes),
+        "dtypes": dict(sorted(Counter(dtypes.values()).items())), "format": detect_lora(shapes), "families": [],
         "ranks": [], "alphas": [], "strengths": [], "entries": 0, "targets": {}, "problem": None, "metadata": metadata,
     }  # fmt: skip
-    try:
-        lora = read_lora(path)
-    except LoraError as e:
-        report["problem"] = str(e)
+    read, problems = [], {}
+    for family in FAMILIES:
+        try:
+            lora = read_lora(path, family)
+        except LoraError as e:
+            problems[FAMILIES[family]] = e
+        else:
+            read.append(lora)
+    read = [lora for lora in read if _fits_proportions(lora)] or read
+    if not read:  # the problem of the family whose names the file has, else each family's
+        said = {name: str(e) for name, e in problems.items() if not isinstance(e, ForeignLoraError)}
+        said = said or {name: str(e) for name, e in problems.items()}
+        distinct = set(said.values())
+        report["problem"] = distinct.pop() if len(distinct) == 1 else "; ".join(f"as a {n} LoRA: {e}" for n, e in said.items())
     else:
-        report["ranks"], report["alphas"], report["entries"] = lora.ranks(), lora.alphas(), len(lora.pieces)
+        lora = read[0]
+        report["families"] = [r.family.name for r in read]
+        report["format"], report["ranks"], report["alphas"] = lora.format, lora.ranks(), lora.alphas()
+        report["entries"] = len(lora.pieces)
         report["strengths"] = sorted({p.alpha / p.rank if p.alpha is not None else 1.0 for p in lora.pieces})
         report["targets"] = {part: [n.removesuffix(".") for n in _collapse(lora.targets(part))] for part in lora.parts}
     if with_keys:
@@ -185,6 +222,8 @@ def format_lora_report(report: dict) -> str:
         f"path      {report['path']} ({_human_bytes(report['size_bytes'])})",
         f"LoRA      {report['format']} format, {report['entries']} low-rank pairs, {report['num_tensors']} tensors, "
         + ", ".join(f"{d} x{n}" for d, n in report["dtypes"].items()),
+        "model     " + (" or ".join(report["families"]) or "-")
+        + (" (it updates modules both have, of the same shapes)" if len(report["families"]) > 1 else ""),
         "rank      " + (", ".join(map(str, report["ranks"])) or "-"),
         "alpha     " + (", ".join(f"{a:g}" for a in report["alphas"]) or "none (strength 1 per pair)"),
         "alpha/r   " + (", ".join(f"{a:g}" for a in report["strengths"]) or "-"),

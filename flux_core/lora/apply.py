@@ -35,13 +35,6 @@ from torch import Tensor, nn
 from ..flux2.model import Flux2
 from ..runtime.fp8 import Fp8Linear, quantize
 
-# flux_core/lora no longer raises this (FLUX.2 LoRA files are read: formats.FLUX2); the text stays for
-# fluxspace/flux2.py, which refuses LoRAs on its FLUX.2 pipeline until it passes family="flux2".
-FLUX2_REFUSAL = (
-    "LoRA files are supported for FLUX.1 only: flux_core/lora reads FLUX.1's module names, not FLUX.2's; "
-    "run the FLUX.2 model without a LoRA"
-)
-
 
 def family_of(model: nn.Module) -> str:
     """The family name (formats.FAMILIES) to read LoRA files with for this transformer: "flux2" or "flux1"."""

@@ -53,6 +53,10 @@ class LoraError(CheckpointError):
     """A LoRA file that cannot be applied to this model; the message says which keys and why."""
 
 
+class ForeignLoraError(LoraError):
+    """A LoRA file whose format or module names are not the family's (another family's, or another model's)."""
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -130,7 +134,7 @@ def read_lora(path: str | os.PathLike, family: str | Family = "flux1") -> LoraFi
             ".lora_up.weight + .alpha" + (", or XLabs .processor.*.down.weight / .up.weight)" if "xlabs" in family.formats else ")")
         )
     if fmt not in family.formats:
-        raise LoraError(f"{path}: a {fmt} LoRA; {family.name} LoRA files are read in the {', '.join(family.formats)} "
+        raise ForeignLoraError(f"{path}: a {fmt} LoRA; {family.name} LoRA files are read in the {', '.join(family.formats)} "
                         f"formats only ({fmt} files exist for FLUX.1)")  # fmt: skip
     entries, left = parse(shapes, fmt, family)
     unknown = [e.name for e in entries if e.target is None]
@@ -138,7 +142,7 @@ def read_lora(path: str | os.PathLike, family: str | Family = "flux1") -> LoraFi
         foreign = _foreign(unknown)
         hint = f" (these are {foreign} module names)" if foreign else ""
         scope = "and of CLIP / T5" if family.text_encoders else "only (text-encoder LoRAs are not supported)"
-        raise LoraError(
+        raise ForeignLoraError(
             f"{path}: {fmt} LoRA for modules {family.name} does not have{hint}: {_listing(unknown)}; "
             f"a {family.name} LoRA updates the Linears of the transformer (official or diffusers names) {scope}"
         )
