@@ -1,4 +1,4 @@
-"""Memory of loading a transformer checkpoint with flux_core.load_flow_model.
+"""Memory of loading a transformer checkpoint with flux_core.load_flow_model (FLUX.2: load_flux2_model).
 
 Writes a random checkpoint in the official layout (weights_tools.random_weights, tensor by tensor)
 to a temporary folder, then loads it once per target dtype, each time in a fresh subprocess, and
@@ -7,6 +7,7 @@ takes about one model in the target dtype (no float32 copy of a bf16 model, no s
 
     python benchmarks/load_memory.py --preset flux-dev --depth 2 --depth-single 4     # CPU-sized
     python benchmarks/load_memory.py --preset flux-dev --device cuda                  # the 12B file
+    python benchmarks/load_memory.py --preset flux2-klein-4b                          # FLUX.2 [klein] 4B, whole
 
 What the worker reports (all relative to its own state after the imports):
 - peak RSS: VmHWM of /proc/self/status after the load minus VmRSS before it; the high-water mark
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import machine_info, reset_rss_peak, write_json  # noqa: E402  (the shared harness)
 
 from flux_core.files import DTYPES as ALL_DTYPES  # noqa: E402
+from flux_core.flux2.loading import load_flux2_model  # noqa: E402
 from flux_core.loading import load_flow_model  # noqa: E402
 from flux_core.presets import PRESETS, get_preset  # noqa: E402
 
@@ -166,7 +168,8 @@ def run_worker(args) -> dict:
         sampler = PeakSampler()
         sampler.start()
         t0 = time.perf_counter()
-        model = load_flow_model(args.checkpoint, device=args.device, dtype=dtype)
+        load = load_flux2_model if get_preset(args.preset).family == "flux2" else load_flow_model
+        model = load(args.checkpoint, device=args.device, dtype=dtype)
         if args.device == "cuda":
             torch.cuda.synchronize()
         result["load_s"] = time.perf_counter() - t0

@@ -248,6 +248,48 @@ def test_real_image_edit_and_its_refusals(models, outputs, render_png, tmp_path)
             assert h.describe(e.value) == message
 
 
+@pytest.fixture(scope="module")
+def flux2_models(tmp_path_factory):
+    """The tiny-flux2 set `flux-weights random` writes (random FLUX.2 transformer, autoencoder, Qwen3)."""
+    from fluxspace import load_models
+    from weights_tools.cli import main as weights_main
+
+    folder = tmp_path_factory.mktemp("tiny-flux2")
+    assert weights_main(["random", "--preset", "tiny-flux2", "--out", str(folder), "--dtype", "float32"]) == 0
+    return load_models(folder)
+
+
+def test_the_editor_on_flux2(flux2_models, outputs, tmp_path):
+    """The generated-image tab and the strip work on FLUX.2 as on FLUX.1 (same pixels as the CLI); what
+    FLUX.2 lacks (the coarse edit's pooled vector, inversion) is refused in the page's one line."""
+    m = flux2_models
+    kw = dict(width=64, height=48, steps=2)
+    r = h.render_edit(m, outputs, sample(**kw), edit(h.ConceptRow("glasses", 4.0)))
+    assert [p.name for p in r.files] == ["original.png", "edited.png", "side_by_side.png", "mask-glasses.png"]
+    assert not np.array_equal(pixels(r.original), pixels(r.edited)) and Image.open(r.edited).size == (64, 48)
+    params = read_png_params(r.edited)
+    assert params["preset"] == "tiny-flux2" and params["edit"]["concepts"][0]["lambda_fine"] == 4.0
+    main(["edit", "a smiling woman", "--edit", "glasses:4", "--seed", "3", "--width", "64", "--height", "48",
+          "--steps", "2", "--quiet", "--model", str(m.paths.transformer), "--out-dir", str(tmp_path / "cli")])  # fmt: skip
+    assert np.array_equal(pixels(tmp_path / "cli" / "edited.png"), pixels(r.edited))
+    strip = h.render_strip(m, outputs, sample(**kw), edit(), 0.0, 4.0, 2)
+    assert read_png_params(strip.strip)["vary"] == {"lambda_fine": [0.0, 4.0]}
+    with pytest.raises(ValueError) as e:
+        h.render_edit(m, outputs, sample(**kw), edit(lambda_coarse=0.5))
+    assert h.describe(e.value) == (
+        "FluxSpace's coarse edit (lambda_coarse) moves the pooled text vector, and this model has none (FLUX.2 "
+        "modulates by time and guidance only): set lambda_coarse=0 and edit with the fine edit"
+    )
+    real = h.RealControls(str(r.original))
+    for run in (h.render_inversion, lambda mm, o, s, c: h.render_real_edit(mm, o, s, edit(), c)):
+        with pytest.raises(ValueError) as e:
+            run(m, outputs, sample(**kw), real)
+        assert h.describe(e.value) == (
+            "inverting a real image runs on FLUX.1 models only; FLUX.2 takes an image as a reference image "
+            "(--image on generate, edit and sweep; image= in Python) instead"
+        )
+
+
 def test_outputs_keep_the_latest_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(h, "KEPT_RENDERS", 2)
     o = h.Outputs(tmp_path / "o")

@@ -254,6 +254,12 @@ def test_fluxspace_edit_on_kontext_needs_no_inversion(kontext, photo):
     z = edit_image(kontext, "add glasses", zero, seed=1, settings=SampleSettings(steps=2), progress=False, image=photo)
     assert np.array_equal(np.asarray(z.original), np.asarray(z.edited)) and np.array_equal(
         np.asarray(z.original), np.asarray(r.original))  # fmt: skip
+    from fluxspace.inversion import InversionSettings
+
+    with pytest.raises(ValueError) as e:  # inversion settings have nothing to set on a conditioning model
+        edit_image(kontext, "add glasses", spec, seed=1, progress=False, image=photo, inversion=InversionSettings())
+    assert str(e.value) == ("tiny-kontext edits image= by the instruction, without inversion; inversion= is for real "
+                            "images on text-to-image models")  # fmt: skip
 
 
 def test_kontext_refusals(kontext, models, photo):
