@@ -16,75 +16,26 @@ import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from einops import rearrange
-from transformers import (
-    Mistral3Config,
-    Mistral3ForConditionalGeneration,
-    MistralConfig,
-    PixtralVisionConfig,
-    PreTrainedTokenizerFast,
-    ProcessorMixin,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import Mistral3ForConditionalGeneration, ProcessorMixin, Qwen3ForCausalLM
 
 from flux_core.files import CheckpointError
 from flux_core.flux2.conditioner import SPECS, SYSTEM_MESSAGE, load_text_encoder
 from flux_core.flux2.sampling import prepare, txt_ids
-from weights_tools.text_encoders import BUILTIN_CORPUS, QWEN3_SPECIALS, QWEN3_TEMPLATE, train_byte_bpe
+from weights_tools.text_encoders import MISTRAL_TEMPLATE, write_random_mistral3, write_random_qwen3
 
 PROMPTS = ["a portrait of a smiling woman with glasses", "A red car parked near the sea at sunset [IMG]"]
-MISTRAL_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}"
-    "[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{{ m['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}"
-)
-
-
-def byte_bpe(specials):
-    return train_byte_bpe(specials, [*BUILTIN_CORPUS, SYSTEM_MESSAGE])
-
-
-def llm_config(cls, vocab: int, layers: int, **extra):
-    return cls(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-               num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, **extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def dev_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("flux2") / "dev"
-    specials = [
-        "<unk>",
-        "<s>",
-        "</s>",
-        "<pad>",
-        "[INST]",
-        "[/INST]",
-        "[SYSTEM_PROMPT]",
-        "[/SYSTEM_PROMPT]",
-        "[IMG]",
-    ]
-    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(specials), bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", chat_template=MISTRAL_TEMPLATE)  # fmt: skip
-    tok.save_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    text = llm_config(MistralConfig, len(tok), 30)
-    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=32, patch_size=4, head_dim=8)  # fmt: skip
-    config = Mistral3Config(
-        text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]")
-    )
-    Mistral3ForConditionalGeneration(config).save_pretrained(folder / "text_encoder")
-    return folder
+    """A tiny random Mistral3ForConditionalGeneration (text width 16, 30 layers) and its tokenizer."""
+    return write_random_mistral3(tmp_path_factory.mktemp("flux2") / "dev", hidden=16, layers=30, seed=0)
 
 
 @pytest.fixture(scope="module")
 def klein_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("flux2") / "klein"
-    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(QWEN3_SPECIALS), eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  chat_template=QWEN3_TEMPLATE)  # fmt: skip
-    tok.save_pretrained(folder / "tokenizer")
-    torch.manual_seed(1)
-    Qwen3ForCausalLM(llm_config(Qwen3Config, len(tok), 27)).save_pretrained(folder / "text_encoder")
-    return folder
+    """A tiny random Qwen3 (width 16, 27 layers) and its tokenizer."""
+    return write_random_qwen3(tmp_path_factory.mktemp("flux2") / "klein", hidden=16, layers=27, seed=1)
 
 
 class TextOnlyProcessor(ProcessorMixin):

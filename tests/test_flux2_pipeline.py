@@ -81,6 +81,27 @@ def test_klein_presets_are_read_from_sizes_and_diffusers_index(tmp_path):
             (tmp_path / "model_index.json").unlink()
 
 
+def test_the_dev_text_path_end_to_end(tmp_path, capsys):
+    """tiny-flux2-dev: [dev]'s Mistral3 text encoder (system message, layers 10/20/30) written by
+    flux-weights random, loaded by the pipeline, its keyword masks found inside the chat."""
+    from flux_core.flux2.conditioner import SPECS, load_text_encoder
+
+    folder = tmp_path / "dev"
+    assert weights_main(["random", "--preset", "tiny-flux2-dev", "--out", str(folder), "--dtype", "float32"]) == 0
+    models = load_models(folder)
+    assert models.preset.name == "tiny-flux2-dev" and models.params.guidance_embed
+    assert type(models.text.model).__name__ == "MistralModel"  # Mistral3's language model (no vision tower)
+    assert models.text.spec == SPECS["dev"] and models.text.spec.system_message is not None
+    assert torch.equal(models.text([PROMPT]), load_text_encoder(folder, "dev", dtype=torch.float32)([PROMPT]))
+    spec = EditSpec(concepts=(Concept("red hair", lambda_fine=4.0, tau_m=0.5),))
+    r = edit_image(models, PROMPT, spec, seed=5, progress=False)
+    assert r.original.tobytes() == generate(models, [PROMPT], [5], progress=False)[0].tobytes()
+    assert r.edited.tobytes() != r.original.tobytes() and 0 < r.masks[0].mean() < 1
+    assert main(["generate", PROMPT, "--model", str(folder), "--seed", "2", "--quiet", "--out", str(tmp_path / "g.png")]) == 0
+    assert read_png_params(tmp_path / "g.png")["preset"] == "tiny-flux2-dev"
+    capsys.readouterr()
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 

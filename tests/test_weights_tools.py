@@ -401,3 +401,13 @@ def test_corrupt_header(tmp_path, capsys):
 def test_missing_path(tmp_path, capsys):
     path = tmp_path / "nope.safetensors"
     assert run(capsys, "inspect", path) == (2, "", f"error: no such weight file or folder: {path}\n")
+
+
+def test_inspect_a_set_folder_reports_each_file(ckpt):
+    """A folder of single files without an index json (the official repositories' roots, our random sets)
+    is one report per file, not the shards of one model."""
+    from weights_tools.inspect import inspect_path
+
+    reports = inspect_path(ckpt)
+    assert [(Path(r["path"]).name, r["model"], r["problem"]) for r in reports] == [
+        ("ae.safetensors", "ae", None), ("flux1-tiny.safetensors", "transformer", None)]  # fmt: skip

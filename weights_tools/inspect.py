@@ -250,14 +250,18 @@ def _problem_metadata_keys(report: dict) -> list[str]:
 
 def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | None = None) -> list[dict]:
     """One report per model: a file or shard folder gives one, a diffusers pipeline folder one per component,
-    a LoRA file its own report (inspect_lora)."""
+    a folder of single files (no index json) one per file, a LoRA file its own report (inspect_lora)."""
     path = Path(path)
     if path.is_file() and model is None and detect_lora(read_header(path)[0]) is not None:
         return [inspect_lora(path, with_keys)]
-    if path.is_dir() and not shard_files(path) and model is None:
-        components = component_folders(path)
-        if components:
-            return [inspect_weights(open_weights(path, m), with_keys) for m in components]
+    if path.is_dir() and model is None:
+        files = shard_files(path)
+        if not files and component_folders(path):
+            return [inspect_weights(open_weights(path, m), with_keys) for m in component_folders(path)]
+        if len(files) > 1 and not any(path.glob("*.safetensors.index.json")):
+            # no index: separate files side by side (the official repositories' roots, our sets: the
+            # transformer and ae.safetensors), not the shards of one model
+            return [report for file in files for report in inspect_path(file, with_keys)]
     return [inspect_weights(open_weights(path, model), with_keys)]
 
 

@@ -10,11 +10,12 @@ FLUX.1 presets:
 FLUX.2 presets:
     DIR/flux2-<name>.safetensors   the transformer, <name> = preset name without "flux2-" / "-flux2"
                                    (flux2-dev -> flux2-dev.safetensors, as the official file; tiny-flux2 ->
-                                   flux2-tiny.safetensors)
+                                   flux2-tiny.safetensors, tiny-flux2-dev -> flux2-tiny-dev.safetensors)
     DIR/ae.safetensors             the FLUX.2 autoencoder, float32 (BatchNorm statistics: mean ~0, var ~1)
-    DIR/text_encoder/, tokenizer/  a tiny random Qwen3 in [klein]'s slot, for small klein-text presets
-                                   (tiny-flux2; weights_tools.text_encoders.write_random_qwen3); none for
-                                   the full-size presets (their LLMs are 4-24B)
+    DIR/text_encoder/, tokenizer/  for small presets, a tiny random LLM in the preset's text slot: Qwen3
+                                   for [klein] text (tiny-flux2; text_encoders.write_random_qwen3),
+                                   Mistral3 for [dev] text (tiny-flux2-dev; write_random_mistral3); none
+                                   for the full-size presets (their LLMs are 4-24B)
 
 Keys and shapes are those of the preset's meta-device model; the metadata records what no tensor
 shape says (RoPE axes and theta, the AE's scale/shift, the preset name; see flux_core.loading), so
@@ -127,7 +128,7 @@ def transformer_filename(preset: AnyPreset, depth: int | None, depth_single: int
     if preset.family == "flux1":
         name, prefix = preset.name.removeprefix("flux-"), "flux1"
     else:
-        name, prefix = preset.name.removeprefix("flux2-").removesuffix("-flux2"), "flux2"
+        name, prefix = preset.name.removeprefix("flux2-").replace("-flux2", ""), "flux2"  # tiny-flux2-dev: tiny-dev
     if depth is not None or depth_single is not None:
         name += f"-d{preset.params.depth if depth is None else depth}"
         name += f"s{preset.params.depth_single_blocks if depth_single is None else depth_single}"
@@ -188,7 +189,7 @@ def write_random_checkpoint(
         )
     flux_path = out / transformer_filename(p, depth, depth_single)
     ae_path = out / "ae.safetensors"
-    small = n_flow <= SMALL_PRESET_PARAMS and (p.family == "flux1" or p.text_encoder == "klein")
+    small = n_flow <= SMALL_PRESET_PARAMS
     with_text = not transformer_only and small
     text_folders = TEXT_ENCODER_FOLDERS if p.family == "flux1" else tuple(FLUX2_TEXT_LAYOUT)
     # Check every target before writing anything, so a refusal leaves the folder as it was.
@@ -214,13 +215,13 @@ def write_random_checkpoint(
         ae_path, meta_shapes(ae), seed, torch.float32, ae_meta, force, integers=integer_dtypes(ae)
     )
     if with_text and p.family == "flux2":
-        # A tiny random Qwen3 in klein's slot: context_in_dim = (layers read) x its width.
-        from .text_encoders import install_folders, write_random_qwen3
+        # A tiny random LLM in the preset's slot (klein: Qwen3, dev: Mistral3): context_in_dim = (layers
+        # read) x its width.
+        from .text_encoders import install_folders, write_random_mistral3, write_random_qwen3
 
         layers = get_spec(p.text_encoder).output_layers
-        build = partial(
-            write_random_qwen3, hidden=p.params.context_in_dim // len(layers), layers=max(layers), seed=seed
-        )
+        writer = write_random_qwen3 if p.text_encoder == "klein" else write_random_mistral3
+        build = partial(writer, hidden=p.params.context_in_dim // len(layers), layers=max(layers), seed=seed)
         result.text_encoders = install_folders(out, text_folders, build, overwrite=force)
         result.text_folders = text_folders
     elif with_text:
@@ -236,9 +237,6 @@ def write_random_checkpoint(
             seed=seed,
         )
         result.text_folders = text_folders
-    elif p.family == "flux2":
-        result.notes.append(f"no text encoders for {p.name} (FLUX.2 text encoders are written for small klein-type "
-                            "presets only)")  # fmt: skip
     else:
         result.notes.append(
             f"no text encoders for {p.name} (only for presets up to {SMALL_PRESET_PARAMS:,} parameters)"

@@ -12,6 +12,9 @@ FLUX.2 [klein] (`write_random_qwen3`, for tiny FLUX.2 presets):
     folder/tokenizer/       a byte-level BPE with Qwen3's chat tokens and a chat template of Qwen3's form
 
 `flux_core.flux2.conditioner.load_text_encoder(folder, "klein")` loads it as it loads FLUX.2-klein-4B's.
+FLUX.2 [dev] (`write_random_mistral3`): the same two folders with a tiny random
+Mistral3ForConditionalGeneration (the official class: a Mistral text model and a Pixtral vision
+tower, unused for text) and Mistral's instruction tokens ([INST], [SYSTEM_PROMPT], [IMG]).
 Tests use `write_random_text_encoders` (seeded random weights, tiny widths); a small trained model
 reuses the two tokenizer trainers on its own caption corpus.
 
@@ -37,6 +40,10 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -397,7 +404,7 @@ def install_text_encoders(out: str | os.PathLike, overwrite: bool = False, **kwa
 
 
 # ---------------------------------------------------------------------------------------------------
-# FLUX.2 [klein]: a tiny random Qwen3
+# FLUX.2: a tiny random Qwen3 ([klein]) or Mistral3 ([dev])
 
 # Qwen3's chat tokens and a template of the form of Qwen3's (user turn; the assistant turn opened with
 # an empty think block when enable_thinking is false), enough for Flux2TextEncoder's chat.
@@ -422,22 +429,29 @@ def train_byte_bpe(
     return tok
 
 
-def write_random_qwen3(folder: str | os.PathLike, hidden: int, layers: int, seed: int = 0,
-                       overwrite: bool = False) -> Path:  # fmt: skip
-    """A FLUX.2 [klein] text-encoder folder (text_encoder/, tokenizer/) with a seeded random Qwen3 of
-    `layers` layers of width `hidden`; same arguments -> identical files. A FLUX.2 transformer reading
-    layers (a, b, c) takes 3 x hidden features a token and needs layers >= c."""
-    folder = Path(folder)
+# Mistral's instruction tokens and a chat template of the form of Mistral-Small-3.x's (system prompt,
+# user turn; the content as a list of typed parts, as the official format_input writes it).
+MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]")
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}"
+    "[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{{ m['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def tiny_llm_config(config_class, vocab: int, hidden: int, layers: int, **extra):
+    """A tiny decoder config: 2 heads of hidden / 2 (1 key-value head), MLP 2 x hidden, 1024 positions."""
+    return config_class(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                        max_position_embeddings=1024, **extra)  # fmt: skip
+
+
+def _write_llm(folder: Path, tok, build, seed: int, overwrite: bool) -> Path:
+    """tokenizer/ and text_encoder/ (the model `build()` makes, seeded) into `folder`, atomically."""
     with atomic_folder(folder, overwrite) as tmp:
-        tok = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(QWEN3_SPECIALS), eos_token="<|im_end|>",
-                                      pad_token="<|endoftext|>", chat_template=QWEN3_TEMPLATE)  # fmt: skip
         tok.save_pretrained(tmp / "tokenizer")
-        config = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
-                             max_position_embeddings=1024)  # fmt: skip
         with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
             torch.manual_seed(seed)
-            model = Qwen3ForCausalLM(config)
+            model = build()
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a writer says what it wrote, once (flux-weights random)
         try:
@@ -446,3 +460,31 @@ def write_random_qwen3(folder: str | os.PathLike, hidden: int, layers: int, seed
             if bars:
                 hf_logging.enable_progress_bar()
     return folder
+
+
+def write_random_qwen3(folder: str | os.PathLike, hidden: int, layers: int, seed: int = 0,
+                       overwrite: bool = False) -> Path:  # fmt: skip
+    """A FLUX.2 [klein] text-encoder folder (text_encoder/, tokenizer/) with a seeded random Qwen3 of
+    `layers` layers of width `hidden`; same arguments -> identical files. A FLUX.2 transformer reading
+    layers (a, b, c) takes 3 x hidden features a token and needs layers >= c."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(QWEN3_SPECIALS), eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", chat_template=QWEN3_TEMPLATE)  # fmt: skip
+    config = tiny_llm_config(Qwen3Config, len(tok), hidden, layers)
+    return _write_llm(Path(folder), tok, lambda: Qwen3ForCausalLM(config), seed, overwrite)
+
+
+def write_random_mistral3(folder: str | os.PathLike, hidden: int, layers: int, seed: int = 0,
+                          overwrite: bool = False) -> Path:  # fmt: skip
+    """A FLUX.2 [dev] text-encoder folder (text_encoder/, tokenizer/) with a seeded random
+    Mistral3ForConditionalGeneration whose text model has `layers` layers of width `hidden` (and a
+    one-layer Pixtral vision tower the text path never runs); same arguments -> identical files."""
+    from flux_core.flux2.conditioner import SYSTEM_MESSAGE
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(MISTRAL_SPECIALS, [*BUILTIN_CORPUS, SYSTEM_MESSAGE]),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                  chat_template=MISTRAL_TEMPLATE)  # fmt: skip
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=4, head_dim=8)  # fmt: skip
+    config = Mistral3Config(text_config=tiny_llm_config(MistralConfig, len(tok), hidden, layers),
+                            vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]"))  # fmt: skip
+    return _write_llm(Path(folder), tok, lambda: Mistral3ForConditionalGeneration(config), seed, overwrite)
