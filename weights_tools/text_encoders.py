@@ -423,8 +423,9 @@ def train_byte_bpe(
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # show_progress=False: the trainer's progress lines go straight to the process's stdout (blank lines off a TTY)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
     tok.train_from_iterator(list(corpus), trainer)
     return tok
 
