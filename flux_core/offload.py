@@ -19,7 +19,9 @@ self.double_blocks`; `StreamedBlocks` is an nn.ModuleList holding the same block
 state_dict, the keys and the edit seam are unchanged) whose iteration brings each group in before
 its first block is handed out. Iterating is the one thing the forward does with the list, so the
 model file stays as it is and nothing is registered on any module. Indexing (`blocks[i]`) does not
-stream: code that calls a block by index outside a streamed forward must bring it in itself.
+stream: code that calls a block by index outside a streamed forward must bring it in itself. A slice
+of the whole list is the list (transformers' decoders iterate `self.layers[: num_hidden_layers]`);
+a slice of part of it is refused.
 """
 
 from collections import Counter
@@ -194,6 +196,15 @@ class StreamedBlocks(nn.ModuleList):
     def __init__(self, blocks: nn.ModuleList, streamer: BlockStreamer, first: int = 0):
         super().__init__(blocks)
         self.streamer, self.first = streamer, first
+
+    def __getitem__(self, idx):
+        """An index gives the block (not streamed); a slice of the whole list gives the list itself, so
+        that a decoder iterating `self.layers[: config.num_hidden_layers]` (transformers' LLMs) streams."""
+        if isinstance(idx, slice):
+            if range(len(self))[idx] != range(len(self)):
+                raise ValueError(f"a streamed block list streams whole passes; the slice {idx} takes part of it")
+            return self
+        return super().__getitem__(idx)
 
     def __iter__(self) -> Iterator[nn.Module]:
         size = self.streamer.group_size

@@ -56,7 +56,7 @@ from .models import (
     resolve_preset,
     text_length,
 )
-from .resources import check_fits, footprint, part_weights
+from .resources import check_fits, footprint, part_weights, text_layer_weights
 from .run import generate
 from .runtime import Residency, resident_weights
 from .settings import SampleSettings
@@ -195,7 +195,8 @@ def choose_model(args, unfused_loras: bool = False) -> Chosen:
     family = family_loaders(preset)
     files = open_weights(paths.transformer, "transformer")
     flux, ae = family.check_model(files, None), family.check_ae(open_weights(paths.ae, "ae"))
-    n_weights = resident_weights(part_weights(paths), flux, residency, device)
+    n_weights = resident_weights(part_weights(paths), flux, residency, device,
+                                 text_layer_weights(paths, preset.family))
     n_fp8 = quantized_count(files) if args.weights == "fp8" else 0
     loras = loras_from(args, preset.family, unfused_loras)
     family.check_loras(loras, files)

@@ -356,7 +356,7 @@ def load_models(
         valid = ", ".join(str(d).removeprefix("torch.") for d in VALID_DTYPES)
         raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported: the text encoders (T5 "
                          f"overflows in float16) take {valid}")  # fmt: skip
-    from .resources import Footprint, check_fits, part_weights, weight_bytes
+    from .resources import Footprint, check_fits, part_weights, text_layer_weights, weight_bytes
 
     files = open_weights(paths.transformer, "transformer")
     given = chosen if preset else None  # no preset given: the shape is read from the file (pruned files load)
@@ -365,7 +365,8 @@ def load_models(
     family.check_text(paths.text_encoders, chosen, params)
     loras = loras if isinstance(loras, Loras) else Loras(loras, lora_mode, chosen.family)
     family.check_loras(loras, files)
-    resident = resident_weights(part_weights(paths), params, residency, device)
+    resident = resident_weights(part_weights(paths), params, residency, device,
+                                text_layer_weights(paths, chosen.family))
     n_fp8 = min(quantized_count(files), resident) if weights == "fp8" else 0
     check_fits(Footprint(weight_bytes(resident, n_fp8, dtype), 0, 0, 0), device, "loading the model")
 

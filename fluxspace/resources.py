@@ -16,6 +16,7 @@ fail on a device shared with other work, and then torch's own out-of-memory erro
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,28 @@ def part_weights(paths) -> dict[str, int]:
         for file in sorted((Path(paths.text_encoders) / folder).glob("*.safetensors")):
             counts["text"] += sum(math.prod(s) for s in read_header(file)[0].values())
     return counts
+
+
+# The text encoder's layers that offload "blocks" streams (runtime._streamed_lists), by folder and key:
+# T5's encoder blocks (FLUX.1: text_encoder_2/), the decoder layers of FLUX.2's LLM (text_encoder/;
+# Mistral3's vision tower, which never runs for text, has layers too and is not counted here).
+STREAMED_TEXT_LAYERS = (
+    ("text_encoder_2", re.compile(r"^encoder\.block\.(\d+)\.")),
+    ("text_encoder", re.compile(r"^(?!.*vision).*\blayers\.(\d+)\.")),
+)
+
+
+def text_layer_weights(paths, family: str) -> list[int]:
+    """Parameters of each streamed layer of the text encoder in `paths` (FLUX.1: T5's blocks; FLUX.2: the
+    LLM's decoder layers), from the headers; [] where there are none."""
+    folder, pattern = STREAMED_TEXT_LAYERS[0 if family == "flux1" else 1]
+    layers: dict[int, int] = {}
+    for file in sorted((Path(paths.text_encoders) / folder).glob("*.safetensors")):
+        for key, shape in read_header(file)[0].items():
+            found = pattern.match(key)
+            if found:
+                layers[int(found.group(1))] = layers.get(int(found.group(1)), 0) + math.prod(shape)
+    return [layers[k] for k in sorted(layers)]
 
 
 def weight_bytes(n_weights: int, n_fp8: int, dtype: torch.dtype) -> int:

@@ -8,7 +8,7 @@ so at most one part needs the device at a time. A `Residency` says what to do wi
     offload "none"    every part stays on its device (the default: fastest, needs the most memory)
             "model"   parts live in host memory (pinned for CUDA); the part that runs is copied to its
                       device and the one that ran before is sent back
-            "blocks"  as "model", and the transformer's blocks (and T5's) are streamed to the device
+            "blocks"  as "model", and the transformer's blocks (and T5's, or the FLUX.2 LLM's layers) are streamed to the device
                       in groups while they run (flux_core/offload.py); CUDA only
     text_device       where T5 and CLIP run (default: the model's device); "cpu" keeps them off the GPU
     staged            load each part when it is first used and free it when another part is used, so
@@ -86,20 +86,23 @@ def check_text_device(text: str) -> torch.device:
 
 def _streamed_lists(part: str, module: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
     """(owner, attribute names) of the block lists that "blocks" streams: the transformer's two
-    lists, and T5's encoder blocks (transformers' T5Stack iterates `self.block`, as Flux.forward does)."""
+    lists, T5's encoder blocks (transformers' T5Stack iterates `self.block`, as Flux.forward does) and
+    the decoder layers of FLUX.2's LLM (`model.layers`, iterated as `layers[: num_hidden_layers]`)."""
     if part == "flow":
         return [(module, FLOW_BLOCK_LISTS)]
-    if part == "text":  # FLUX.2's LLM moves whole: transformers slices its `layers`, which a streamed list refuses
-        return [(module.t5.encoder, ("block",))] if hasattr(module, "t5") else []
+    if part == "text":
+        return [(module.t5.encoder, ("block",))] if hasattr(module, "t5") else [(module.model, ("layers",))]
     return []
 
 
-def resident_weights(counts: dict[str, int], params, residency: Residency, device: str | torch.device) -> int:
-    """Parameters on `device` at the peak, under `residency` (counts: resources.part_weights).
+def resident_weights(counts: dict[str, int], params, residency: Residency, device: str | torch.device,
+                     text_layers: list[int] = ()) -> int:  # fmt: skip
+    """Parameters on `device` at the peak, under `residency` (counts: resources.part_weights; text_layers:
+    resources.text_layer_weights, the text encoder's streamed layers).
 
     Without staging, or offload to a host that is not the device, every part sits there (the text
-    encoders only if they run there); otherwise one part at a time, and under "blocks" the transformer's blocks only two groups at a
-    time (the largest blocks counted, from a meta-device model)."""
+    encoders only if they run there); otherwise one part at a time, and under "blocks" the transformer's
+    blocks and the text encoder's layers only two groups at a time (the largest counted)."""
     device = torch.device(device)
     on_device = {p: n for p, n in counts.items() if residency.device_of(p, device) == device}
     # Offloading to host memory saves nothing when the host is the device.
@@ -116,6 +119,9 @@ def resident_weights(counts: dict[str, int], params, residency: Residency, devic
         in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
         n = min(len(blocks), 2 * residency.block_group)
         on_device["flow"] = on_device["flow"] - in_blocks + n * largest
+    if residency.offload == "blocks" and "text" in on_device and text_layers:
+        n = min(len(text_layers), 2 * residency.block_group)
+        on_device["text"] = on_device["text"] - sum(text_layers) + n * max(text_layers)
     return max(on_device.values(), default=0)
 
 

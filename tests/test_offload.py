@@ -264,3 +264,35 @@ def test_cli_records_offload_and_gives_the_same_image(tiny_checkpoint, tmp_path)
     out = tmp_path / "edit"
     assert main(["edit", "a man", "--edit", "glasses", "--offload", "model", "--out-dir", str(out), *small]) == 0
     assert read_png_params(out / "edited.png")["offload"] == "model"
+
+
+def test_flux2_llm_layers_stream_under_blocks(tmp_path):
+    """FLUX.2's LLM (transformers' decoder iterates `layers[: num_hidden_layers]`, a slice of the whole
+    list) streams its layers like T5's blocks: the same text features, two groups on the device at most,
+    and the memory estimate counts two groups of layers, not the whole LLM."""
+    from fluxspace.models import resolve_paths
+    from fluxspace.resources import part_weights, text_layer_weights
+    from fluxspace.runtime import resident_weights
+    from weights_tools.cli import main as weights_main
+
+    assert weights_main(["random", "--preset", "tiny-flux2", "--out", str(tmp_path), "--dtype", "float32"]) == 0
+    plain = load_models(tmp_path)
+    streamed = load_models(tmp_path, residency=Residency(offload="blocks", block_group=4, cpu_streaming=True))
+    prompts = ["a portrait of a woman with red hair", "a cat"]
+    assert torch.equal(streamed.text(prompts), plain.text(prompts))
+    layers = streamed.text.model.layers
+    assert isinstance(layers, StreamedBlocks) and len(layers) == 27
+    moves = streamed.runtime.mover.moves
+    assert [moves[(f"text.blocks.{g}", "in")] for g in range(7)] == [2, 1, 1, 1, 1, 1, 1]  # 27 layers, 4 a group
+    assert streamed.runtime.streamers["text"][0].resident <= {0, 6}  # after the pass: the last group, 0 prefetched
+    with pytest.raises(ValueError, match=r"streams whole passes; the slice slice\(None, 3, None\) takes part of it"):
+        layers[:3]
+    assert layers[:27] is layers and layers[:] is layers
+
+    paths = resolve_paths(tmp_path)
+    per_layer = text_layer_weights(paths, "flux2")
+    assert len(per_layer) == 27 and len(set(per_layer)) == 1
+    text = {"text": part_weights(paths)["text"]}  # the text part alone (the autoencoder is tiny-flux2's largest)
+    assert resident_weights(text, plain.params, Residency(offload="model"), "cuda", per_layer) == text["text"]
+    blocks = Residency(offload="blocks", block_group=4)  # 8 of the 27 layers on the device at most
+    assert resident_weights(text, plain.params, blocks, "cuda", per_layer) == text["text"] - 19 * per_layer[0]
