@@ -14,8 +14,8 @@ the FLUX.2 model from outside as they do FLUX.1's, LoRA (flux_core/lora) include
 
 import pytest
 import torch
+from compile_probe import CountingSchedule, graphs
 from tiny import tiny_flux2, tiny_flux2_inputs
-from torch._dynamo.utils import counters
 
 from flux_core.flux2.model import SIZES, Flux2
 from flux_core.flux2.sampling import denoise, get_schedule, img_ids, txt_ids
@@ -121,18 +121,6 @@ def test_fp8_leaves_out_a_small_share_of_the_weights(name, share):
 # ---------------------------------------------------------------------------------------------- compile
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def graphs() -> int:
-    return counters["stats"]["unique_graphs"]
-
-
 def test_regional_compile_matches_eager_with_one_graph_per_block_class(fresh_dynamo):
     model = tiny_flux2(depth=2, depth_single_blocks=3)
     inp = tiny_flux2_inputs(model.params)
@@ -144,15 +132,6 @@ def test_regional_compile_matches_eager_with_one_graph_per_block_class(fresh_dyn
         assert graphs() == 2  # one double-block graph, one single-block graph, for all five blocks
         model(**tiny_flux2_inputs(model.params, seed=7))
         assert graphs() == 2  # new inputs of the same shapes: no recompile
-
-
-class CountingSchedule:
-    def __init__(self, inner):
-        self.inner, self.seen = inner, []
-
-    def at_step(self, step, t, num_steps):
-        self.seen.append(graphs())
-        return self.inner.at_step(step, t, num_steps)
 
 
 def sample(model, schedule, steps=4):
