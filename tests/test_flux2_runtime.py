@@ -15,6 +15,7 @@ the FLUX.2 model from outside as they do FLUX.1's, LoRA (flux_core/lora) include
 import pytest
 import torch
 from compile_probe import CountingSchedule, graphs
+from test_flux2_model import rel_err
 from tiny import tiny_flux2, tiny_flux2_inputs
 
 from flux_core.flux2.model import SIZES, Flux2
@@ -34,10 +35,6 @@ h, w, T = 3, 4, 5
 def encoded(model, seed=2) -> EncodedEdit:
     g = torch.Generator().manual_seed(seed)
     return EncodedEdit(torch.randn(2, T, model.params.context_in_dim, generator=g), None, [[1, 2]])
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------- offload
