@@ -24,7 +24,8 @@ META_THETA = "fluxspace.theta"
 META_SCALE_FACTOR = "fluxspace.scale_factor"
 META_SHIFT_FACTOR = "fluxspace.shift_factor"
 META_RESOLUTION = "fluxspace.resolution"
-# Official RoPE layout of the 128-dim heads of FLUX.1 (flux/util.py configs).
+# Official RoPE layout of the 128-dim heads of FLUX.1 (flux/util.py configs): one entry per axis of the
+# position ids, (index, row, column) in sampling.img_ids / txt_ids (FLUX.2's have 4: flux2/sampling.py).
 OFFICIAL_AXES_DIM = (16, 56, 56)
 OFFICIAL_THETA = 10_000
 
@@ -60,9 +61,6 @@ def _axes(text: str) -> tuple[int, ...] | None:
     return tuple(axes) if ok else None
 
 
-# Position ids of FLUX.1 are (index, row, column): sampling.img_ids / txt_ids. (FLUX.2's have 4 axes:
-# flux2/sampling.py; each family's shape inference checks the count.)
-ROPE_AXES = 3
 # key -> (parser returning None for a bad value, what a valid value is).
 METADATA_VALUES = {
     META_AXES_DIM: (_axes, "a JSON list of positive even integers (the RoPE dims of the id axes), e.g. [16, 56, 56]"),
@@ -165,26 +163,13 @@ def flux_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = No
     vec_in_dim = need("vector_in.in_layer.weight", "hidden size, vector width")[1]
     context_in_dim = need("txt_in.weight", "hidden size, context width")[1]
     need.check()
-    if hidden % head_dim:
-        raise CheckpointError(
-            f"{norm} {(head_dim,)} gives a head dim of {head_dim}, which does not divide the hidden size "
-            f"{hidden} of img_in.weight {(hidden, in_channels)}"
-        )
+    num_heads = head_count(hidden, in_channels, head_dim, norm)
     if mlp_hidden <= 0:
         raise CheckpointError(
             f"single_blocks.0.linear1.weight {linear1} has {linear1[0]} rows: no room for the MLP after "
             f"q, k, v (3 x hidden size {hidden} = {3 * hidden})"
         )
-    axes_dim = metadata_value(metadata, META_AXES_DIM)
-    if axes_dim is None:
-        if head_dim != sum(OFFICIAL_AXES_DIM):
-            raise CheckpointError(
-                f"cannot infer the RoPE axes for head dim {head_dim} (only the official 128 = 16+56+56 is known); "
-                f"pass a preset or record {META_AXES_DIM!r} in the file's metadata"
-            )
-        axes_dim = OFFICIAL_AXES_DIM
-    else:
-        check_axes(axes_dim, ROPE_AXES, head_dim, norm)
+    axes_dim = rope_axes(metadata, head_dim, norm, OFFICIAL_AXES_DIM, "16+56+56")
     return FluxParams(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -192,7 +177,7 @@ def flux_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = No
         context_in_dim=context_in_dim,
         hidden_size=hidden,
         mlp_ratio=mlp_hidden / hidden,
-        num_heads=hidden // head_dim,
+        num_heads=num_heads,
         depth=depth,
         depth_single_blocks=depth_single,
         axes_dim=axes_dim,
@@ -202,18 +187,45 @@ def flux_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = No
     )
 
 
-def check_axes(axes_dim: tuple[int, ...], n_axes: int, head_dim: int, norm: str) -> None:
-    """Refuse metadata RoPE axes of the wrong count (the family's id axes) or that do not sum to the head dim."""
-    if len(axes_dim) != n_axes:
+def head_count(hidden: int, in_channels: int, head_dim: int, norm: str) -> int:
+    """The number of heads: the hidden size (img_in.weight, (hidden, in channels)) over the head dim (read
+    from the tensor `norm`), refused if it does not divide."""
+    if hidden % head_dim:
+        raise CheckpointError(
+            f"{norm} {(head_dim,)} gives a head dim of {head_dim}, which does not divide the hidden size "
+            f"{hidden} of img_in.weight {(hidden, in_channels)}"
+        )
+    return hidden // head_dim
+
+
+def rope_axes(
+    metadata: dict[str, str], head_dim: int, norm: str, official: tuple[int, ...], official_layout: str
+) -> tuple[int, ...]:
+    """The RoPE axes of a model whose heads are `head_dim` wide (read from the tensor `norm`).
+
+    From our metadata, refused if it has another count of axes than the family's `official` axes
+    (one per position-id axis) or does not sum to the head dim; else the official axes, which only
+    fit the official head dim (the message spells them as `official_layout`, e.g. "16+56+56").
+    """
+    axes_dim = metadata_value(metadata, META_AXES_DIM)
+    if axes_dim is None:
+        if head_dim != sum(official):
+            raise CheckpointError(
+                f"cannot infer the RoPE axes for head dim {head_dim} (only the official {sum(official)} = "
+                f"{official_layout} is known); pass a preset or record {META_AXES_DIM!r} in the file's metadata"
+            )
+        return official
+    if len(axes_dim) != len(official):
         raise CheckpointError(
             f"metadata {META_AXES_DIM!r} {list(axes_dim)} has {len(axes_dim)} axes; this model's position ids have "
-            f"{n_axes}"
+            f"{len(official)}"
         )
     if sum(axes_dim) != head_dim:
         raise CheckpointError(
             f"metadata {META_AXES_DIM!r} {list(axes_dim)} sums to {sum(axes_dim)}, but the tensors have head dim "
             f"{head_dim} ({norm} {(head_dim,)}); the metadata and the shapes disagree"
         )
+    return axes_dim
 
 
 def ae_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = None) -> AutoEncoderParams:

@@ -23,3 +23,14 @@ def models(tiny_checkpoint):
     from fluxspace import load_models
 
     return load_models(tiny_checkpoint.transformer)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """No compiled code or graph counts carried over from another test (tests/compile_probe.py counts them)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

@@ -1,4 +1,5 @@
-"""Random LoRA files in each format, written from module names the formats use (not from our tables).
+"""Random LoRA files in each format, written from module names the formats use (not from our tables),
+and what the LoRA tests of both families (tests/test_lora.py, tests/test_flux2_lora.py) run them with.
 
 Official (BFL) names come from our model's module tree (they are the checkpoint's names);
 diffusers names from diffusers' own FluxTransformer2DModel, so the reader's rename table is tested
@@ -6,6 +7,7 @@ against an independent source.
 """
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -78,3 +80,29 @@ def xlabs_file(model: nn.Module, rank: int, seed: int, std: float = 0.05):
         sd[f"single_blocks.{i}.processor.proj_lora.down.weight"] = torch.randn(rank, mlp, generator=g) * std
         sd[f"single_blocks.{i}.processor.proj_lora.up.weight"] = torch.randn(hidden, rank, generator=g) * std
     return sd
+
+
+def write(tmp_path, sd, name="lora.safetensors", metadata=None):
+    """Save the LoRA state dict `sd` as tmp_path/name; its path."""
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path
+
+
+def run_ours(model, x):
+    """Our model's forward on the inputs dict `x`, without autograd."""
+    with torch.inference_mode():
+        return model(**x)
+
+
+def adapter_outputs(ref, run_ref, x, scales):
+    """diffusers' forward `run_ref(ref, x)` with the LoRA adapter "t" already loaded into `ref`, at each
+    strength; the adapter is deleted afterwards, whatever happens."""
+    try:
+        outs = []
+        for s in scales:
+            ref.set_adapters("t", s)
+            outs.append(run_ref(ref, x))
+        return outs
+    finally:
+        ref.delete_adapters("t")

@@ -12,8 +12,8 @@ graphs costs a minute on a cold 2-core CI machine.
 import numpy as np
 import pytest
 import torch
+from compile_probe import CountingSchedule, graphs
 from tiny import tiny_inputs, tiny_model
-from torch._dynamo.utils import counters
 
 import flux_core.runtime.compile as runtime_compile
 from flux_core.runtime import CompileUnsupported, check_compile_support, compile_blocks
@@ -26,17 +26,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 h, w, T = 3, 4, 6
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()  # no compiled code or counts carried over from another test
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def graphs() -> int:
-    """Graphs dynamo has handed to a backend so far: each compile or recompile adds one."""
-    return counters["stats"]["unique_graphs"]
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py: a clean dynamo for each test
 
 
 def encoded(model, n_concepts=1, seed=2):
@@ -65,17 +55,6 @@ def test_compiled_blocks_match_eager_with_one_graph_per_block_class():
         torch.testing.assert_close(model(**tiny_inputs(model, h=h, w=w, T=T, seed=7)), model.forward(**tiny_inputs(
             model, h=h, w=w, T=T, seed=7)), **TOL)  # fmt: skip
         assert graphs() == 2  # new inputs of the same shapes: no recompile
-
-
-class CountingSchedule:
-    """A FluxSpace schedule that notes, before each step, how many graphs have been compiled."""
-
-    def __init__(self, inner):
-        self.inner, self.seen = inner, []
-
-    def at_step(self, step, t, num_steps):
-        self.seen.append(graphs())
-        return self.inner.at_step(step, t, num_steps)
 
 
 def sample(model, schedule, steps=4):

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import tiny_inputs, tiny_model
 
-from flux_core import Recorder
 from flux_core.sampling import denoise, get_schedule, img_ids, txt_ids
 from fluxspace.projection import coarse_pooled, concept_mask, edit_direction, orthogonal_component
 from fluxspace.spec import Concept, EditSpec, EncodedEdit, validate
@@ -97,19 +96,11 @@ def test_edited_attention_is_linear_in_lambda():
 
 
 def naive_branch_attention(model, inp, branch_txt, img_in):
-    """A(x, c) of every double block, the slow way: the branch's own text stream carried through
-    each block by the block's own forward, against the image stream that entered the block."""
+    """edit_probe.naive_branch_attention on FLUX.1: its double blocks take (img, txt, vec, pe)."""
     with torch.inference_mode():
         vec = model.conditioning(inp["timesteps"], inp["y"], inp["guidance"])
         pe = model.pe_embedder(torch.cat((inp["txt_ids"], inp["img_ids"]), dim=1))
-        s = model.txt_in(branch_txt.expand(B, -1, -1))
-        out = []
-        for i, block in enumerate(model.double_blocks):
-            rec = Recorder(keep=("img_attn_out",))
-            rec.vectors(model, vec, None, None, None)
-            _, s = block(img_in[i], s, vec, pe, edit=rec, index=i, timesteps=inp["timesteps"])
-            out.append(rec.entries[0].tensors["img_attn_out"])
-    return out
+    return edit_probe.naive_branch_attention(model, inp, branch_txt, img_in, vec, (vec, pe))
 
 
 def test_shared_qkv_branches_equal_naive_separate_computation():

@@ -22,7 +22,6 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from flux_core.flux2.conditioner import SPECS, Flux2TextEncoder
 from flux_core.flux2.sampling import denoise, get_schedule, img_ids, prepare_references, txt_ids
 from flux_core.math import apply_rope
-from flux_core.recorder import Recorder
 from flux_core.seam import ModVectors
 from fluxspace.projection import concept_mask, keyword_attention, orthogonal_component
 from fluxspace.spec import Concept, EditSpec, EncodedEdit, encode_edit, validate
@@ -149,21 +148,13 @@ def test_edit_moves_only_the_generated_image_tokens(model):
 
 
 def naive_branch_attention(model, inp, branch_txt, img_in) -> list[torch.Tensor]:
-    """A(x, c) of every double block, the slow way: the branch's own text stream carried through each
-    block by the block's own forward, against the image stream that entered the block."""
-    B = inp["img"].shape[0]
+    """edit_probe.naive_branch_attention on FLUX.2: its double blocks take (img, txt, pe, mods), the
+    shared modulations computed once from the conditioning vector."""
     with torch.inference_mode():
         vec = model.conditioning(inp["timesteps"], inp["guidance"])
         mods = model.modulations(ModVectors(img=vec, txt=vec, out=vec))
         pe = model.pe_embedder(torch.cat((inp["txt_ids"], inp["img_ids"]), dim=1))
-        s = model.txt_in(branch_txt.expand(B, -1, -1))
-        out = []
-        for i, block in enumerate(model.double_blocks):
-            rec = Recorder(keep=("img_attn_out",))
-            rec.vectors(model, vec, None, None, None)
-            _, s = block(img_in[i], s, pe, mods, edit=rec, index=i, timesteps=inp["timesteps"])
-            out.append(rec.entries[0].tensors["img_attn_out"])
-    return out
+    return edit_probe.naive_branch_attention(model, inp, branch_txt, img_in, vec, (pe, mods))
 
 
 def test_edit_direction_is_the_component_orthogonal_to_the_prior():

@@ -12,14 +12,23 @@ import re
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel
 from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
-from lora_files import bfl_file, diffusers_file, in_blocks, kohya_file, linear_names, random_pairs, xlabs_file
-from safetensors.torch import save_file
+from lora_files import (
+    adapter_outputs,
+    bfl_file,
+    diffusers_file,
+    in_blocks,
+    kohya_file,
+    linear_names,
+    random_pairs,
+    run_ours,
+    write,
+    xlabs_file,
+)
+from test_flux2_model import diffusers_reference, rel_err
 from tiny import random_state_dict, tiny_flux2, tiny_flux2_inputs
 
-from flux_core.flux2.model import Flux2
 from flux_core.lora import (
     LoraError,
     LoraScales,
@@ -39,32 +48,15 @@ RANK = 4
 SCALES = (0.5, 1.0)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def diffusers_reference(model: Flux2, sd) -> Flux2Transformer2DModel:
-    p = model.params
-    ref = Flux2Transformer2DModel(
-        patch_size=1, in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
-        attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-        mlp_ratio=p.mlp_ratio, axes_dims_rope=tuple(p.axes_dim), rope_theta=p.theta, guidance_embeds=p.guidance_embed,
-    )  # fmt: skip
-    ref.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(dict(sd)), strict=True)
-    return ref.eval()
-
-
 @pytest.fixture(scope="module")
 def pair():
     ours = tiny_flux2(seed=3)
-    ref = diffusers_reference(ours, random_state_dict(ours, 3))
+    ref = diffusers_reference(ours.params)
+    sd = convert_flux2_transformer_checkpoint_to_diffusers(random_state_dict(ours, 3))
+    ref.load_state_dict(sd, strict=True)
+    ref.eval()
     ref.lora_free_names = linear_names(ref)  # diffusers' own Linear names, before peft wraps them
     return ours, ref, tiny_flux2_inputs(ours.params, B=1)
-
-
-def run_ours(model, x):
-    with torch.inference_mode():
-        return model(**x)
 
 
 def run_ref(ref, x):
@@ -73,25 +65,12 @@ def run_ref(ref, x):
                    img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], guidance=x["guidance"], return_dict=False)[0]  # fmt: skip
 
 
-def write(tmp_path, sd, name="lora.safetensors"):
-    path = tmp_path / name
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    return path
-
-
 def diffusers_outputs(ref, sd, x):
     """diffusers' forward with the LoRA loaded its own way (Flux2LoraLoaderMixin.lora_state_dict converts
     kohya and ai-toolkit files; load_lora_adapter puts it in through peft), at each strength."""
     state = Flux2LoraLoaderMixin.lora_state_dict(copy.deepcopy(sd))
     ref.load_lora_adapter(state, adapter_name="t")
-    try:
-        outs = []
-        for s in SCALES:
-            ref.set_adapters("t", s)
-            outs.append(run_ref(ref, x))
-        return outs
-    finally:
-        ref.delete_adapters("t")
+    return adapter_outputs(ref, run_ref, x, SCALES)
 
 
 def ours_outputs(model, path, x):

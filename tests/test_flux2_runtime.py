@@ -14,8 +14,9 @@ the FLUX.2 model from outside as they do FLUX.1's, LoRA (flux_core/lora) include
 
 import pytest
 import torch
+from compile_probe import CountingSchedule, graphs
+from test_flux2_model import rel_err
 from tiny import tiny_flux2, tiny_flux2_inputs
-from torch._dynamo.utils import counters
 
 from flux_core.flux2.model import SIZES, Flux2
 from flux_core.flux2.sampling import denoise, get_schedule, img_ids, txt_ids
@@ -34,10 +35,6 @@ h, w, T = 3, 4, 5
 def encoded(model, seed=2) -> EncodedEdit:
     g = torch.Generator().manual_seed(seed)
     return EncodedEdit(torch.randn(2, T, model.params.context_in_dim, generator=g), None, [[1, 2]])
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------- offload
@@ -121,18 +118,6 @@ def test_fp8_leaves_out_a_small_share_of_the_weights(name, share):
 # ---------------------------------------------------------------------------------------------- compile
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def graphs() -> int:
-    return counters["stats"]["unique_graphs"]
-
-
 def test_regional_compile_matches_eager_with_one_graph_per_block_class(fresh_dynamo):
     model = tiny_flux2(depth=2, depth_single_blocks=3)
     inp = tiny_flux2_inputs(model.params)
@@ -144,15 +129,6 @@ def test_regional_compile_matches_eager_with_one_graph_per_block_class(fresh_dyn
         assert graphs() == 2  # one double-block graph, one single-block graph, for all five blocks
         model(**tiny_flux2_inputs(model.params, seed=7))
         assert graphs() == 2  # new inputs of the same shapes: no recompile
-
-
-class CountingSchedule:
-    def __init__(self, inner):
-        self.inner, self.seen = inner, []
-
-    def at_step(self, step, t, num_steps):
-        self.seen.append(graphs())
-        return self.inner.at_step(step, t, num_steps)
 
 
 def sample(model, schedule, steps=4):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from weights_cli import random_set, run
 
 from flux_core.files import read_header
 from flux_core.flux2.conditioner import load_text_encoder
@@ -14,26 +15,14 @@ from flux_core.flux2.model import Flux2
 from flux_core.inference import flux_metadata
 from flux_core.presets import get_preset
 from weights_tools import random_weights
-from weights_tools.cli import main
 
 TINY = get_preset("tiny-flux2")
 TINY_PARAMS = 343_296  # transformer parameters of tiny-flux2
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-flux2")
-    assert (
-        main(["random", "--preset", "tiny-flux2", "--out", str(folder), "--dtype", "float32", "--seed", "3"])
-        == 0
-    )
-    return folder
+    return random_set(tmp_path_factory.mktemp("tiny-flux2"), "tiny-flux2")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,15 +12,17 @@ import dataclasses
 import pytest
 import torch
 from lora_files import (
+    adapter_outputs,
     bfl_file,
     diffusers_file,
     in_blocks,
     kohya_file,
     linear_names,
     random_pairs,
+    run_ours,
+    write,
     xlabs_file,
 )
-from safetensors.torch import save_file
 from test_model import build_pair, random_state_dict, rel_err
 
 from flux_core import Flux, get_preset
@@ -81,22 +83,11 @@ def pair():
     return with_inputs(*narrow_pair(seed=3))
 
 
-def run_ours(model, x):
-    with torch.inference_mode():
-        return model(**x)
-
-
 def run_ref(ref, x):
     with torch.inference_mode():
         return ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
                    timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
                    guidance=x["guidance"], return_dict=False)[0]  # fmt: skip
-
-
-def write(tmp_path, sd, name="lora.safetensors", metadata=None):
-    path = tmp_path / name
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
-    return path
 
 
 def diffusers_outputs(ref, sd, x, scales):
@@ -105,14 +96,7 @@ def diffusers_outputs(ref, sd, x, scales):
 
     state, alphas = FluxPipeline.lora_state_dict(copy.deepcopy(sd), return_alphas=True)
     FluxPipeline.load_lora_into_transformer(state, network_alphas=alphas, transformer=ref, adapter_name="t")
-    try:
-        outs = []
-        for s in scales:
-            ref.set_adapters("t", s)
-            outs.append(run_ref(ref, x))
-        return outs
-    finally:
-        ref.delete_adapters("t")
+    return adapter_outputs(ref, run_ref, x, scales)
 
 
 def ours_outputs(model, path, x, scales):

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from weights_cli import random_set, run
 
 from flux_core import get_preset
 from flux_core.loading import load_autoencoder, load_flow_model
@@ -19,20 +20,10 @@ TINY = get_preset("tiny")
 TINY_PARAMS = 340_160  # transformer parameters of the tiny preset
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A full random set of the tiny preset: transformer, AE and text encoders."""
-    folder = tmp_path_factory.mktemp("tiny")
-    assert (
-        main(["random", "--preset", "tiny", "--out", str(folder), "--dtype", "float32", "--seed", "3"]) == 0
-    )
-    return folder
+    return random_set(tmp_path_factory.mktemp("tiny"), "tiny")
 
 
 def files_equal(a: Path, b: Path) -> bool:

@@ -25,14 +25,14 @@ import torch
 from ..files import CheckpointError, Shapes, WeightFiles, open_weights
 from ..formats import detect_family  # noqa: F401  (re-exported: the family of a key set)
 from ..inference import (
-    META_AXES_DIM,
     META_THETA,
     Needed,
     ae_params_from_shapes,
-    check_axes,
     check_shapes,
     count_indices,
+    head_count,
     metadata_value,
+    rope_axes,
 )
 from ..loading import build, checked_shapes, expected_shapes, infer_params, resolve_dtype
 from ..presets import family_preset
@@ -80,33 +80,20 @@ def flux2_params_from_shapes(shapes: Shapes, metadata: dict[str, str] | None = N
             "the file has no double_blocks.* and no single_blocks.*: not a usable FLUX.2 model"
         )
     need.check()
-    if hidden % head_dim:
-        raise CheckpointError(
-            f"{norm} {(head_dim,)} gives a head dim of {head_dim}, which does not divide the hidden size "
-            f"{hidden} of img_in.weight {(hidden, in_channels)}"
-        )
+    num_heads = head_count(hidden, in_channels, head_dim, norm)
     if mlp_hidden <= 0:
         raise CheckpointError(
             f"the MLP width read from the blocks is {mlp_hidden}: the shapes are not a FLUX.2 model"
         )
-    axes_dim = metadata_value(metadata, META_AXES_DIM)
-    if axes_dim is None:
-        if head_dim != sum(OFFICIAL_AXES_DIM):
-            raise CheckpointError(
-                f"cannot infer the RoPE axes for head dim {head_dim} (only the official 128 = 4 x 32 is known); "
-                f"pass a preset or record {META_AXES_DIM!r} in the file's metadata"
-            )
-        axes_dim = OFFICIAL_AXES_DIM
-    else:
-        check_axes(axes_dim, len(OFFICIAL_AXES_DIM), head_dim, norm)
+    axes_dim = rope_axes(metadata, head_dim, norm, OFFICIAL_AXES_DIM, "4 x 32")
     return Flux2Params(
         in_channels=in_channels,
         context_in_dim=context_in_dim,
         hidden_size=hidden,
-        num_heads=hidden // head_dim,
+        num_heads=num_heads,
         depth=depth,
         depth_single_blocks=depth_single,
-        axes_dim=tuple(axes_dim),
+        axes_dim=axes_dim,
         theta=metadata_value(metadata, META_THETA, OFFICIAL_THETA),
         mlp_ratio=mlp_hidden / hidden,
         guidance_embed=detect_flux2_variant(shapes) == "dev",
