@@ -34,7 +34,7 @@ from weights_tools.verify import load_inventory
 
 TINY = get_preset("tiny-flux2")
 FLUX2_PRESETS = (
-    "flux2-dev, flux2-klein-4b, flux2-klein-9b, flux2-klein-base-4b, flux2-klein-base-9b, tiny-flux2"
+    "flux2-dev, flux2-klein-4b, flux2-klein-9b, flux2-klein-base-4b, flux2-klein-base-9b, tiny-flux2, tiny-flux2-dev"
 )
 FLUX1_PRESETS = "flux-dev, flux-kontext-dev, flux-krea-dev, flux-mini, flux-mini-kontext, flux-schnell, tiny, tiny-kontext"
 

@@ -95,12 +95,12 @@ def test_inspect_says_family_and_variant(ckpt, capsys):
     assert "layout    official (BFL) transformer\nfamily    FLUX.2\n" in out
     assert "variant   tiny-flux2 (the preset the file's metadata records; its keys are dev-shaped)\n" in out
     assert f"tensors   31, {TINY_PARAMS:,} parameters, dtypes F32 x31\n" in out
-    assert "presets   tiny-flux2\n" in out
+    assert "presets   tiny-flux2, tiny-flux2-dev\n" in out
     assert "  single_blocks.{0..1}.linear1.weight  x2  (576, 64)  F32\n" in out  # 3 x 64 + 2 x 192 rows
     report = json.loads(run(capsys, "inspect", ckpt / "ae.safetensors", "--json")[1])
     assert (report["family"], report["model"], report["variant"]) == ("flux2", "ae", "ae")
     assert report["dtypes"] == {"F32": 178, "I64": 1}
-    assert report["matching_presets"] == ["tiny-flux2"] and report["problem"] is None
+    assert report["matching_presets"] == ["tiny-flux2", "tiny-flux2-dev"] and report["problem"] is None
 
 
 def test_inspect_klein_and_dev_shaped_files(tmp_path, capsys):
@@ -140,7 +140,7 @@ def test_verify(ckpt, tmp_path, capsys):
     assert out == (
         f"FAIL: {path} (bfl transformer, 31 tensors) does not match preset 'tiny'\n"
         "  the file holds a FLUX.2 transformer, but preset 'tiny' is a FLUX.1 model; FLUX.2 presets: flux2-dev, "
-        "flux2-klein-4b, flux2-klein-9b, flux2-klein-base-4b, flux2-klein-base-9b, tiny-flux2\n"
+        "flux2-klein-4b, flux2-klein-9b, flux2-klein-base-4b, flux2-klein-base-9b, tiny-flux2, tiny-flux2-dev\n"
     )
     # Against a real size: every shape differs; a klein preset also misses guidance_in.
     code, out, _ = run(capsys, "verify", path, "--preset", "flux2-klein-4b")

@@ -136,7 +136,7 @@ def test_random_refuses_to_overwrite(ckpt, capsys):
 def test_unknown_preset(tmp_path, capsys):
     expected = (
         "error: unknown preset 'flux-pro'; valid presets: flux-dev, flux-kontext-dev, flux-krea-dev, flux-mini, flux-mini-kontext, flux-schnell, "
-        "flux2-dev, flux2-klein-4b, flux2-klein-9b, flux2-klein-base-4b, flux2-klein-base-9b, tiny, tiny-flux2, tiny-kontext\n"
+        "flux2-dev, flux2-klein-4b, flux2-klein-9b, flux2-klein-base-4b, flux2-klein-base-9b, tiny, tiny-flux2, tiny-flux2-dev, tiny-kontext\n"
     )
     assert run(capsys, "random", "--preset", "flux-pro", "--out", tmp_path) == (2, "", expected)
     assert run(capsys, "verify", tmp_path / "x.safetensors", "--preset", "flux-pro") == (2, "", expected)
