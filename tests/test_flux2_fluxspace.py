@@ -15,17 +15,24 @@ import math
 import edit_probe
 import pytest
 import torch
-from test_flux2_conditioner import MISTRAL_TEMPLATE, QWEN3_TEMPLATE, byte_bpe
 from tiny import tiny_flux2
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from flux_core.flux2.conditioner import SPECS, Flux2TextEncoder
+from flux_core.flux2.conditioner import SPECS, SYSTEM_MESSAGE, Flux2TextEncoder
 from flux_core.flux2.sampling import denoise, get_schedule, img_ids, prepare_references, txt_ids
 from flux_core.math import apply_rope
 from flux_core.seam import ModVectors
 from fluxspace.projection import concept_mask, keyword_attention, orthogonal_component
 from fluxspace.spec import Concept, EditSpec, EncodedEdit, encode_edit, validate
 from fluxspace.step import FluxSpaceEdit, FluxSpaceSchedule
+from weights_tools.text_encoders import (
+    BUILTIN_CORPUS,
+    MISTRAL_SPECIALS,
+    MISTRAL_TEMPLATE,
+    QWEN3_SPECIALS,
+    QWEN3_TEMPLATE,
+    train_byte_bpe,
+)
 
 h, w, T = 3, 4, 5  # 12 generated image tokens, 5 text tokens
 N = h * w
@@ -204,13 +211,14 @@ def test_several_concepts_in_one_pass_equal_one_by_one():
 
 
 def tokenizer(specials, template, **names) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=byte_bpe(specials), chat_template=template, **names)
+    bpe = train_byte_bpe(specials, [*BUILTIN_CORPUS, SYSTEM_MESSAGE])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, chat_template=template, **names)
 
 
 @pytest.fixture(scope="module")
 def klein_text():
     """A tiny Qwen3 text encoder, klein's chat, 3 layers of width 8 (= TINY_FLUX2's 24 text channels), 32 tokens."""
-    tok = tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"], QWEN3_TEMPLATE,
+    tok = tokenizer(QWEN3_SPECIALS, QWEN3_TEMPLATE,
                     eos_token="<|im_end|>", pad_token="<|endoftext|>")  # fmt: skip
     torch.manual_seed(1)
     config = Qwen3Config(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=3,
@@ -231,8 +239,7 @@ def test_keyword_positions_are_every_sub_token_inside_the_chat(klein_text):
     assert positions[0] > 3  # after the chat's opening tokens (<|im_start|>user ...)
     # dev's chat: the system message says "image" too; only the prompt's own occurrence counts.
     dev = Flux2TextEncoder(torch.nn.Identity(), tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"],
-        MISTRAL_TEMPLATE, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"), SPECS["dev"])  # fmt: skip
+        MISTRAL_SPECIALS, MISTRAL_TEMPLATE, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"), SPECS["dev"])  # fmt: skip
     dev_ids = dev.tokenize(["an image of a cat"])[0][0]
     (image,) = [dev.word_token_positions("an image of a cat", "image")]
     assert dev.tokenizer.decode(dev_ids[image]).strip() == "image"
