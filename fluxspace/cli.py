@@ -58,7 +58,7 @@ from .models import (
 )
 from .resources import check_fits, footprint, part_weights, text_layer_weights
 from .run import generate
-from .runtime import Residency, resident_weights
+from .runtime import Residency, resident_bytes
 from .settings import SampleSettings
 from .spec import EditSpec, validate
 from .sweep import sweep, vary
@@ -151,11 +151,10 @@ class Chosen:
     preset: AnyPreset
     flux: FluxParams  # FLUX.2: Flux2Params
     ae: AutoEncoderParams  # FLUX.2: its autoencoder's params
-    n_weights: int  # parameters on the device at the peak (all four parts, unless offloaded or staged)
+    weight_bytes: int  # weights on the device at the peak (all four parts, unless offloaded or staged)
     device: str
     dtype: torch.dtype
     weights: str  # --weights: "full" or "fp8"
-    n_fp8: int  # weights held at one byte each under --weights fp8
     residency: Residency
     loras: Loras  # --lora files, read and checked against the transformer's header
 
@@ -171,9 +170,8 @@ class Chosen:
 
     def check_fits(self, s: SampleSettings, batch: int = 1, conditions: int = 0) -> None:
         """Refuse a run whose memory this device does not have (resources.py)."""
-        need = footprint(self.n_weights, self.flux, self.ae, text_length(self.preset), s.width, s.height,
-                         self.pixels_per_token, batch, s.cfg_scale != 1.0, conditions, self.dtype,
-                         self.n_fp8)  # fmt: skip
+        need = footprint(self.weight_bytes, self.flux, self.ae, text_length(self.preset), s.width, s.height,
+                         self.pixels_per_token, batch, s.cfg_scale != 1.0, conditions, self.dtype)  # fmt: skip
         try:
             check_fits(need, self.device, f"{s.width}x{s.height} px, batch {batch}")
         except ValueError as e:
@@ -195,13 +193,12 @@ def choose_model(args, unfused_loras: bool = False) -> Chosen:
     family = family_loaders(preset)
     files = open_weights(paths.transformer, "transformer")
     flux, ae = family.check_model(files, None), family.check_ae(open_weights(paths.ae, "ae"))
-    n_weights = resident_weights(part_weights(paths), flux, residency, device,
-                                 text_layer_weights(paths, preset.family))
     n_fp8 = quantized_count(files) if args.weights == "fp8" else 0
+    weights = resident_bytes(part_weights(paths), flux, residency, device, dtype, n_fp8,
+                             text_layer_weights(paths, preset.family))  # fmt: skip
     loras = loras_from(args, preset.family, unfused_loras)
     family.check_loras(loras, files)
-    chosen = Chosen(paths, preset, flux, ae, n_weights, device, dtype, args.weights, min(n_fp8, n_weights), residency,
-                    loras)  # fmt: skip
+    chosen = Chosen(paths, preset, flux, ae, weights, device, dtype, args.weights, residency, loras)
     images = getattr(args, "image", None)
     if isinstance(images, list) and preset.family == "flux1":  # --image, repeatable for FLUX.2's references
         if len(images) > 1:

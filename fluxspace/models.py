@@ -31,7 +31,7 @@ from flux_core.presets import PRESETS, AnyPreset, family_presets
 from flux_core.runtime.fp8 import check_weights_format, quantized_count
 
 from .loras import Loras
-from .runtime import Residency, Runtime, resident_weights
+from .runtime import Residency, Runtime, resident_bytes
 from .settings import SampleSettings
 
 if TYPE_CHECKING:  # the text encoders pull in `transformers`: imported when a model is loaded
@@ -356,7 +356,7 @@ def load_models(
         valid = ", ".join(str(d).removeprefix("torch.") for d in VALID_DTYPES)
         raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported: the text encoders (T5 "
                          f"overflows in float16) take {valid}")  # fmt: skip
-    from .resources import Footprint, check_fits, part_weights, text_layer_weights, weight_bytes
+    from .resources import Footprint, check_fits, part_weights, text_layer_weights
 
     files = open_weights(paths.transformer, "transformer")
     given = chosen if preset else None  # no preset given: the shape is read from the file (pruned files load)
@@ -365,10 +365,10 @@ def load_models(
     family.check_text(paths.text_encoders, chosen, params)
     loras = loras if isinstance(loras, Loras) else Loras(loras, lora_mode, chosen.family)
     family.check_loras(loras, files)
-    resident = resident_weights(part_weights(paths), params, residency, device,
-                                text_layer_weights(paths, chosen.family))
-    n_fp8 = min(quantized_count(files), resident) if weights == "fp8" else 0
-    check_fits(Footprint(weight_bytes(resident, n_fp8, dtype), 0, 0, 0), device, "loading the model")
+    n_fp8 = quantized_count(files) if weights == "fp8" else 0
+    resident = resident_bytes(part_weights(paths), params, residency, device, dtype, n_fp8,
+                              text_layer_weights(paths, chosen.family))  # fmt: skip
+    check_fits(Footprint(resident, 0, 0, 0), device, "loading the model")
 
     def read_flow(where: torch.device) -> torch.nn.Module:
         return family.load_model(paths.transformer, given, where, dtype, weights)

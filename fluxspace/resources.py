@@ -48,8 +48,8 @@ class Footprint:
 
 
 def part_weights(paths) -> dict[str, int]:
-    """Parameters of each part of a models.ModelPaths (flow, ae, text: T5 and CLIP together), from
-    their headers."""
+    """Parameters of each part of a models.ModelPaths (flow, ae, text: T5 and CLIP together, or the
+    FLUX.2 LLM's language model), from their headers."""
     counts = {
         "flow": sum(math.prod(s) for s in open_weights(paths.transformer, "transformer").shapes.values()),
         "ae": sum(math.prod(s) for s in open_weights(paths.ae, "ae").shapes.values()),
@@ -57,8 +57,14 @@ def part_weights(paths) -> dict[str, int]:
     }
     for folder in TEXT_ENCODER_FOLDERS[:2]:  # text_encoder/, text_encoder_2/: the two models
         for file in sorted((Path(paths.text_encoders) / folder).glob("*.safetensors")):
-            counts["text"] += sum(math.prod(s) for s in read_header(file)[0].values())
+            shapes = read_header(file)[0]
+            counts["text"] += sum(math.prod(s) for k, s in shapes.items() if not NOT_LOADED_TEXT.search(k))
     return counts
+
+
+# What FLUX.2's text encoder does not load of its LLM checkpoint (it runs the language model's layers
+# only): the output head, and Mistral3's vision tower and projector.
+NOT_LOADED_TEXT = re.compile(r"(^|\.)(lm_head|vision_tower|multi_modal_projector)\.")
 
 
 # The text encoder's layers that offload "blocks" streams (runtime._streamed_lists), by folder and key:
@@ -90,11 +96,11 @@ def weight_bytes(n_weights: int, n_fp8: int, dtype: torch.dtype) -> int:
 
 
 def footprint(
-    n_weights: int, params: FluxParams, ae: AutoEncoderParams, t5_length: int, width: int, height: int,
-    pixels_per_token: int, batch: int, cfg: bool, conditions: int, dtype: torch.dtype, n_fp8: int = 0,
+    weights: int, params: FluxParams, ae: AutoEncoderParams, t5_length: int, width: int, height: int,
+    pixels_per_token: int, batch: int, cfg: bool, conditions: int, dtype: torch.dtype,
 ) -> Footprint:  # fmt: skip
-    """The memory of a run; conditions: extra text conditions of a FluxSpace edit (prior + concepts);
-    n_fp8: weights held in fp8 (--weights fp8)."""
+    """The memory of a run; weights: bytes of weights on the device (runtime.resident_bytes); conditions:
+    extra text conditions of a FluxSpace edit (prior + concepts)."""
     size = torch.empty((), dtype=dtype).element_size()
     n_img = (height // pixels_per_token) * (width // pixels_per_token)
     rows = batch * (2 if cfg else 1)
@@ -108,7 +114,7 @@ def footprint(
     # channel width (ch x 4) is beyond the fused CPU kernels: the P x P scores are held.
     positions = (height // ae.downsampling) * (width // ae.downsampling)
     decoder = max(decoder, batch * positions**2 * size)
-    return Footprint(weight_bytes(n_weights, n_fp8, dtype), max(rows * per_row * size, decoder), rows, tokens)
+    return Footprint(weights, max(rows * per_row * size, decoder), rows, tokens)
 
 
 def available(device: str | torch.device) -> int | None:

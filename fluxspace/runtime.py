@@ -95,34 +95,41 @@ def _streamed_lists(part: str, module: nn.Module) -> list[tuple[nn.Module, tuple
     return []
 
 
-def resident_weights(counts: dict[str, int], params, residency: Residency, device: str | torch.device,
-                     text_layers: list[int] = ()) -> int:  # fmt: skip
-    """Parameters on `device` at the peak, under `residency` (counts: resources.part_weights; text_layers:
-    resources.text_layer_weights, the text encoder's streamed layers).
+def resident_bytes(counts: dict[str, int], params, residency: Residency, device: str | torch.device,
+                   dtype: torch.dtype, n_fp8: int = 0, text_layers: list[int] = ()) -> int:  # fmt: skip
+    """Bytes of weights on `device` at the peak, under `residency`. counts: parameters of each part
+    (resources.part_weights); n_fp8: the transformer's weights held at one byte each (--weights fp8:
+    its blocks' Linears; every other weight of every part is in `dtype`); text_layers: the text
+    encoder's streamed layers (resources.text_layer_weights).
 
     Without staging, or offload to a host that is not the device, every part sits there (the text
     encoders only if they run there); otherwise one part at a time, and under "blocks" the transformer's
     blocks and the text encoder's layers only two groups at a time (the largest counted)."""
+    from .resources import weight_bytes
+
     device = torch.device(device)
     on_device = {p: n for p, n in counts.items() if residency.device_of(p, device) == device}
-    # Offloading to host memory saves nothing when the host is the device.
-    if not residency.staged and (residency.offload == "none" or device.type == "cpu"):
-        return sum(on_device.values())
-    if residency.offload == "blocks" and "flow" in on_device:
+    fp8 = {"flow": n_fp8} if "flow" in on_device else {}
+    blocks = residency.offload == "blocks" and (residency.staged or device.type != "cpu")
+    if blocks and "flow" in on_device:
         from flux_core import Flux
         from flux_core.flux2.model import Flux2, Flux2Params
 
         with torch.device("meta"):
             model = (Flux2 if isinstance(params, Flux2Params) else Flux)(params)
-        blocks = [*model.double_blocks, *model.single_blocks]
-        largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) if blocks else 0
-        in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
-        n = min(len(blocks), 2 * residency.block_group)
-        on_device["flow"] = on_device["flow"] - in_blocks + n * largest
-    if residency.offload == "blocks" and "text" in on_device and text_layers:
-        n = min(len(text_layers), 2 * residency.block_group)
-        on_device["text"] = on_device["text"] - sum(text_layers) + n * max(text_layers)
-    return max(on_device.values(), default=0)
+        sizes = [sum(p.numel() for p in b.parameters()) for b in (*model.double_blocks, *model.single_blocks)]
+        if sizes:
+            streamed = min(len(sizes), 2 * residency.block_group) * max(sizes)
+            on_device["flow"] += streamed - sum(sizes)
+            fp8["flow"] = n_fp8 * streamed // sum(sizes)  # the fp8 weights are the blocks'
+    if blocks and "text" in on_device and text_layers:
+        streamed = min(len(text_layers), 2 * residency.block_group) * max(text_layers)
+        on_device["text"] += streamed - sum(text_layers)
+    per_part = [weight_bytes(n, min(fp8.get(part, 0), n), dtype) for part, n in on_device.items()]
+    # Offloading to host memory saves nothing when the host is the device.
+    if not residency.staged and (residency.offload == "none" or device.type == "cpu"):
+        return sum(per_part)
+    return max(per_part, default=0)
 
 
 class Runtime:

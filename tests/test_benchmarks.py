@@ -151,3 +151,23 @@ def test_edit_cost_runs_the_fine_edit_on_flux2(tmp_path):
     rows = [r["row"] for r in data["rows"]]
     assert rows == ["plain", "fluxspace", "two-concepts", "reference", "naive-batch3"]  # no coarse rows
     assert all(r["median_ms"] > 0 for r in data["rows"])
+
+
+def test_memory_estimates_are_the_readmes(tmp_path, capsys):
+    """benchmarks/memory_estimates.py prints the estimate fluxspace checks before loading, per mode; the
+    README's two GPU tables (FLUX.1-dev; FLUX.2 klein 4B, 9B and dev) are its output, figure for figure."""
+    from pathlib import Path
+
+    memory_estimates = load_script("memory_estimates")
+    data = memory_estimates.main(["--out", str(tmp_path / "m.json")])
+    totals = {r["preset"]: [f"{row['total_gib']:.1f} GiB" for row in r["rows"]] for r in data["results"]}
+    for rows in totals.values():  # each mode needs less than the one before it, or the same
+        assert [float(t.split()[0]) for t in rows] == sorted((float(t.split()[0]) for t in rows), reverse=True)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    flux1 = [line.split("|")[3].strip().split(" (")[0] for line in readme.splitlines()
+             if line.startswith("| ") and "GiB" in line and line.count("|") == 5]  # fmt: skip
+    assert flux1 == totals["flux-dev"]
+    flux2 = [[cell.strip().split(" (")[0] for cell in line.split("|")[3:6]] for line in readme.splitlines()
+             if line.startswith("| ") and "GiB" in line and line.count("|") == 6]  # fmt: skip
+    assert flux2 == [list(t) for t in zip(totals["flux2-klein-4b"], totals["flux2-klein-9b"], totals["flux2-dev"])]
+    capsys.readouterr()

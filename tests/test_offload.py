@@ -272,7 +272,7 @@ def test_flux2_llm_layers_stream_under_blocks(tmp_path):
     and the memory estimate counts two groups of layers, not the whole LLM."""
     from fluxspace.models import resolve_paths
     from fluxspace.resources import part_weights, text_layer_weights
-    from fluxspace.runtime import resident_weights
+    from fluxspace.runtime import resident_bytes
     from weights_tools.cli import main as weights_main
 
     assert weights_main(["random", "--preset", "tiny-flux2", "--out", str(tmp_path), "--dtype", "float32"]) == 0
@@ -293,6 +293,34 @@ def test_flux2_llm_layers_stream_under_blocks(tmp_path):
     per_layer = text_layer_weights(paths, "flux2")
     assert len(per_layer) == 27 and len(set(per_layer)) == 1
     text = {"text": part_weights(paths)["text"]}  # the text part alone (the autoencoder is tiny-flux2's largest)
-    assert resident_weights(text, plain.params, Residency(offload="model"), "cuda", per_layer) == text["text"]
+    f32 = torch.float32
+    assert resident_bytes(text, plain.params, Residency(offload="model"), "cuda", f32, 0, per_layer) == 4 * text["text"]
     blocks = Residency(offload="blocks", block_group=4)  # 8 of the 27 layers on the device at most
-    assert resident_weights(text, plain.params, blocks, "cuda", per_layer) == text["text"] - 19 * per_layer[0]
+    assert resident_bytes(text, plain.params, blocks, "cuda", f32, 0, per_layer) == 4 * (text["text"] - 19 * per_layer[0])
+    # --weights fp8 holds the transformer's block weights at a byte each, never the text encoder's
+    assert resident_bytes(text, plain.params, blocks, "cuda", f32, 10**9, per_layer) == 4 * (text["text"] - 19 * per_layer[0])
+
+
+def test_resident_bytes_counts_fp8_on_the_transformer_only(tiny_checkpoint, resident):
+    """The weights a run holds on its device, per mode: fp8 (one byte a weight) is the transformer's
+    blocks' Linears only; the text encoders and the autoencoder stay in the run's dtype."""
+    from fluxspace.resources import part_weights, text_layer_weights
+    from fluxspace.runtime import resident_bytes
+
+    paths, bf16 = resident.paths, torch.bfloat16
+    counts, layers = part_weights(paths), text_layer_weights(paths, "flux1")
+    n_fp8 = counts["flow"] // 2
+    assert len(layers) == 2  # tiny's T5: two encoder blocks
+
+    def estimate(residency, n=n_fp8):
+        return resident_bytes(counts, resident.params, residency, "cuda", bf16, n, layers)
+
+    two_byte = {part: 2 * n for part, n in counts.items()}
+    assert estimate(Residency()) == sum(two_byte.values()) - n_fp8  # all resident, the fp8 share at a byte
+    assert estimate(Residency(offload="model")) == max(two_byte["flow"] - n_fp8, two_byte["text"], two_byte["ae"])
+    assert estimate(Residency(offload="model"), 0) == max(two_byte.values())
+    assert estimate(Residency(offload="model", text_device="cpu")) == max(two_byte["flow"] - n_fp8, two_byte["ae"])
+    # On the CPU nothing is offloaded: every part counts, in the run's dtype but the fp8 weights.
+    assert resident_bytes(counts, resident.params, Residency(offload="model"), "cpu", bf16, n_fp8, layers) == (
+        sum(two_byte.values()) - n_fp8
+    )
