@@ -7,7 +7,7 @@ for FLUX.1; Mistral-Small-3.x 24B's language model for FLUX.2 [dev]; Qwen3-4B / 
 resources.part_weights / text_layer_weights read them from the files, and each mode's figure is what
 `fluxspace` checks before it loads anything: runtime.resident_bytes (the weights on the GPU at the
 peak) plus resources.footprint (the activations of a FluxSpace edit with one concept at 1024 x 1024,
-bf16). Estimates, not measurements: benchmarks/gpu_check.sh measures on a GPU.
+bf16; two rows a step where the preset samples with true CFG, as the klein base models do). Estimates, not measurements: benchmarks/gpu_check.sh measures on a GPU.
 
     python benchmarks/memory_estimates.py                      # flux-dev, flux2-klein-4b, flux2-klein-9b, flux2-dev
     python benchmarks/memory_estimates.py --presets flux2-dev --block-group 1
@@ -37,6 +37,7 @@ from flux_core.runtime.fp8 import is_quantized_weight  # noqa: E402
 from fluxspace.models import text_length  # noqa: E402
 from fluxspace.resources import GiB, footprint  # noqa: E402
 from fluxspace.runtime import Residency, resident_bytes  # noqa: E402
+from fluxspace.settings import true_cfg  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -56,20 +57,17 @@ LLMS = {
                                                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                                vocab_size=151936)),  # Qwen3-8B
 }  # fmt: skip
-MODES = {
-    "resident": Residency(),
-    "model offload": Residency(offload="model"),
-    "model offload + fp8": Residency(offload="model"),
-    "block streaming": Residency(offload="blocks"),
-    "block streaming + fp8": Residency(offload="blocks"),
-}
-FLAGS = {
-    "resident": "(none)",
-    "model offload": "--offload model",
-    "model offload + fp8": "--offload model --weights fp8",
-    "block streaming": "--offload blocks",
-    "block streaming + fp8": "--offload blocks --weights fp8",
-}
+# (mode, residency, fp8, the flags that choose it)
+MODES = (
+    ("resident", Residency(), False, "(none)"),
+    ("model offload", Residency(offload="model"), False, "--offload model"),
+    ("model offload + fp8", Residency(offload="model"), True, "--offload model --weights fp8"),
+    ("block streaming", Residency(offload="blocks"), False, "--offload blocks"),
+    ("block streaming + fp8", Residency(offload="blocks"), True, "--offload blocks --weights fp8"),
+)
+# The presets whose text encoders' configs are above.
+OFFICIAL = ("flux-dev", "flux-schnell", "flux-krea-dev", "flux-kontext-dev", "flux2-dev", "flux2-klein-4b",
+            "flux2-klein-9b", "flux2-klein-base-4b", "flux2-klein-base-9b")  # fmt: skip
 
 
 def numel(module: torch.nn.Module) -> int:
@@ -99,13 +97,12 @@ def estimate(name: str, block_group: int, size: int) -> dict:
     counts, layers, n_fp8 = parts(preset)
     pixels_per_token = 2 * preset.ae_params.downsampling
     rows = []
-    for mode, residency in MODES.items():
+    for mode, residency, fp8, flags in MODES:
         residency = Residency(offload=residency.offload, block_group=block_group)
-        fp8 = n_fp8 if mode.endswith("fp8") else 0
-        weights = resident_bytes(counts, preset.params, residency, "cuda", torch.bfloat16, fp8, layers)
+        weights = resident_bytes(counts, preset.params, residency, "cuda", torch.bfloat16, n_fp8 if fp8 else 0, layers)
         need = footprint(weights, preset.params, preset.ae_params, text_length(preset), size, size,
-                         pixels_per_token, 1, False, 2, torch.bfloat16)  # fmt: skip
-        rows.append({"mode": mode, "flags": FLAGS[mode], "weights_gib": weights / GiB,
+                         pixels_per_token, 1, true_cfg(preset), 2, torch.bfloat16)  # fmt: skip
+        rows.append({"mode": mode, "flags": flags, "weights_gib": weights / GiB,
                      "activations_gib": need.activations / GiB, "total_gib": need.total / GiB})  # fmt: skip
     return {"preset": name, "parameters": counts, "text_layers": len(layers), "fp8_weights": n_fp8, "rows": rows}
 
@@ -117,6 +114,9 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=1024, help="image side in pixels")
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/memory_estimates.json)")
     args = p.parse_args(argv)
+    unknown = [name for name in args.presets.split(",") if name not in OFFICIAL]
+    if unknown:
+        p.error(f"--presets {unknown[0]!r}: no published text-encoder config here; valid: {', '.join(OFFICIAL)}")
     results = [estimate(name, args.block_group, args.size) for name in args.presets.split(",")]
     for r in results:
         c = r["parameters"]

@@ -129,11 +129,13 @@ def edit_image(
     conditioned = models.preset.kontext or flux2  # the image conditions both runs (FLUX.2: references)
     if image is not None and not conditioned:
         return _edit_real_image(models, prompt, spec, seed, settings, image, inversion, fit, record)
-    if inversion is not None:  # a conditioning model takes image= as it is: no inversion to set
+    if inversion is not None and conditioned:  # the model conditions on image= as it is: nothing to invert
         from .inversion import NO_FLUX2_INVERSION
 
-        raise ValueError(NO_FLUX2_INVERSION if flux2 else f"{models.preset.name} edits image= by the instruction, "
-                         "without inversion; inversion= is for real images on text-to-image models")  # fmt: skip
+        raise ValueError(NO_FLUX2_INVERSION if flux2 else f"{models.preset.name} edits an image by instruction (the "
+                         "image conditions the run), without inversion: inversion settings do not apply")  # fmt: skip
+    if inversion is not None:
+        raise ValueError("inversion settings need image= (the real image to invert)")
     s = models.sample_settings(settings)
     validate(spec, num_steps=s.steps, num_double_blocks=models.params.depth, pooled_text=not flux2)
     encoded = encode_edit(spec, models.text)  # also checks that the mask words are in the edit prompts

@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from flux_core.files import WeightFiles
+from flux_core.formats import FAMILIES
 from flux_core.lora import (
     LoraError,
     LoraFile,
@@ -70,14 +71,18 @@ def as_spec(item) -> LoraSpec:
 
 
 class Loras:
-    """The LoRAs of one loaded model: files read and checked once, applied to each part as it loads."""
+    """The LoRAs of one loaded model: files read and checked once, applied to each part as it loads.
+    family: the model's ("flux1" or "flux2", its preset.family), whose module names the files are read
+    against (load_models passes it)."""
 
     def __init__(self, specs, mode: str = "fused", family: str = "flux1"):
         if mode not in LORA_MODES:
             raise ValueError(f"unknown LoRA mode {mode!r}; valid: {', '.join(LORA_MODES)}")
+        if family not in FAMILIES:
+            raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
         self.specs = [as_spec(s) for s in specs]
         self.mode = mode
-        self.family = family  # whose module names the files are read against (the model's preset.family)
+        self.family = family
         self.files: list[LoraFile] = []
         for spec in self.specs:
             if not spec.path.is_file():

@@ -47,6 +47,11 @@ class Footprint:
         return self.weights + self.activations
 
 
+# What FLUX.2's text encoder does not load of its LLM checkpoint (it runs the language model's layers
+# only): the output head, and Mistral3's vision tower and projector.
+NOT_LOADED_TEXT = re.compile(r"(^|\.)(lm_head|vision_tower|multi_modal_projector)\.")
+
+
 def part_weights(paths) -> dict[str, int]:
     """Parameters of each part of a models.ModelPaths (flow, ae, text: T5 and CLIP together, or the
     FLUX.2 LLM's language model), from their headers."""
@@ -62,24 +67,19 @@ def part_weights(paths) -> dict[str, int]:
     return counts
 
 
-# What FLUX.2's text encoder does not load of its LLM checkpoint (it runs the language model's layers
-# only): the output head, and Mistral3's vision tower and projector.
-NOT_LOADED_TEXT = re.compile(r"(^|\.)(lm_head|vision_tower|multi_modal_projector)\.")
-
-
 # The text encoder's layers that offload "blocks" streams (runtime._streamed_lists), by folder and key:
 # T5's encoder blocks (FLUX.1: text_encoder_2/), the decoder layers of FLUX.2's LLM (text_encoder/;
 # Mistral3's vision tower, which never runs for text, has layers too and is not counted here).
-STREAMED_TEXT_LAYERS = (
-    ("text_encoder_2", re.compile(r"^encoder\.block\.(\d+)\.")),
-    ("text_encoder", re.compile(r"^(?!.*vision).*\blayers\.(\d+)\.")),
-)
+STREAMED_TEXT_LAYERS = {
+    "flux1": ("text_encoder_2", re.compile(r"^encoder\.block\.(\d+)\.")),
+    "flux2": ("text_encoder", re.compile(r"^(?!.*vision).*\blayers\.(\d+)\.")),
+}
 
 
 def text_layer_weights(paths, family: str) -> list[int]:
     """Parameters of each streamed layer of the text encoder in `paths` (FLUX.1: T5's blocks; FLUX.2: the
     LLM's decoder layers), from the headers; [] where there are none."""
-    folder, pattern = STREAMED_TEXT_LAYERS[0 if family == "flux1" else 1]
+    folder, pattern = STREAMED_TEXT_LAYERS[family]
     layers: dict[int, int] = {}
     for file in sorted((Path(paths.text_encoders) / folder).glob("*.safetensors")):
         for key, shape in read_header(file)[0].items():

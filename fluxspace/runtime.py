@@ -8,8 +8,8 @@ so at most one part needs the device at a time. A `Residency` says what to do wi
     offload "none"    every part stays on its device (the default: fastest, needs the most memory)
             "model"   parts live in host memory (pinned for CUDA); the part that runs is copied to its
                       device and the one that ran before is sent back
-            "blocks"  as "model", and the transformer's blocks (and T5's, or the FLUX.2 LLM's layers) are streamed to the device
-                      in groups while they run (flux_core/offload.py); CUDA only
+            "blocks"  as "model", and the transformer's blocks (and T5's, or the FLUX.2 LLM's layers)
+                      are streamed to the device in groups while they run (flux_core/offload.py); CUDA only
     text_device       where T5 and CLIP run (default: the model's device); "cpu" keeps them off the GPU
     staged            load each part when it is first used and free it when another part is used, so
                       peak memory is that of the largest part, not of all three; a part used again is
@@ -21,7 +21,7 @@ a move to the "device" is a no-op) still see every move.
 """
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +96,7 @@ def _streamed_lists(part: str, module: nn.Module) -> list[tuple[nn.Module, tuple
 
 
 def resident_bytes(counts: dict[str, int], params, residency: Residency, device: str | torch.device,
-                   dtype: torch.dtype, n_fp8: int = 0, text_layers: list[int] = ()) -> int:  # fmt: skip
+                   dtype: torch.dtype, n_fp8: int = 0, text_layers: Sequence[int] = ()) -> int:  # fmt: skip
     """Bytes of weights on `device` at the peak, under `residency`. counts: parameters of each part
     (resources.part_weights); n_fp8: the transformer's weights held at one byte each (--weights fp8:
     its blocks' Linears; every other weight of every part is in `dtype`); text_layers: the text

@@ -169,5 +169,6 @@ def test_memory_estimates_are_the_readmes(tmp_path, capsys):
     assert flux1 == totals["flux-dev"]
     flux2 = [[cell.strip().split(" (")[0] for cell in line.split("|")[3:6]] for line in readme.splitlines()
              if line.startswith("| ") and "GiB" in line and line.count("|") == 6]  # fmt: skip
-    assert flux2 == [list(t) for t in zip(totals["flux2-klein-4b"], totals["flux2-klein-9b"], totals["flux2-dev"])]
+    columns = (totals["flux2-klein-4b"], totals["flux2-klein-9b"], totals["flux2-dev"])
+    assert flux2 == [list(t) for t in zip(*columns, strict=True)]
     capsys.readouterr()

@@ -191,6 +191,18 @@ def test_flux_weights_inspect_names_the_family(tmp_path, pair, capsys):
     assert "single_blocks.{0..1}.linear1" in found["k.safetensors"]["targets"]["flow"]
     assert weights_main(["inspect", str(official)]) == 0
     assert "model     FLUX.1 or FLUX.2 (it updates modules both have, of the same shapes)\n" in capsys.readouterr().out
+    # The MLP proportions decide when the names are shared: FLUX.2's file read as FLUX.1 is refused.
+    assert refusal(lambda: read_lora(kohya)) == (
+        f"{kohya}: lora_unet_double_blocks_0_img_mlp_0 (double_blocks.0.img_mlp.0) is 384 x 64 features, a FLUX.2 "
+        "MLP's proportions: a FLUX.2 LoRA, not a FLUX.1 one (FLUX.1 MLPs: ratio 4)"
+    )
+    odd = write(tmp_path, bfl_file(random_pairs({"double_blocks.0.img_mlp.0": (320, 64)}, RANK, 1)), "o.safetensors")
+    (report,) = inspect_path(odd)  # no family's proportions: each family's refusal, named
+    assert report["families"] == [] and report["problem"] == (
+        f"as a FLUX.1 LoRA: {odd}: double_blocks.0.img_mlp.0 is 320 x 64 features, which no FLUX.1 MLP has (FLUX.1 "
+        f"MLPs: ratio 4): a LoRA for another model; as a FLUX.2 LoRA: {odd}: double_blocks.0.img_mlp.0 is 320 x 64 "
+        "features, which no FLUX.2 MLP has (FLUX.2 MLPs: ratio 3, gated): a LoRA for another model"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -237,6 +238,12 @@ def test_cli_lora_on_flux2(folder, lora_file, tmp_path, capsys):
     assert (recorded["file"], recorded["format"], recorded["scale"]) == ("klein-style.safetensors", "kohya", 0.5)
     assert main(["sweep", PROMPT, "--edit", "glasses", "--vary", "lora_scale=0,1", "--model", str(folder), "--seed", "2", "--quiet",
                  "--lora", str(lora_file), "--out", str(tmp_path / "s.png")]) == 0  # fmt: skip
+    params = read_png_params(tmp_path / "s.png")
+    assert params["vary"] == {"lora_scale": [0.0, 1.0]} and params["loras"][0]["file"] == "klein-style.safetensors"
+    grid = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
+    assert grid.shape[1] == 3 * 128 + 2 * 4  # the unedited image, then lora_scale 0 and 1, 128 px, 4 px apart
+    at_0, at_1 = grid[:, 132:260], grid[:, 264:392]
+    assert not np.array_equal(at_0, at_1)  # the LoRA's strength changes the image
     capsys.readouterr()
 
 
@@ -252,9 +259,8 @@ def test_one_line_refusals(folder, photo, tmp_path, capsys):
                            "lambda_coarse=0 and edit with the fine edit\n")  # fmt: skip
     lora = FLUX_MINI_DIR.parent / "loras" / "pixel.safetensors"  # flux-mini's LoRA: FLUX.1 module names
     code, err = cli(capsys, "generate", PROMPT, "--model", folder, "--lora", lora, *out)
-    assert (code, err) == (2, f"fluxspace: error: {lora}: double_blocks.0.img_attn.proj.lora_A.weight takes 192 input "
-                           "features; double_blocks.0.img_attn.proj of this model takes 64 (a LoRA for a model of "
-                           "another width, or with extra input channels)\n")  # fmt: skip
+    assert (code, err) == (2, f"fluxspace: error: {lora}: double_blocks.0.img_mlp.0 is 768 x 192 features, a FLUX.1 "
+                           "MLP's proportions: a FLUX.1 LoRA, not a FLUX.2 one (FLUX.2 MLPs: ratio 3, gated)\n")  # fmt: skip
     code, err = cli(capsys, "generate", PROMPT, "--model", folder, "--preset", "flux-dev", *out)
     assert (code, err) == (2, f"fluxspace: error: preset 'flux-dev' is a FLUX.1 model but {folder / 'flux2-tiny.safetensors'} "
                            f"is a FLUX.2 transformer; FLUX.2 presets: {', '.join(family_presets('flux2'))}\n")  # fmt: skip

@@ -258,8 +258,8 @@ def test_fluxspace_edit_on_kontext_needs_no_inversion(kontext, photo):
 
     with pytest.raises(ValueError) as e:  # inversion settings have nothing to set on a conditioning model
         edit_image(kontext, "add glasses", spec, seed=1, progress=False, image=photo, inversion=InversionSettings())
-    assert str(e.value) == ("tiny-kontext edits image= by the instruction, without inversion; inversion= is for real "
-                            "images on text-to-image models")  # fmt: skip
+    assert str(e.value) == ("tiny-kontext edits an image by instruction (the image conditions the run), without "
+                            "inversion: inversion settings do not apply")  # fmt: skip
 
 
 def test_kontext_refusals(kontext, models, photo):

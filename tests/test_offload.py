@@ -324,3 +324,14 @@ def test_resident_bytes_counts_fp8_on_the_transformer_only(tiny_checkpoint, resi
     assert resident_bytes(counts, resident.params, Residency(offload="model"), "cpu", bf16, n_fp8, layers) == (
         sum(two_byte.values()) - n_fp8
     )
+    # Block streaming, one block a group: two blocks on the device (the largest counted: tiny's double
+    # block), the rest of the transformer whole; fp8 weights pro rata of the blocks held.
+    blocks = [*resident.flow.double_blocks, *resident.flow.single_blocks]
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    assert len(sizes) == 3 and max(sizes) == sizes[0]
+    held = counts["flow"] - sum(sizes) + 2 * sizes[0]
+    streaming = Residency(offload="blocks", block_group=1)
+    flow = {"flow": counts["flow"]}
+    assert resident_bytes(flow, resident.params, streaming, "cuda", bf16, 0, layers) == 2 * held
+    fp8_held = n_fp8 * 2 * sizes[0] // sum(sizes)
+    assert resident_bytes(flow, resident.params, streaming, "cuda", bf16, n_fp8, layers) == 2 * held - fp8_held

@@ -69,6 +69,10 @@ def test_edit_image_takes_a_real_image(models, photo):
     r = edit_image(models, "a photo", spec, settings=SampleSettings(steps=3), image=photo, fit="crop")
     assert r.original.size == (64, 48) and r.settings.cfg_scale == 1.0
     assert np.array_equal(np.asarray(r.original), np.asarray(r.edited))  # zero scales: the reconstruction
+    from fluxspace.inversion import InversionSettings
+
+    with pytest.raises(ValueError, match=r"^inversion settings need image= \(the real image to invert\)$"):
+        edit_image(models, "a photo", spec, settings=SampleSettings(steps=3), inversion=InversionSettings())
 
 
 def test_cli_invert_and_edit_a_real_image(tiny_checkpoint, photo, tmp_path, capsys):

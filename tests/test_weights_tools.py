@@ -402,3 +402,20 @@ def test_inspect_a_set_folder_reports_each_file(ckpt):
     reports = inspect_path(ckpt)
     assert [(Path(r["path"]).name, r["model"], r["problem"]) for r in reports] == [
         ("ae.safetensors", "ae", None), ("flux1-tiny.safetensors", "transformer", None)]  # fmt: skip
+
+
+def test_inspect_an_unindexed_shard_folder_reports_one_model(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flux_core.files import read_header
+    from weights_tools.inspect import inspect_path
+
+    sd = load_file(ckpt / "flux1-tiny.safetensors")
+    keys = sorted(sd)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    meta = read_header(ckpt / "flux1-tiny.safetensors")[2]  # RoPE axes, preset: what shapes do not say
+    save_file({k: sd[k] for k in keys[: len(keys) // 2]}, shards / "part-1.safetensors", meta)
+    save_file({k: sd[k] for k in keys[len(keys) // 2 :]}, shards / "part-2.safetensors", meta)
+    (report,) = inspect_path(shards)
+    assert (report["model"], report["num_tensors"], report["problem"]) == ("transformer", len(keys), None)

@@ -25,8 +25,7 @@ from flux_core.flux2.loading import check_flux2_autoencoder, check_flux2_model, 
 from flux_core.formats import BFL_PREFIX, FAMILIES, ConversionError
 from flux_core.inference import detect_variant
 from flux_core.loading import check_autoencoder, check_flow_model
-from flux_core.lora import LoraError, read_lora
-from flux_core.lora.files import ForeignLoraError
+from flux_core.lora import ForeignLoraError, LoraError, read_lora
 from flux_core.lora.formats import detect as detect_lora
 from flux_core.presets import PRESETS
 from flux_core.runtime.fp8 import fp8_layout
@@ -158,31 +157,10 @@ def _collapse(names) -> list[str]:
     return [g["keys"] for g in group_keys({n + ".": () for n in names}, {n + ".": "" for n in names})]
 
 
-# (output / input features) of the MLP Linears a LoRA may update, per family: FLUX.1's GELU MLP of ratio 4,
-# FLUX.2's SwiGLU of ratio 3 (its first Linear gives gate and value); a single block's linear1 gives
-# q, k, v and the MLP input, its linear2 takes the attention output and the MLP's.
-MLP_PROPORTIONS = {
-    "FLUX.1": {"_mlp.0": 4, "_mlp.2": 1 / 4, "linear1": 7, "linear2": 1 / 5},
-    "FLUX.2": {"_mlp.0": 6, "_mlp.2": 1 / 3, "linear1": 9, "linear2": 1 / 4},
-}
-
-
-def _fits_proportions(lora) -> bool:
-    """No whole-module update of the LoRA has an MLP shape its family's blocks cannot have."""
-    for piece in lora.pieces:
-        target = piece.entry.target
-        if target.part != "flow" or target.rows is not None:
-            continue
-        for suffix, ratio in MLP_PROPORTIONS[lora.family.name].items():
-            if target.module.endswith(suffix) and piece.up.shape[0] != ratio * piece.down.shape[1]:
-                return False
-    return True
-
-
 def inspect_lora(path: Path, with_keys: bool = False) -> dict:
     """What `flux-weights inspect` reports of a LoRA file: format, ranks, alphas, the modules it updates, and
-    the model family (FLUX.1, FLUX.2) whose module names and MLP proportions it fits (a LoRA on attention
-    Linears only, on official names, fits both)."""
+    the model family (FLUX.1, FLUX.2) it reads as, by its module names and MLP proportions (read_lora: a
+    LoRA on attention Linears only, on official names, fits both)."""
     shapes, dtypes, metadata = read_header(path)
     report = {
         "path": str(path), "files": [str(path)], "size_bytes": path.stat().st_size, "model": "lora",
@@ -198,7 +176,6 @@ def inspect_lora(path: Path, with_keys: bool = False) -> dict:
             problems[FAMILIES[family]] = e
         else:
             read.append(lora)
-    read = [lora for lora in read if _fits_proportions(lora)] or read
     if not read:  # the problem of the family whose names the file has, else each family's
         said = {name: str(e) for name, e in problems.items() if not isinstance(e, ForeignLoraError)}
         said = said or {name: str(e) for name, e in problems.items()}
@@ -250,7 +227,7 @@ def _problem_metadata_keys(report: dict) -> list[str]:
 
 def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | None = None) -> list[dict]:
     """One report per model: a file or shard folder gives one, a diffusers pipeline folder one per component,
-    a folder of single files (no index json) one per file, a LoRA file its own report (inspect_lora)."""
+    a transformer file with ae.safetensors beside it one per file, a LoRA file its own report (inspect_lora)."""
     path = Path(path)
     if path.is_file() and model is None and detect_lora(read_header(path)[0]) is not None:
         return [inspect_lora(path, with_keys)]
@@ -258,9 +235,9 @@ def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | 
         files = shard_files(path)
         if not files and component_folders(path):
             return [inspect_weights(open_weights(path, m), with_keys) for m in component_folders(path)]
-        if len(files) > 1 and not any(path.glob("*.safetensors.index.json")):
-            # no index: separate files side by side (the official repositories' roots, our sets: the
-            # transformer and ae.safetensors), not the shards of one model
+        if len(files) > 1 and any(f.name == "ae.safetensors" for f in files):
+            # a transformer file with ae.safetensors beside it (the official repositories' roots, our
+            # sets): two models, a report each; other index-less folders are the shards of one model
             return [report for file in files for report in inspect_path(file, with_keys)]
     return [inspect_weights(open_weights(path, model), with_keys)]
 

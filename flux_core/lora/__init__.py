@@ -12,12 +12,13 @@
 """
 
 from .apply import Fused, LoraLinear, LoraScales, LowRank, attach, detach, family_of, fuse, linear_shapes
-from .files import LoraError, LoraFile, file_sha256, read_lora, updates_for
+from .files import ForeignLoraError, LoraError, LoraFile, file_sha256, read_lora, updates_for
 from .formats import FAMILIES, FORMATS
 
 __all__ = [
     "FAMILIES",
     "FORMATS",
+    "ForeignLoraError",
     "Fused",
     "LoraError",
     "LoraFile",

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..files import CheckpointError, read_header
 from .apply import LowRank
-from .formats import FLUX1, FLUX2, PARTS, Entry, Family, Rows, detect, get_family, parse
+from .formats import FAMILIES, FLUX1, FLUX2, PARTS, Entry, Family, Rows, detect, get_family, parse
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Known model families by a key that only their LoRAs carry: named in the refusal of a foreign file.
@@ -159,6 +159,7 @@ def read_lora(path: str | os.PathLike, family: str | Family = "flux1") -> LoraFi
         missing = [e.name for e in entries if getattr(e, role) is None]
         if missing:
             raise LoraError(f"{path}: LoRA entries without their {role} matrix: {_listing(missing)}")
+    _check_mlp_shapes(path, entries, shapes, family)
     if fmt == "kohya":
         missing = [e.name for e in entries if e.alpha is None]
         if missing:
@@ -172,6 +173,29 @@ def read_lora(path: str | os.PathLike, family: str | Family = "flux1") -> LoraFi
     with safe_open(path, framework="pt") as f:
         pieces = tuple(_piece(path, f, e, shapes, alpha_default) for e in entries)
     return LoraFile(path, fmt, pieces, metadata, family)
+
+
+def _check_mlp_shapes(path: Path, entries, shapes, family: Family) -> None:
+    """Refuse a file whose MLP updates have another family's proportions: FLUX.1 and FLUX.2 share
+    their official module names, so a whole-module update of an MLP Linear is what tells them apart
+    (an update of attention Linears only fits both)."""
+    for e in entries:
+        target = e.target
+        if target.part != "flow" or target.rows is not None or len(shapes[e.down]) != 2 or len(shapes[e.up]) != 2:
+            continue
+        out_features, in_features = shapes[e.up][0], shapes[e.down][1]
+        for suffix, ratio in family.mlp_proportions().items():
+            if target.module.endswith(suffix) and out_features != ratio * in_features:
+                other = next((f.name for f in FAMILIES.values() if f is not family
+                              and out_features == f.mlp_proportions()[suffix] * in_features), None)  # fmt: skip
+                what = target.module if e.name == target.module else f"{e.name} ({target.module})"
+                kind = f"ratio {family.mlp_ratio:g}{', gated' if family.gated_mlp else ''}"
+                raise ForeignLoraError(
+                    f"{path}: {what} is {out_features} x {in_features} features, a {other} MLP's proportions: a "
+                    f"{other} LoRA, not a {family.name} one ({family.name} MLPs: {kind})" if other else
+                    f"{path}: {what} is {out_features} x {in_features} features, which no {family.name} MLP has "
+                    f"({family.name} MLPs: {kind}): a LoRA for another model"
+                )  # fmt: skip
 
 
 def _metadata_alpha(path: Path, metadata: dict[str, str]) -> float | None:

@@ -97,12 +97,23 @@ class Family:
     half_swapped: tuple[tuple[str, str], ...]
     formats: tuple[str, ...]
     text_encoders: bool
+    mlp_ratio: float  # the MLP's hidden width over the model width (every preset of the family)
+    gated_mlp: bool  # SwiGLU: the MLP's first Linear gives gate and value, twice the hidden width
+
+    def mlp_proportions(self) -> dict[str, float]:
+        """Output over input features of the Linears whose shape tells the families apart (the names
+        are shared): a double block's MLP in and out, a single block's fused linear1 (q, k, v and the
+        MLP input) and linear2 (attention and MLP outputs in)."""
+        r, first = self.mlp_ratio, self.mlp_ratio * (2 if self.gated_mlp else 1)
+        return {"_mlp.0": first, "_mlp.2": 1 / r, "linear1": 3 + first, "linear2": 1 / (1 + r)}
 
 
 FLUX1 = Family("FLUX.1", FLOW_LINEARS, flux1_formats.TRANSFORMER_RENAMES, flux1_formats.TRANSFORMER_FUSED,
-               flux1_formats.TRANSFORMER_HALF_SWAPPED, ("diffusers", "kohya", "bfl", "xlabs"), True)  # fmt: skip
+               flux1_formats.TRANSFORMER_HALF_SWAPPED, ("diffusers", "kohya", "bfl", "xlabs"), True,
+               mlp_ratio=4.0, gated_mlp=False)  # fmt: skip
 FLUX2 = Family("FLUX.2", FLUX2_LINEARS, flux2_formats.TRANSFORMER_RENAMES, flux2_formats.TRANSFORMER_FUSED,
-               flux2_formats.TRANSFORMER_HALF_SWAPPED, ("diffusers", "kohya", "bfl"), False)  # fmt: skip
+               flux2_formats.TRANSFORMER_HALF_SWAPPED, ("diffusers", "kohya", "bfl"), False,
+               mlp_ratio=3.0, gated_mlp=True)  # fmt: skip
 FAMILIES: dict[str, Family] = {"flux1": FLUX1, "flux2": FLUX2}
 
 
