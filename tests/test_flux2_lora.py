@@ -27,7 +27,7 @@ from lora_files import (
     xlabs_file,
 )
 from test_flux2_model import diffusers_reference, rel_err
-from tiny import random_state_dict, tiny_flux2, tiny_flux2_inputs
+from tiny import random_state_dict, tiny_flux2, tiny_flux2_inputs, tiny_model
 
 from flux_core.lora import (
     LoraError,
@@ -191,18 +191,17 @@ def test_flux_weights_inspect_names_the_family(tmp_path, pair, capsys):
     assert "single_blocks.{0..1}.linear1" in found["k.safetensors"]["targets"]["flow"]
     assert weights_main(["inspect", str(official)]) == 0
     assert "model     FLUX.1 or FLUX.2 (it updates modules both have, of the same shapes)\n" in capsys.readouterr().out
-    # The MLP proportions decide when the names are shared: FLUX.2's file read as FLUX.1 is refused.
-    assert refusal(lambda: read_lora(kohya)) == (
-        f"{kohya}: lora_unet_double_blocks_0_img_mlp_0 (double_blocks.0.img_mlp.0) is 384 x 64 features, a FLUX.2 "
-        "MLP's proportions: a FLUX.2 LoRA, not a FLUX.1 one (FLUX.1 MLPs: ratio 4)"
+    # A FLUX.2 file read as FLUX.1 on a FLUX.1 model of the same width: its MLP shapes name it in the refusal.
+    flux1 = linear_shapes(tiny_model())
+    assert flux1["double_blocks.0.img_attn.qkv"] == (192, 64)  # the same width as the FLUX.2 file's
+    assert refusal(lambda: updates_for(read_lora(kohya, family="flux1"), "flow", flux1)) == (
+        f"{kohya}: lora_unet_double_blocks_0_img_mlp_0.lora_up.weight has 384 rows (a FLUX.2 MLP's proportions: a "
+        "FLUX.2 LoRA); it updates 256 rows of double_blocks.0.img_mlp.0 (256 in all)"
     )
+    # Shapes of no official model (another MLP ratio, as our training code can build): both families by name.
     odd = write(tmp_path, bfl_file(random_pairs({"double_blocks.0.img_mlp.0": (320, 64)}, RANK, 1)), "o.safetensors")
-    (report,) = inspect_path(odd)  # no family's proportions: each family's refusal, named
-    assert report["families"] == [] and report["problem"] == (
-        f"as a FLUX.1 LoRA: {odd}: double_blocks.0.img_mlp.0 is 320 x 64 features, which no FLUX.1 MLP has (FLUX.1 "
-        f"MLPs: ratio 4): a LoRA for another model; as a FLUX.2 LoRA: {odd}: double_blocks.0.img_mlp.0 is 320 x 64 "
-        "features, which no FLUX.2 MLP has (FLUX.2 MLPs: ratio 3, gated): a LoRA for another model"
-    )
+    (report,) = inspect_path(odd)
+    assert (report["families"], report["official_mlp"], report["problem"]) == (["FLUX.1", "FLUX.2"], False, None)
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -259,8 +259,9 @@ def test_one_line_refusals(folder, photo, tmp_path, capsys):
                            "lambda_coarse=0 and edit with the fine edit\n")  # fmt: skip
     lora = FLUX_MINI_DIR.parent / "loras" / "pixel.safetensors"  # flux-mini's LoRA: FLUX.1 module names
     code, err = cli(capsys, "generate", PROMPT, "--model", folder, "--lora", lora, *out)
-    assert (code, err) == (2, f"fluxspace: error: {lora}: double_blocks.0.img_mlp.0 is 768 x 192 features, a FLUX.1 "
-                           "MLP's proportions: a FLUX.1 LoRA, not a FLUX.2 one (FLUX.2 MLPs: ratio 3, gated)\n")  # fmt: skip
+    assert (code, err) == (2, f"fluxspace: error: {lora}: double_blocks.0.img_attn.proj.lora_A.weight takes 192 input "
+                           "features; double_blocks.0.img_attn.proj of this model takes 64 (a LoRA for a model of "
+                           "another width, or with extra input channels)\n")  # fmt: skip
     code, err = cli(capsys, "generate", PROMPT, "--model", folder, "--preset", "flux-dev", *out)
     assert (code, err) == (2, f"fluxspace: error: preset 'flux-dev' is a FLUX.1 model but {folder / 'flux2-tiny.safetensors'} "
                            f"is a FLUX.2 transformer; FLUX.2 presets: {', '.join(family_presets('flux2'))}\n")  # fmt: skip

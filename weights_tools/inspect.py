@@ -26,6 +26,7 @@ from flux_core.formats import BFL_PREFIX, FAMILIES, ConversionError
 from flux_core.inference import detect_variant
 from flux_core.loading import check_autoencoder, check_flow_model
 from flux_core.lora import ForeignLoraError, LoraError, read_lora
+from flux_core.lora.files import mlp_families
 from flux_core.lora.formats import detect as detect_lora
 from flux_core.presets import PRESETS
 from flux_core.runtime.fp8 import fp8_layout
@@ -159,13 +160,14 @@ def _collapse(names) -> list[str]:
 
 def inspect_lora(path: Path, with_keys: bool = False) -> dict:
     """What `flux-weights inspect` reports of a LoRA file: format, ranks, alphas, the modules it updates, and
-    the model family (FLUX.1, FLUX.2) it reads as, by its module names and MLP proportions (read_lora: a
-    LoRA on attention Linears only, on official names, fits both)."""
+    the model family (FLUX.1, FLUX.2) it fits, by its module names and the official MLP proportions
+    (flux_core.lora.files.mlp_families; a LoRA on attention Linears only, on official names, fits both)."""
     shapes, dtypes, metadata = read_header(path)
     report = {
         "path": str(path), "files": [str(path)], "size_bytes": path.stat().st_size, "model": "lora",
         "num_tensors": len(shapes), "num_params": num_params(shapes),
         "dtypes": dict(sorted(Counter(dtypes.values()).items())), "format": detect_lora(shapes), "families": [],
+        "official_mlp": False,
         "ranks": [], "alphas": [], "strengths": [], "entries": 0, "targets": {}, "problem": None, "metadata": metadata,
     }  # fmt: skip
     read, problems = [], {}
@@ -182,8 +184,11 @@ def inspect_lora(path: Path, with_keys: bool = False) -> dict:
         distinct = set(said.values())
         report["problem"] = distinct.pop() if len(distinct) == 1 else "; ".join(f"as a {n} LoRA: {e}" for n, e in said.items())
     else:
-        lora = read[0]
-        report["families"] = [r.family.name for r in read]
+        # names shared by both families: the MLP updates' proportions decide (mlp_families), where they can
+        fitting = [r for r in read if all(r.family.name in mlp_families(p) for p in r.pieces)]
+        lora = (fitting or read)[0]
+        report["families"] = [r.family.name for r in fitting or read]
+        report["official_mlp"] = bool(fitting)
         report["format"], report["ranks"], report["alphas"] = lora.format, lora.ranks(), lora.alphas()
         report["entries"] = len(lora.pieces)
         report["strengths"] = sorted({p.alpha / p.rank if p.alpha is not None else 1.0 for p in lora.pieces})
@@ -199,8 +204,7 @@ def format_lora_report(report: dict) -> str:
         f"path      {report['path']} ({_human_bytes(report['size_bytes'])})",
         f"LoRA      {report['format']} format, {report['entries']} low-rank pairs, {report['num_tensors']} tensors, "
         + ", ".join(f"{d} x{n}" for d, n in report["dtypes"].items()),
-        "model     " + (" or ".join(report["families"]) or "-")
-        + (" (it updates modules both have, of the same shapes)" if len(report["families"]) > 1 else ""),
+        "model     " + (" or ".join(report["families"]) or "-") + _family_note(report),
         "rank      " + (", ".join(map(str, report["ranks"])) or "-"),
         "alpha     " + (", ".join(f"{a:g}" for a in report["alphas"]) or "none (strength 1 per pair)"),
         "alpha/r   " + (", ".join(f"{a:g}" for a in report["strengths"]) or "-"),
@@ -210,6 +214,14 @@ def format_lora_report(report: dict) -> str:
         lines += [f"  {n}" for n in names]
     lines += _problem_metadata_keys(report)
     return "\n".join(lines)
+
+
+def _family_note(report: dict) -> str:
+    if not report["families"]:
+        return ""
+    if not report["official_mlp"]:
+        return " by its module names (its MLP shapes are no official model's: a model of another MLP ratio)"
+    return " (it updates modules both have, of the same shapes)" if len(report["families"]) > 1 else ""
 
 
 def _problem_metadata_keys(report: dict) -> list[str]:

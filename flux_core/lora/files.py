@@ -159,7 +159,6 @@ def read_lora(path: str | os.PathLike, family: str | Family = "flux1") -> LoraFi
         missing = [e.name for e in entries if getattr(e, role) is None]
         if missing:
             raise LoraError(f"{path}: LoRA entries without their {role} matrix: {_listing(missing)}")
-    _check_mlp_shapes(path, entries, shapes, family)
     if fmt == "kohya":
         missing = [e.name for e in entries if e.alpha is None]
         if missing:
@@ -175,27 +174,19 @@ def read_lora(path: str | os.PathLike, family: str | Family = "flux1") -> LoraFi
     return LoraFile(path, fmt, pieces, metadata, family)
 
 
-def _check_mlp_shapes(path: Path, entries, shapes, family: Family) -> None:
-    """Refuse a file whose MLP updates have another family's proportions: FLUX.1 and FLUX.2 share
-    their official module names, so a whole-module update of an MLP Linear is what tells them apart
-    (an update of attention Linears only fits both)."""
-    for e in entries:
-        target = e.target
-        if target.part != "flow" or target.rows is not None or len(shapes[e.down]) != 2 or len(shapes[e.up]) != 2:
-            continue
-        out_features, in_features = shapes[e.up][0], shapes[e.down][1]
-        for suffix, ratio in family.mlp_proportions().items():
-            if target.module.endswith(suffix) and out_features != ratio * in_features:
-                other = next((f.name for f in FAMILIES.values() if f is not family
-                              and out_features == f.mlp_proportions()[suffix] * in_features), None)  # fmt: skip
-                what = target.module if e.name == target.module else f"{e.name} ({target.module})"
-                kind = f"ratio {family.mlp_ratio:g}{', gated' if family.gated_mlp else ''}"
-                raise ForeignLoraError(
-                    f"{path}: {what} is {out_features} x {in_features} features, a {other} MLP's proportions: a "
-                    f"{other} LoRA, not a {family.name} one ({family.name} MLPs: {kind})" if other else
-                    f"{path}: {what} is {out_features} x {in_features} features, which no {family.name} MLP has "
-                    f"({family.name} MLPs: {kind}): a LoRA for another model"
-                )  # fmt: skip
+def mlp_families(piece: "Piece") -> list[str]:
+    """Names of the families whose official MLP proportions a whole-module update has (FLUX.1 and FLUX.2
+    share their official module names; the MLPs' shapes tell them apart). Every family for an update
+    of anything else (attention, modulation, a part of a fused Linear). A model of another MLP ratio,
+    as flux-mini's training code can build, fits neither: this is a hint, never a refusal."""
+    target = piece.entry.target
+    out_features, in_features = piece.up.shape[0], piece.down.shape[1]
+    fits = []
+    for family in FAMILIES.values():
+        ratios = [r for suffix, r in family.mlp_proportions().items() if target.module.endswith(suffix)]
+        if target.part != "flow" or target.rows is not None or not ratios or out_features == ratios[0] * in_features:
+            fits.append(family.name)
+    return fits
 
 
 def _metadata_alpha(path: Path, metadata: dict[str, str]) -> float | None:
@@ -293,7 +284,9 @@ def updates_for(lora: LoraFile, part: str, shapes: Mapping[str, tuple[int, ...]]
         spans = [(0, out_features)] if target.rows is None else _row_spans(target.rows, out_features, in_features)
         rows = sum(b - a for a, b in spans)
         if p.up.shape[0] != rows:
-            raise LoraError(f"{lora.path}: {p.entry.up} has {p.up.shape[0]} rows; it updates {rows} rows of "
+            fits = mlp_families(p)
+            hint = f" (a {fits[0]} MLP's proportions: a {fits[0]} LoRA)" if fits in ([FLUX1.name], [FLUX2.name]) else ""
+            raise LoraError(f"{lora.path}: {p.entry.up} has {p.up.shape[0]} rows{hint}; it updates {rows} rows of "
                             f"{target.module} ({out_features} in all)")  # fmt: skip
         pieces.setdefault(target.module, []).append((p, spans))
     return {module: _stack(lora, module, shapes[module], group) for module, group in pieces.items()}

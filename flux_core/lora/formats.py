@@ -97,7 +97,7 @@ class Family:
     half_swapped: tuple[tuple[str, str], ...]
     formats: tuple[str, ...]
     text_encoders: bool
-    mlp_ratio: float  # the MLP's hidden width over the model width (every preset of the family)
+    mlp_ratio: float  # the MLP's hidden width over the model width (the official models'; a hint, not a rule)
     gated_mlp: bool  # SwiGLU: the MLP's first Linear gives gate and value, twice the hidden width
 
     def mlp_proportions(self) -> dict[str, float]:
