@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -184,7 +185,7 @@ def mlp_families(piece: "Piece") -> list[str]:
     fits = []
     for family in FAMILIES.values():
         ratios = [r for suffix, r in family.mlp_proportions().items() if target.module.endswith(suffix)]
-        if target.part != "flow" or target.rows is not None or not ratios or out_features == ratios[0] * in_features:
+        if target.part != "flow" or target.rows is not None or not ratios or Fraction(out_features, in_features) == ratios[0]:
             fits.append(family.name)
     return fits
 

@@ -35,6 +35,7 @@ and checks them.
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import cache
 
 from .. import formats as flux1_formats
@@ -100,11 +101,12 @@ class Family:
     mlp_ratio: float  # the MLP's hidden width over the model width (the official models'; a hint, not a rule)
     gated_mlp: bool  # SwiGLU: the MLP's first Linear gives gate and value, twice the hidden width
 
-    def mlp_proportions(self) -> dict[str, float]:
-        """Output over input features of the Linears whose shape tells the families apart (the names
-        are shared): a double block's MLP in and out, a single block's fused linear1 (q, k, v and the
-        MLP input) and linear2 (attention and MLP outputs in)."""
-        r, first = self.mlp_ratio, self.mlp_ratio * (2 if self.gated_mlp else 1)
+    def mlp_proportions(self) -> dict[str, Fraction]:
+        """Output over input features (exact fractions) of the Linears whose shape tells the families
+        apart (the names are shared): a double block's MLP in and out, a single block's fused linear1
+        (q, k, v and the MLP input) and linear2 (attention and MLP outputs in)."""
+        r = Fraction(self.mlp_ratio)
+        first = r * (2 if self.gated_mlp else 1)
         return {"_mlp.0": first, "_mlp.2": 1 / r, "linear1": 3 + first, "linear2": 1 / (1 + r)}
 
 
