@@ -198,6 +198,35 @@ def test_flux_weights_inspect_names_the_family(tmp_path, pair, capsys):
         f"{kohya}: lora_unet_double_blocks_0_img_mlp_0.lora_up.weight has 384 rows (a FLUX.2 MLP's proportions: a "
         "FLUX.2 LoRA); it updates 256 rows of double_blocks.0.img_mlp.0 (256 in all)"
     )
+    # The input side tells them apart too (mlp.2 takes 3 x width in FLUX.2, 4 x in FLUX.1) ...
+    down = write(tmp_path, bfl_file(random_pairs({"double_blocks.0.img_mlp.2": (64, 192)}, RANK, 1)), "m2.safetensors")
+    assert refusal(lambda: updates_for(read_lora(down), "flow", flux1)) == (
+        f"{down}: double_blocks.0.img_mlp.2.lora_A.weight takes 192 input features (a FLUX.2 MLP's proportions: a "
+        "FLUX.2 LoRA); double_blocks.0.img_mlp.2 of this model takes 256 (a LoRA for a model of another width, or "
+        "with extra input channels)"
+    )
+    # ... and a file of the model's own family on a model of another MLP ratio gets no such hint.
+    own = write(tmp_path, bfl_file(random_pairs({"double_blocks.0.img_mlp.0": (256, 64)}, RANK, 1)), "own.safetensors")
+    assert refusal(lambda: updates_for(read_lora(own), "flow", flux1 | {"double_blocks.0.img_mlp.0": (128, 64)})) == (
+        f"{own}: double_blocks.0.img_mlp.0.lora_B.weight has 256 rows; it updates 128 rows of double_blocks.0.img_mlp.0 "
+        "(128 in all)"
+    )
+    # FLUX.1-only names with FLUX.2 MLP shapes: FLUX.1 by its names, the shapes named.
+    mixed = bfl_file(random_pairs({"double_blocks.0.img_mod.lin": (384, 64), "double_blocks.0.img_mlp.0": (384, 64)},
+                                  RANK, 1))  # fmt: skip
+    (report,) = inspect_path(write(tmp_path, mixed, "mixed.safetensors"))
+    assert (report["families"], report["mlp_shapes_of"]) == (["FLUX.1"], ["FLUX.2"])
+    empty = write(tmp_path, {"double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(0, 64),
+                             "double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(192, 0)}, "empty.safetensors")  # fmt: skip
+    assert refusal(lambda: read_lora(empty, family="flux2")) == (
+        f"{empty}: double_blocks.0.img_attn.qkv: down (0, 64) and up (192, 0) are empty (rank or width 0)"
+    )
+    # Several LoRA files in one folder: a report each.
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name in ("k.safetensors", "b.safetensors"):
+        (folder / name).write_bytes((tmp_path / name).read_bytes())
+    assert [r["model"] for r in inspect_path(folder)] == ["lora", "lora"]
     # Shapes of no official model (another MLP ratio, as our training code can build): both families by name.
     odd = write(tmp_path, bfl_file(random_pairs({"double_blocks.0.img_mlp.0": (320, 64)}, RANK, 1)), "o.safetensors")
     (report,) = inspect_path(odd)

@@ -167,7 +167,7 @@ def inspect_lora(path: Path, with_keys: bool = False) -> dict:
         "path": str(path), "files": [str(path)], "size_bytes": path.stat().st_size, "model": "lora",
         "num_tensors": len(shapes), "num_params": num_params(shapes),
         "dtypes": dict(sorted(Counter(dtypes.values()).items())), "format": detect_lora(shapes), "families": [],
-        "official_mlp": False,
+        "official_mlp": False, "mlp_shapes_of": [],
         "ranks": [], "alphas": [], "strengths": [], "entries": 0, "targets": {}, "problem": None, "metadata": metadata,
     }  # fmt: skip
     read, problems = [], {}
@@ -189,6 +189,9 @@ def inspect_lora(path: Path, with_keys: bool = False) -> dict:
         lora = (fitting or read)[0]
         report["families"] = [r.family.name for r in fitting or read]
         report["official_mlp"] = bool(fitting)
+        # names of one family, MLP shapes of the other's official models: say so
+        shaped = set.intersection(*(set(mlp_families(p)) for p in lora.pieces)) if lora.pieces else set()
+        report["mlp_shapes_of"] = sorted(shaped) if not fitting else report["families"]
         report["format"], report["ranks"], report["alphas"] = lora.format, lora.ranks(), lora.alphas()
         report["entries"] = len(lora.pieces)
         report["strengths"] = sorted({p.alpha / p.rank if p.alpha is not None else 1.0 for p in lora.pieces})
@@ -220,6 +223,9 @@ def _family_note(report: dict) -> str:
     if not report["families"]:
         return ""
     if not report["official_mlp"]:
+        other = report.get("mlp_shapes_of") or []
+        if len(other) == 1:
+            return f" by its module names, but its MLP shapes are {other[0]}'s"
         return " by its module names (its MLP shapes are no official model's: a model of another MLP ratio)"
     return " (it updates modules both have, of the same shapes)" if len(report["families"]) > 1 else ""
 
@@ -239,7 +245,7 @@ def _problem_metadata_keys(report: dict) -> list[str]:
 
 def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | None = None) -> list[dict]:
     """One report per model: a file or shard folder gives one, a diffusers pipeline folder one per component,
-    a transformer file with ae.safetensors beside it one per file, a LoRA file its own report (inspect_lora)."""
+    separate files side by side one per file (_separate), a LoRA file its own report (inspect_lora)."""
     path = Path(path)
     if path.is_file() and model is None and detect_lora(read_header(path)[0]) is not None:
         return [inspect_lora(path, with_keys)]
@@ -247,11 +253,24 @@ def inspect_path(path: str | os.PathLike, with_keys: bool = False, model: str | 
         files = shard_files(path)
         if not files and component_folders(path):
             return [inspect_weights(open_weights(path, m), with_keys) for m in component_folders(path)]
-        if len(files) > 1 and any(f.name == "ae.safetensors" for f in files):
-            # a transformer file with ae.safetensors beside it (the official repositories' roots, our
-            # sets): two models, a report each; other index-less folders are the shards of one model
+        if len(files) > 1 and not any(path.glob("*.safetensors.index.json")) and _separate(files):
             return [report for file in files for report in inspect_path(file, with_keys)]
     return [inspect_weights(open_weights(path, model), with_keys)]
+
+
+def _separate(files: list[Path]) -> bool:
+    """Whether index-less files side by side are separate models (a report each), not the shards of one:
+    a transformer file with ae.safetensors beside it (the official repositories' roots, our sets), LoRA
+    files, or files whose keys overlap (shards never share a key)."""
+    if any(f.name == "ae.safetensors" for f in files):
+        return True
+    seen: set[str] = set()
+    for f in files:
+        keys = set(read_header(f)[0])
+        if detect_lora(keys) is not None or keys & seen:
+            return True
+        seen |= keys
+    return False
 
 
 def _human_bytes(n: int) -> str:

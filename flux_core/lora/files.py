@@ -175,6 +175,10 @@ def read_lora(path: str | os.PathLike, family: str | Family = "flux1") -> LoraFi
     return LoraFile(path, fmt, pieces, metadata, family)
 
 
+def _proportion(out_features: int, in_features: int, ratio: Fraction) -> bool:
+    return out_features * ratio.denominator == ratio.numerator * in_features
+
+
 def mlp_families(piece: "Piece") -> list[str]:
     """Names of the families whose official MLP proportions a whole-module update has (FLUX.1 and FLUX.2
     share their official module names; the MLPs' shapes tell them apart). Every family for an update
@@ -185,7 +189,7 @@ def mlp_families(piece: "Piece") -> list[str]:
     fits = []
     for family in FAMILIES.values():
         ratios = [r for suffix, r in family.mlp_proportions().items() if target.module.endswith(suffix)]
-        if target.part != "flow" or target.rows is not None or not ratios or Fraction(out_features, in_features) == ratios[0]:
+        if target.part != "flow" or target.rows is not None or not ratios or _proportion(out_features, in_features, ratios[0]):
             fits.append(family.name)
     return fits
 
@@ -217,6 +221,8 @@ def _piece(path: Path, f, e: Entry, shapes, alpha_default: float | None) -> Piec
     down_shape, up_shape = shapes[e.down], shapes[e.up]
     if len(down_shape) != 2 or len(up_shape) != 2:
         raise LoraError(f"{path}: {e.name}: down {down_shape} and up {up_shape} must both be matrices")
+    if 0 in down_shape or 0 in up_shape:
+        raise LoraError(f"{path}: {e.name}: down {down_shape} and up {up_shape} are empty (rank or width 0)")
     if up_shape[1] != down_shape[0]:
         raise LoraError(
             f"{path}: {e.name}: rank mismatch: down {e.down} has rank {down_shape[0]} (rows) but up {e.up} "
@@ -279,18 +285,23 @@ def updates_for(lora: LoraFile, part: str, shapes: Mapping[str, tuple[int, ...]]
         out_features, in_features = shape
         if p.down.shape[1] != in_features:
             raise LoraError(
-                f"{lora.path}: {p.entry.down} takes {p.down.shape[1]} input features; {target.module} of this model "
-                f"takes {in_features} (a LoRA for a model of another width, or with extra input channels)"
+                f"{lora.path}: {p.entry.down} takes {p.down.shape[1]} input features{_other_family(p, lora)}; "
+                f"{target.module} of this model takes {in_features} (a LoRA for a model of another width, or with "
+                "extra input channels)"
             )
         spans = [(0, out_features)] if target.rows is None else _row_spans(target.rows, out_features, in_features)
         rows = sum(b - a for a, b in spans)
         if p.up.shape[0] != rows:
-            fits = mlp_families(p)
-            hint = f" (a {fits[0]} MLP's proportions: a {fits[0]} LoRA)" if fits in ([FLUX1.name], [FLUX2.name]) else ""
-            raise LoraError(f"{lora.path}: {p.entry.up} has {p.up.shape[0]} rows{hint}; it updates {rows} rows of "
+            raise LoraError(f"{lora.path}: {p.entry.up} has {p.up.shape[0]} rows{_other_family(p, lora)}; it updates {rows} rows of "
                             f"{target.module} ({out_features} in all)")  # fmt: skip
         pieces.setdefault(target.module, []).append((p, spans))
     return {module: _stack(lora, module, shapes[module], group) for module, group in pieces.items()}
+
+
+def _other_family(piece: Piece, lora: LoraFile) -> str:
+    """A refusal's hint: the piece has the MLP proportions of the other family's official models only."""
+    fits = mlp_families(piece)
+    return f" (a {fits[0]} MLP's proportions: a {fits[0]} LoRA)" if len(fits) == 1 and fits[0] != lora.family.name else ""
 
 
 def _stack(lora: LoraFile, module: str, shape, group) -> LowRank:
