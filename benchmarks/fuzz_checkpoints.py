@@ -3,8 +3,8 @@ with a CheckpointError, never anything else, and `flux-weights verify` / `inspec
 
     python benchmarks/fuzz_checkpoints.py --n 20000 --seed 0
 
-The two files of the `tiny` preset (transformer in bf16, autoencoder in float32, with our metadata)
-are written once; each mutant is one of them with 1 to 3 mutations (`mutate`, also used by
+The two files of the `tiny` preset and the two of `tiny-flux2` (transformers in bf16, autoencoders
+in float32, with our metadata) are written once; each mutant is one of them with 1 to 3 mutations (`mutate`, also used by
 tests/test_checkpoint_fuzz.py), at four levels, applied in this order:
 
 1. tensors: the file stays a valid safetensors file (a tensor dropped, renamed, duplicated, added,
@@ -17,8 +17,9 @@ tests/test_checkpoint_fuzz.py), at four levels, applied in this order:
    replaced, padding, trailing text, another encoding;
 4. bytes: the length field changed, the file truncated, bytes appended or flipped, random bytes.
 
-Each mutant is then read as the tools read it (`check` below): read_flux_params / read_ae_params,
-load without and with the preset, `verify --preset tiny`, `inspect`. Outcomes: loaded OK,
+Each mutant is then read as the tools read it (`check` below): read_flux_params / read_ae_params (FLUX.2:
+read_flux2_params / check_flux2_autoencoder), load without and with the preset, `verify --preset tiny`
+(tiny-flux2), `inspect`. Outcomes: loaded OK,
 CheckpointError, or the type of any other exception (with an example: mutations, message,
 traceback). Disagreements are counted too: verify OK but the load with the preset fails (or the
 reverse); inspect's params present but the load without a preset fails (or the reverse); a
@@ -48,7 +49,15 @@ from forward import machine_info, write_json  # noqa: E402  (the shared harness)
 from safetensors import safe_open  # noqa: E402
 
 from flux_core.autoencoder import AutoEncoder  # noqa: E402
-from flux_core.files import SAFETENSORS_DTYPES, CheckpointError, read_header  # noqa: E402
+from flux_core.files import SAFETENSORS_DTYPES, CheckpointError, open_weights, read_header  # noqa: E402
+from flux_core.flux2.autoencoder import AutoEncoder as Flux2AutoEncoder  # noqa: E402
+from flux_core.flux2.loading import (  # noqa: E402
+    check_flux2_autoencoder,
+    load_flux2_autoencoder,
+    load_flux2_model,
+    read_flux2_params,
+)
+from flux_core.flux2.model import Flux2  # noqa: E402
 from flux_core.formats import BFL_PREFIX  # noqa: E402
 from flux_core.inference import (  # noqa: E402
     META_AXES_DIM,
@@ -69,12 +78,13 @@ from flux_core.loading import (  # noqa: E402
 from flux_core.model import Flux  # noqa: E402
 from flux_core.presets import get_preset  # noqa: E402
 from weights_tools.inspect import inspect_path  # noqa: E402
-from weights_tools.random_weights import meta_shapes, write_random_file  # noqa: E402
+from weights_tools.random_weights import integer_dtypes, meta_shapes, write_random_file  # noqa: E402
 from weights_tools.verify import verify_file  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "tiny"
-KINDS = ("transformer", "ae")
+KINDS = ("transformer", "ae", "flux2-transformer", "flux2-ae")
+FLUX2_PRESET = "tiny-flux2"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,14 +92,21 @@ KINDS = ("transformer", "ae")
 
 
 def write_base_files(folder: Path, seed: int = 0) -> dict[str, Path]:
-    """The tiny preset's transformer (bf16) and autoencoder (float32), as `flux-weights random` writes them."""
-    p = get_preset(PRESET)
+    """The tiny and tiny-flux2 presets' transformers (bf16) and autoencoders (float32), as `flux-weights
+    random` writes them."""
+    p, p2 = get_preset(PRESET), get_preset(FLUX2_PRESET)
     with torch.device("meta"):
         flux_shapes, ae_shapes = meta_shapes(Flux(p.params)), meta_shapes(AutoEncoder(p.ae_params))
-    flux_meta = flux_metadata(p.params, preset=p.name)
+        flux2, ae2 = Flux2(p2.params), Flux2AutoEncoder(p2.ae_params)
+    flux2_meta, ae2_meta = flux_metadata(p2.params, preset=p2.name), {META_RESOLUTION: str(p2.ae_params.resolution)}
     return {
-        "transformer": write_random_file(folder / "flux1-tiny.safetensors", flux_shapes, seed, torch.bfloat16, flux_meta, force=True),
+        "transformer": write_random_file(folder / "flux1-tiny.safetensors", flux_shapes, seed, torch.bfloat16,
+                                         flux_metadata(p.params, preset=p.name), force=True),
         "ae": write_random_file(folder / "ae.safetensors", ae_shapes, seed, torch.float32, ae_metadata(p.ae_params), force=True),
+        "flux2-transformer": write_random_file(folder / "flux2-tiny.safetensors", meta_shapes(flux2), seed, torch.bfloat16,
+                                               flux2_meta, force=True),
+        "flux2-ae": write_random_file(folder / "flux2-ae.safetensors", meta_shapes(ae2), seed, torch.float32, ae2_meta,
+                                      force=True, integers=integer_dtypes(ae2)),
     }  # fmt: skip
 
 
@@ -441,21 +458,34 @@ def check(path: Path, kind: str) -> dict:
     "problems": [...], "error": (op, the first unexpected exception) or None, "refusal": the load's
     CheckpointError message or None, "stricter": read_header's message for a file safetensors reads}.
     """
-    preset = get_preset(PRESET)
+    name = FLUX2_PRESET if kind.startswith("flux2-") else PRESET
+    preset, model = get_preset(name), kind.removeprefix("flux2-")
     if kind == "transformer":
         calls = {
             "read": lambda: read_flux_params(path),
             "load": lambda: load_flow_model(path),
             "load_preset": lambda: load_flow_model(path, preset=PRESET),
         }
-    else:
+    elif kind == "ae":
         calls = {
             "read": lambda: read_ae_params(path),
             "load": lambda: load_autoencoder(path),
             "load_preset": lambda: load_autoencoder(path, params=preset.ae_params),
         }
-    calls["verify"] = lambda: verify_file(path, PRESET, model=kind)
-    calls["inspect"] = lambda: inspect_path(path, model=kind)
+    elif kind == "flux2-transformer":
+        calls = {
+            "read": lambda: read_flux2_params(path),
+            "load": lambda: load_flux2_model(path),
+            "load_preset": lambda: load_flux2_model(path, preset=FLUX2_PRESET),
+        }
+    else:
+        calls = {
+            "read": lambda: check_flux2_autoencoder(open_weights(path, "ae")),
+            "load": lambda: load_flux2_autoencoder(path),
+            "load_preset": lambda: load_flux2_autoencoder(path, params=preset.ae_params),
+        }
+    calls["verify"] = lambda: verify_file(path, name, model=model)
+    calls["inspect"] = lambda: inspect_path(path, model=model)
     results = {name: _run(fn) for name, fn in calls.items()}
     ops = {name: status for name, (status, _) in results.items()}
     problems, error = [], None
@@ -548,7 +578,7 @@ def main(argv=None) -> dict:
         base = {kind: path.read_bytes() for kind, path in write_base_files(tmp).items()}
         path = tmp / "mutant.safetensors"
         for i in range(args.n):
-            kind = KINDS[i % 2]
+            kind = KINDS[i % len(KINDS)]
             data, applied = mutate(base[kind], rng)
             path.write_bytes(data)
             result = check(path, kind)

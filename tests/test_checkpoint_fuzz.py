@@ -1,5 +1,5 @@
-"""Property: a tiny checkpoint with a mutated header (benchmarks/fuzz_checkpoints.py's mutator) is
-loaded or refused with a CheckpointError, never anything else; verify's OK agrees with the load
+"""Property: a tiny checkpoint (tiny's or tiny-flux2's transformer or autoencoder) with a mutated header
+(benchmarks/fuzz_checkpoints.py's mutator) is loaded or refused with a CheckpointError, never anything else; verify's OK agrees with the load
 with the preset, inspect's params with the load without one. About 30 s; the long run is
 `python benchmarks/fuzz_checkpoints.py --n 20000`."""
 
