@@ -165,7 +165,11 @@ def test_bad_input_shows_its_message_and_the_page_keeps_working(page, tmp_path):
     assert wait_for_status(page, "error:") == (
         "error: concept 0: the edit prompt is empty; give a keyword such as 'eyeglasses'"
     )
+    # Valid again, so it renders: let that land before the next request (two requests sent milliseconds
+    # apart, as no user types, can reach the server in either order).
     set_text(page, "#concept-0", "hat")
+    wait_for_status(page, f"edited in {STEPS} steps at 64x64 px, seed 1: hat 5")
+    old = image_src(page, "#edited")
     set_text(page, "#mask-words-0", "glasses")
     assert wait_for_status(page, "error: concept 0: mask word") == (
         "error: concept 0: mask word 'glasses' does not occur in its edit prompt 'hat'; mask words must be words "

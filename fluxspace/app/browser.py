@@ -124,10 +124,14 @@ def status(page) -> str:
 
 
 def wait_for_status(page, starts_with: str, timeout_ms: float = 60_000) -> str:
-    """Wait until the status line starts with the given text; returns the line."""
-    page.wait_for_function("t => document.querySelector('#status')?.innerText.trim().startsWith(t)", arg=starts_with,
-                           timeout=timeout_ms)  # fmt: skip
-    return status(page)
+    """Wait until the status line starts with the given text; returns the line as it was then (read in the
+    same check: a later request may change it before a second read)."""
+    handle = page.wait_for_function(
+        """t => { const s = document.querySelector('#status')?.innerText.trim();
+                  return s !== undefined && s.startsWith(t) ? s : null; }""",
+        arg=starts_with, timeout=timeout_ms,
+    )  # fmt: skip
+    return handle.json_value()
 
 
 def wait_for_render(page, timeout_ms: float = 120_000) -> str:
