@@ -8,6 +8,7 @@ The steps before the edit switches on are the same in both runs, so the edited r
 plain run's latent at that step instead of computing them again (run.py: SamplingRun).
 """
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -116,13 +117,15 @@ def edit_image(
     record=True also returns a Recorder with every block's attention output during the edited steps,
     and every double block's concept masks (`block_masks`).
     image: on a Kontext model, the image it edits by the instruction `prompt` (no inversion: the
-    image conditions both runs); on FLUX.2, reference images (one or a list), likewise. On a text-to-image model, edit a real image instead (a path or PIL image): it is inverted (inversion: an
-    inversion.InversionSettings) and `original` is its reconstruction, `edited` the reverse pass with
-    the edit; the size comes from the image (fit: "resize" or "crop" to the token grid), `seed` is
-    RF-Inversion's target noise, and true CFG is off unless settings.cfg_scale asks for it.
-    plain_runs: reuse the plain run of an earlier call with the same prompt, seed, settings and
-    branch step (PlainRuns; generated images only): the images are the same, sampled in about half
-    the time when the edit is on from the first step.
+    image conditions both runs); on FLUX.2, reference images (one or a list), likewise. On a
+    text-to-image model, edit a real image instead (a path or PIL image): it is inverted (inversion:
+    an inversion.InversionSettings) and `original` is its reconstruction, `edited` the reverse pass
+    with the edit; the size comes from the image (fit: "resize" or "crop" to the token grid), `seed`
+    is RF-Inversion's target noise, and true CFG is off unless settings.cfg_scale asks for it.
+    plain_runs: reuse the plain run of an earlier call with the same prompt, seed, settings, branch
+    step and conditioning image files (PlainRuns; not for real images, nor images given as
+    pictures): the images are the same, sampled in about half the time when the edit is on from the
+    first step.
     Everything is validated before any sampling starts.
     """
     flux2 = models.family == "flux2"
@@ -144,10 +147,12 @@ def edit_image(
     s = run.settings
 
     start = run.first_active_step(spec)
-    key = (prompt, seed, s, start, tuple(models.loras.scales.values()))  # unfused LoRA strengths change the run
-    known = plain_runs.get(key) if plain_runs is not None else None
+    # unfused LoRA strengths change the run, and so do the conditioning images
+    key = (prompt, seed, s, start, tuple(models.loras.scales.values()), _image_key(image))
+    cached = plain_runs is not None and key[-1] is not None
+    known = plain_runs.get(key) if cached else None
     plain, branch = known if known is not None else run.plain_and_branch(start)
-    if plain_runs is not None:
+    if cached:
         plain_runs.put(key, (plain, branch))
     # Kontext, FLUX.2 references: the generated image's tokens are edited, the conditioning ones follow
     n_generated = run.inp.img.shape[1] if run.condition is not None else None
@@ -163,6 +168,17 @@ def edit_image(
     masks = schedule.mean_masks(models.token_grid(s.width, s.height))
     block_masks = schedule.masks.entries if record else None
     return EditResult(original, edited_image, masks, spec, s, seed, prompt, recorder, block_masks)
+
+
+def _image_key(image):
+    """What a plain run's cache key holds of its conditioning images: () without any, else the files' paths
+    and modification times; None (not cached) for images given as pictures, which have no such identity."""
+    if image is None:
+        return ()
+    images = image if isinstance(image, list | tuple) else [image]
+    if not all(isinstance(i, str | os.PathLike) for i in images):
+        return None
+    return tuple((str(i), os.stat(i).st_mtime_ns) for i in images)
 
 
 def _edit_real_image(models, prompt, spec, seed, settings, image, inversion, fit, record) -> EditResult:

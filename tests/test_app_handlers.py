@@ -290,6 +290,41 @@ def test_the_editor_on_flux2(flux2_models, outputs, tmp_path):
         )
 
 
+def test_conditioning_images_on_flux2_and_kontext(flux2_models, tiny_checkpoint, models, outputs, tmp_path):
+    """The generated tab's conditioning images: FLUX.2 references (optional, any number), Kontext's one image
+    to edit (required); a text-to-image model refuses them. A plain run is reused only for the same images."""
+    from fluxspace import load_models
+    from fluxspace.editing import PlainRuns
+
+    kw = dict(width=64, height=64, steps=2)
+    upload = tmp_path / "photo.png"  # an upload
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (72, 100, 3), dtype=np.uint8)).save(upload)
+    runs = PlainRuns()
+    plain = h.render_edit(flux2_models, outputs, sample(**kw), edit(), plain_runs=runs)
+    ref = h.render_edit(flux2_models, outputs, sample(**kw, images=(str(upload),)), edit(), plain_runs=runs)
+    assert runs.hits == 0  # another image, another plain run
+    assert not np.array_equal(pixels(plain.original), pixels(ref.original))
+    assert read_png_params(ref.edited)["image_path"] == [upload.name]
+    again = h.render_edit(flux2_models, outputs, sample(**kw, images=(str(upload),)), edit(h.ConceptRow("glasses", 2.0)),
+                          plain_runs=runs)  # fmt: skip
+    assert runs.hits == 1 and np.array_equal(pixels(again.original), pixels(ref.original))
+    strip = h.render_strip(flux2_models, outputs, sample(**kw, images=(str(upload),)), edit(), 0.0, 4.0, 2)
+    assert read_png_params(strip.strip)["image_path"] == [upload.name]
+
+    kontext = load_models(tiny_checkpoint.transformer, preset="tiny-kontext")
+    r = h.render_edit(kontext, outputs, sample(prompt="add glasses", **kw, images=(str(upload),)), edit())
+    assert Image.open(r.edited).size == (64, 64)
+    for images, message in [((), "tiny-kontext edits one image by instruction; upload exactly one image to condition "
+                                 "on (got 0)")]:  # fmt: skip
+        with pytest.raises(ValueError) as e:
+            h.render_edit(kontext, outputs, sample(prompt="add glasses", **kw, images=images), edit())
+        assert h.describe(e.value) == message
+    with pytest.raises(ValueError) as e:
+        h.render_edit(models, outputs, sample(images=(str(upload),)), edit())
+    assert h.describe(e.value) == ("tiny draws from text only: images to condition on are for Kontext and FLUX.2 "
+                                   "models (edit a real image in the real-image tab)")  # fmt: skip
+
+
 def test_outputs_keep_the_latest_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(h, "KEPT_RENDERS", 2)
     o = h.Outputs(tmp_path / "o")
@@ -400,3 +435,20 @@ def test_app_command_refusals(capsys):
             main(["app", "--port", str(port)])
     assert capsys.readouterr().err == (f"fluxspace: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
                                        "choose another --port or --host\n")  # fmt: skip
+
+
+def test_page_on_flux2_shows_and_passes_reference_images(flux2_models, page, tmp_path):
+    """The page's conditioning-image box: hidden for a text-to-image model, shown for FLUX.2, its uploads
+    (as Gradio passes a multiple-file box: a list of paths) reaching the render."""
+    from fluxspace.app.page import build
+
+    assert page.condition.visible is False
+    flux2_page = build(flux2_models, h.Outputs(tmp_path / "flux2-page"))
+    assert flux2_page.condition.visible is True and flux2_page.condition.label == "reference images (optional)"
+    upload = tmp_path / "ref.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(upload)
+    v = values(flux2_page, prompt="a smiling woman", width=64, height=64, steps=2, condition=[str(upload)],
+               **{"concept-0": "glasses"})  # fmt: skip
+    assert flux2_page._split(tuple(v))[0].images == (str(upload),)
+    *_, files, status = flux2_page.on_render(*v)
+    assert status.startswith("edited in 2 steps at 64x64 px") and read_png_params(files[1])["image_path"] == ["ref.png"]

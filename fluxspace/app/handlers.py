@@ -84,6 +84,7 @@ class SampleControls:
     guidance: float | None = None
     cfg_scale: float | None = None
     negative_prompt: str = ""
+    images: tuple[str, ...] = ()  # conditioning images (Kontext: the image to edit; FLUX.2: references)
 
 
 @dataclass
@@ -207,6 +208,28 @@ def _edit_files(folder: Path, result: EditResult, params: dict) -> Rendered:
 # The requests
 
 
+def conditioning(models: FluxModels, sample: SampleControls) -> list[str] | str | None:
+    """The images a conditioning model's runs take (Kontext: exactly one, the image to edit; FLUX.2: any
+    number of references), checked; a text-to-image model takes none (its real images are the other tab's)."""
+    images = [str(p) for p in sample.images]
+    if models.family == "flux2":
+        return images or None
+    if models.preset.kontext:
+        if len(images) != 1:
+            raise ValueError(f"{models.preset.name} edits one image by instruction; upload exactly one image to "
+                             f"condition on (got {len(images)})")  # fmt: skip
+        return images[0]
+    if images:
+        raise ValueError(f"{models.preset.name} draws from text only: images to condition on are for Kontext and "
+                         "FLUX.2 models (edit a real image in the real-image tab)")  # fmt: skip
+    return None
+
+
+def image_params(sample: SampleControls) -> dict:
+    """What the PNGs record of the conditioning images: their file names."""
+    return {"image_path": [Path(p).name for p in sample.images]} if sample.images else {}
+
+
 def render_edit(models: FluxModels, outputs: Outputs, sample: SampleControls, edit: EditControls,
                 progress: bool = False, plain_runs: PlainRuns | None = None) -> Rendered:  # fmt: skip
     """A generated image, unedited and edited from the same noise, with the concepts' mask overlays.
@@ -218,8 +241,8 @@ def render_edit(models: FluxModels, outputs: Outputs, sample: SampleControls, ed
     settings = settings_from(models, sample)
     spec = checked_spec(models, edit, settings)
     result = edit_image(models, sample.prompt, spec, seed=seed, settings=settings, progress=progress,
-                        plain_runs=plain_runs)
-    r = _edit_files(outputs.folder(), result, edit_params(result, models))
+                        plain_runs=plain_runs, image=conditioning(models, sample))
+    r = _edit_files(outputs.folder(), result, edit_params(result, models) | image_params(sample))
     strengths = ", ".join(f"{c.prompt} {c.lambda_fine:g}" for c in spec.concepts)
     r.message = f"edited in {settings.steps} steps at {settings.width}x{settings.height} px, seed {seed}: {strengths}"
     return r
@@ -240,8 +263,8 @@ def render_strip(models: FluxModels, outputs: Outputs, sample: SampleControls, e
         raise ValueError("a lambda strip needs at least one concept")
     values = [round(low + (high - low) * k / (count - 1), 4) for k in range(count)]
     grid, results = sweep(models, sample.prompt, spec, [("lambda_fine", values)], seed=seed, settings=settings,
-                          progress=True)
-    params = {**edit_params(results[0][0], models, "sweep"), "vary": {"lambda_fine": values}}
+                          progress=True, image=conditioning(models, sample))  # fmt: skip
+    params = {**edit_params(results[0][0], models, "sweep"), **image_params(sample), "vary": {"lambda_fine": values}}
     (path,) = _write(outputs.folder(), [grid], ["strip.png"], params, ["strip"])
     return Rendered([path], strip=path, message=f"lambda_fine = {', '.join(map(str, values))}")
 

@@ -70,6 +70,12 @@ class Page:
                         self.width = gr.Number(defaults.width, label="width", precision=0, elem_id="width")
                         self.height = gr.Number(defaults.height, label="height", precision=0, elem_id="height")
                         self.steps = gr.Number(defaults.steps, label="steps", precision=0, elem_id="steps")
+                    conditioned = models.preset.kontext or models.family == "flux2"
+                    self.condition = gr.File(
+                        label="image to edit by the prompt's instruction" if models.preset.kontext
+                        else "reference images (optional)", file_count="multiple", file_types=["image"],
+                        visible=conditioned, elem_id="condition",
+                    )  # fmt: skip
                     self._concept_rows(concept)
                     self.lambda_coarse = gr.Slider(*LAMBDA_COARSE[:2], value=0.0, step=LAMBDA_COARSE[2],
                                                    label="lambda_coarse (pooled text vector)",
@@ -154,7 +160,8 @@ class Page:
             self.solver = gr.Dropdown(list(h.SOLVERS), value="midpoint (RF-Solver)", label="solver",
                                       elem_id="solver")  # fmt: skip
             self.fit = gr.Radio(list(FITS), value=FITS[0], label="fit to the token grid")
-            self.size = gr.Number(self.models.preset.default_size, label="resize the longer side to (px)",
+            side = self.models.preset.default_size  # FLUX.2 presets: (width, height)
+            self.size = gr.Number(max(side) if isinstance(side, tuple) else side, label="resize the longer side to (px)",
                                   precision=0, elem_id="size")  # fmt: skip
         with gr.Row():
             self.invert_button = gr.Button("invert and reconstruct", elem_id="invert")
@@ -173,7 +180,8 @@ class Page:
 
     @property
     def sample_inputs(self) -> list:
-        return [self.prompt, self.seed, self.width, self.height, self.steps, self.guidance, self.cfg, self.negative]
+        return [self.prompt, self.seed, self.width, self.height, self.steps, self.guidance, self.cfg, self.negative,
+                self.condition]  # fmt: skip
 
     @property
     def edit_inputs(self) -> list:
@@ -184,8 +192,9 @@ class Page:
 
     @staticmethod
     def sample_from(values: list) -> h.SampleControls:
-        prompt, seed, width, height, steps, guidance, cfg, negative = values
-        return h.SampleControls(prompt or "", seed, width, height, steps, guidance, cfg, negative or "")
+        prompt, seed, width, height, steps, guidance, cfg, negative, condition = values
+        images = tuple(str(p) for p in (condition or ()))
+        return h.SampleControls(prompt or "", seed, width, height, steps, guidance, cfg, negative or "", images)
 
     @staticmethod
     def edit_from(values: list) -> h.EditControls:
@@ -269,7 +278,8 @@ class Page:
         def work():
             r = h.restore(path)
             s = r.sample
-            sample = [s.prompt, s.seed, s.width, s.height, s.steps, s.guidance, s.cfg_scale, s.negative_prompt]
+            sample = [s.prompt, s.seed, s.width, s.height, s.steps, s.guidance, s.cfg_scale, s.negative_prompt,
+                      gr.skip()]  # the conditioning images stay as uploaded (a PNG records their names only)
             if r.edit is None:
                 edit = [gr.skip()] * (len(self.edit_inputs) + len(self.groups))
             else:
@@ -317,6 +327,7 @@ class Page:
                     self.coarse_prompt, self.start, self.end, self.blocks_text, self.prior):
             box.submit(**render)
         self.dice.click(self.on_dice, outputs=self.seed, queue=False).then(**render)
+        self.condition.upload(**render)
         self.show_masks.change(self.on_show_masks, self.show_masks, self.masks, queue=False)
         for change, button in ((1, self.add), (-1, self.remove)):
             button.click(lambda n, change=change: self.on_concepts(n, change), self.n_concepts,
