@@ -445,6 +445,7 @@ def test_page_on_flux2_shows_and_passes_reference_images(flux2_models, page, tmp
     assert page.condition.visible is False
     flux2_page = build(flux2_models, h.Outputs(tmp_path / "flux2-page"))
     assert flux2_page.condition.visible is True and flux2_page.condition.label == "reference images (optional)"
+    assert page.lambda_coarse.visible is True and flux2_page.lambda_coarse.visible is False  # no pooled vector
     upload = tmp_path / "ref.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(upload)
     v = values(flux2_page, prompt="a smiling woman", width=64, height=64, steps=2, condition=[str(upload)],

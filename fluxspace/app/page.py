@@ -77,11 +77,12 @@ class Page:
                         visible=conditioned, elem_id="condition",
                     )  # fmt: skip
                     self._concept_rows(concept)
+                    pooled = models.family != "flux2"  # FLUX.2 has no pooled text vector: no coarse edit
                     self.lambda_coarse = gr.Slider(*LAMBDA_COARSE[:2], value=0.0, step=LAMBDA_COARSE[2],
-                                                   label="lambda_coarse (pooled text vector)",
+                                                   label="lambda_coarse (pooled text vector)", visible=pooled,
                                                    elem_id="lambda-coarse")  # fmt: skip
                     self.coarse_prompt = gr.Textbox("", label="coarse prompt (empty: the concepts' prompts)",
-                                                    elem_id="coarse-prompt")  # fmt: skip
+                                                    visible=pooled, elem_id="coarse-prompt")  # fmt: skip
                     with gr.Row():
                         self.start = gr.Textbox("0", label="start: a step (2) or a time in [0, 1] (0.8)", elem_id="start")
                         self.end = gr.Textbox("", label="end (empty: until the last step)", elem_id="end")
@@ -91,7 +92,7 @@ class Page:
                         self.prior = gr.Textbox("", label="prior prompt (phi)", elem_id="prior")
                         self.projection = gr.Dropdown(list(PROJECTIONS), value=PROJECTIONS[0], label="projection")
                         self.coarse_target = gr.Dropdown(list(COARSE_TARGETS), value=COARSE_TARGETS[0],
-                                                         label="coarse target")  # fmt: skip
+                                                         label="coarse target", visible=pooled)  # fmt: skip
                         self.prior_removal = gr.Dropdown(list(PRIOR_REMOVALS), value=PRIOR_REMOVALS[0],
                                                          label="prior removal")  # fmt: skip
                         self.reference = gr.Checkbox(False, label="reference mode (the unofficial code, exactly)")
