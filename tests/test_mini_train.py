@@ -112,7 +112,8 @@ def test_resume_is_bit_identical(tmp_path):
     assert logged(tmp_path / "whole") == logged(tmp_path / "split")
     assert all(torch.equal(p, q) for p, q in zip(whole.ema.parameters(), rest.ema.parameters(), strict=True))
     seconds = logged(tmp_path / "split", "seconds")  # training time counts on across the resume
-    assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1] > 0
+    # (the log rounds to the millisecond: the checkpoint's exact time, taken after it, can be up to 0.5 ms below)
+    assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1] - 0.0005 and seconds[-1] > 0
 
     # Resuming a finished run trains nothing and reports the run's last logged loss.
     again = train_flow(latents, bank, SMALL_FLUX, config, tmp_path / "split", resume=True, progress=False)
