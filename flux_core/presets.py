@@ -270,22 +270,13 @@ PRESETS |= {
             text_encoder="klein", default_steps=4, guidance="embedded", default_guidance=4.0, default_size=(128, 128),
             description="random toy FLUX.2 model for tests ([dev] transformer layout)",
         ),
-        Flux2Preset(
-            # tiny-flux2 with [dev]'s text encoder: a tiny random Mistral3 (width 16, 30 layers: the
-            # official layers 10, 20, 30 are read), so the [dev] text path runs end to end offline.
-            name="tiny-flux2-dev",
-            params=Flux2Params(
-                in_channels=128, context_in_dim=48, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=2,
-                axes_dim=(8, 8, 8, 8), theta=2000, mlp_ratio=3.0, guidance_embed=True,
-            ),
-            ae_params=Flux2AEParams(
-                resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=32
-            ),
-            text_encoder="dev", default_steps=4, guidance="embedded", default_guidance=4.0, default_size=(128, 128),
-            description="random toy FLUX.2 [dev] model for tests (Mistral3 text encoder)",
-        ),
     )
 }  # fmt: skip
+
+# tiny-flux2 with [dev]'s text encoder: a tiny random Mistral3 (width 16, 30 layers: the official layers
+# 10, 20, 30 are read), so the [dev] text path runs end to end offline.
+PRESETS["tiny-flux2-dev"] = replace(PRESETS["tiny-flux2"], name="tiny-flux2-dev", text_encoder="dev",
+                                    description="random toy FLUX.2 [dev] model for tests (Mistral3 text encoder)")  # fmt: skip
 
 AnyPreset = Preset | Flux2Preset
 # The model classes a preset's params build, by family: (transformer, autoencoder).
